@@ -1,0 +1,270 @@
+//! A lock-free hierarchical bitmap of atomic words, in a mapped file region.
+//!
+//! ```text
+//! level 2:  [1.......]                 one bit per level-1 word
+//! level 1:  [1.......][........]       one bit per level-0 word
+//! level 0:  [..1.1...][........] ...   one bit per block
+//! ```
+//!
+//! A set bit in level `k + 1` means "the word below may be non-zero". Marking
+//! is test-before-set at every level: a bit that is already set costs one
+//! shared load and no store, so re-marking a hot block never bounces a cache
+//! line between writers, and the summary levels are written only on a
+//! block's first touch. Iteration walks the summary levels, so it costs time
+//! proportional to the words that are set, not to the bitmap's size.
+//!
+//! # Memory ordering
+//! Marking uses `Relaxed` operations. Iteration and clearing (`drain`) are
+//! only correct once every marker has finished: the host guarantees that
+//! with its I/O gate (a snapshot stuns I/O before the bitmap is frozen), and
+//! the gate's lock provides the happens-before edge.
+
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::mmap::Region;
+
+/// Word ranges of each level inside the region, level 0 first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapLayout {
+    levels: Vec<Range<usize>>,
+}
+
+impl BitmapLayout {
+    /// The layout of a bitmap of `nbits` bits.
+    pub fn new(nbits: u64) -> Self {
+        let mut levels = Vec::new();
+        let mut start = 0usize;
+        let mut words = nbits.div_ceil(64).max(1) as usize;
+        loop {
+            levels.push(start..start + words);
+            start += words;
+            if words == 1 {
+                break;
+            }
+            words = words.div_ceil(64);
+        }
+        Self { levels }
+    }
+
+    /// Bytes the bitmap needs, rounded up to whole pages.
+    pub fn bytes(&self) -> u64 {
+        let words = self.levels.last().map_or(0, |r| r.end) as u64;
+        (words * 8).next_multiple_of(4096)
+    }
+}
+
+/// A hierarchical bitmap of atomic words backed by a mapped file region.
+#[derive(Debug)]
+pub struct AtomicBitmap {
+    region: Region,
+    layout: BitmapLayout,
+}
+
+impl AtomicBitmap {
+    /// Maps a bitmap of `layout` at `offset` in `file`.
+    pub(crate) fn map(file: &File, offset: u64, layout: BitmapLayout) -> io::Result<Self> {
+        let region = Region::map(file, offset, layout.bytes() as usize)?;
+        Ok(Self { region, layout })
+    }
+
+    fn level(&self, k: usize) -> &[AtomicU64] {
+        &self.region.words()[self.layout.levels[k].clone()]
+    }
+
+    /// Sets every bit in `first..=last`. Lock-free; test-before-set.
+    #[inline]
+    pub fn set_range(&self, first: u64, last: u64) {
+        let leaf = self.level(0);
+        let (fw, lw) = ((first / 64) as usize, (last / 64) as usize);
+        for w in fw..=lw {
+            let lo = if w == fw { first % 64 } else { 0 };
+            let hi = if w == lw { last % 64 } else { 63 };
+            let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
+            self.or_word(leaf, w, mask);
+        }
+    }
+
+    /// ORs `mask` into leaf word `w` and keeps the summary levels up to date.
+    #[inline]
+    pub fn or_leaf_word(&self, w: usize, mask: u64) {
+        self.or_word(self.level(0), w, mask);
+    }
+
+    #[inline]
+    fn or_word(&self, leaf: &[AtomicU64], w: usize, mask: u64) {
+        let word = &leaf[w];
+        // Relaxed: see the module doc; ordering comes from the host's I/O gate.
+        if word.load(Ordering::Relaxed) & mask != mask {
+            word.fetch_or(mask, Ordering::Relaxed);
+            self.set_summary(1, w);
+        }
+    }
+
+    /// Sets the bit for word `child` of level `k - 1` in level `k`, and up.
+    #[inline]
+    fn set_summary(&self, mut k: usize, mut child: usize) {
+        while k < self.layout.levels.len() {
+            let lvl = self.level(k);
+            let (w, bit) = (child / 64, 1u64 << (child % 64));
+            // Relaxed: summary bits are read only after the gate quiesces writers.
+            if lvl[w].load(Ordering::Relaxed) & bit != 0 {
+                return;
+            }
+            lvl[w].fetch_or(bit, Ordering::Relaxed);
+            child = w;
+            k += 1;
+        }
+    }
+
+    /// Tests one bit with the given ordering.
+    #[inline]
+    pub fn test(&self, bit: u64, order: Ordering) -> bool {
+        self.level(0)[(bit / 64) as usize].load(order) & (1 << (bit % 64)) != 0
+    }
+
+    /// Sets one bit with the given ordering; returns whether it was set before.
+    #[inline]
+    pub fn test_and_set(&self, bit: u64, order: Ordering) -> bool {
+        let w = (bit / 64) as usize;
+        let mask = 1u64 << (bit % 64);
+        let old = self.level(0)[w].fetch_or(mask, order);
+        if old & mask == 0 {
+            self.set_summary(1, w);
+        }
+        old & mask != 0
+    }
+
+    /// Calls `f(word_index, bits)` for every non-zero leaf word at or after
+    /// `from_word`, in increasing order. Requires quiescent writers for an
+    /// exact answer.
+    pub fn for_each_word(&self, from_word: usize, mut f: impl FnMut(usize, u64)) {
+        self.walk(from_word, false, &mut f);
+    }
+
+    /// Like [`for_each_word`](Self::for_each_word) from word 0, and clears every
+    /// word it visits, summary levels included. Requires quiescent writers.
+    pub fn drain(&self, mut f: impl FnMut(usize, u64)) {
+        self.walk(0, true, &mut f);
+    }
+
+    fn walk(&self, from_word: usize, clear: bool, f: &mut dyn FnMut(usize, u64)) {
+        let top = self.layout.levels.len() - 1;
+        self.walk_level(top, 0, from_word, clear, f);
+    }
+
+    /// Visits word `idx` of level `k` (`k > 0`: a summary word).
+    fn walk_level(
+        &self,
+        k: usize,
+        idx: usize,
+        from_word: usize,
+        clear: bool,
+        f: &mut dyn FnMut(usize, u64),
+    ) {
+        let lvl = self.level(k);
+        let bits = if clear {
+            lvl[idx].swap(0, Ordering::Relaxed)
+        } else {
+            lvl[idx].load(Ordering::Relaxed)
+        };
+        if k == 0 {
+            if bits != 0 && idx >= from_word {
+                f(idx, bits);
+            }
+            return;
+        }
+        // Each level-k bit covers 64^k leaf words.
+        let span = 1usize << (6 * k);
+        let mut rest = bits;
+        while rest != 0 {
+            let b = rest.trailing_zeros() as usize;
+            rest &= rest - 1;
+            let child = idx * 64 + b;
+            if (child + 1) * span / 64 <= from_word && !clear {
+                continue;
+            }
+            self.walk_level(k - 1, child, from_word, clear, f);
+        }
+    }
+
+    /// Writes dirty pages back to the file.
+    pub fn flush(&self) -> io::Result<()> {
+        self.region.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn bitmap(nbits: u64) -> (tempfile::NamedTempFile, AtomicBitmap) {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let layout = BitmapLayout::new(nbits);
+        f.as_file().set_len(layout.bytes()).unwrap();
+        let b = AtomicBitmap::map(f.as_file(), 0, layout).unwrap();
+        (f, b)
+    }
+
+    fn bits(b: &AtomicBitmap, from: usize) -> BTreeSet<u64> {
+        let mut out = BTreeSet::new();
+        b.for_each_word(from, |w, mut bits| {
+            while bits != 0 {
+                out.insert(w as u64 * 64 + bits.trailing_zeros() as u64);
+                bits &= bits - 1;
+            }
+        });
+        out
+    }
+
+    #[test]
+    fn layout_has_one_word_on_top() {
+        let l = BitmapLayout::new(1 << 37);
+        assert_eq!(l.levels.len(), 7);
+        assert_eq!(l.levels.last().unwrap().len(), 1);
+        assert_eq!(BitmapLayout::new(1).levels.len(), 1);
+    }
+
+    #[test]
+    fn set_ranges_and_iterate_sparse() {
+        let (_f, b) = bitmap(1 << 30);
+        b.set_range(5, 5);
+        b.set_range(63, 65);
+        b.set_range(1 << 29, (1 << 29) + 200);
+        b.set_range((1 << 30) - 1, (1 << 30) - 1);
+        let got = bits(&b, 0);
+        let mut want: BTreeSet<u64> = [5, 63, 64, 65, (1 << 30) - 1].into_iter().collect();
+        want.extend((1 << 29)..=(1 << 29) + 200);
+        assert_eq!(got, want);
+        // Starting later skips earlier words only.
+        let later = bits(&b, 1);
+        assert!(!later.contains(&5) && later.contains(&64));
+    }
+
+    #[test]
+    fn drain_clears_everything() {
+        let (_f, b) = bitmap(100_000);
+        for i in (0..100_000).step_by(777) {
+            b.set_range(i, i + 3);
+        }
+        let mut n = 0;
+        b.drain(|_, bits| n += bits.count_ones());
+        assert!(n > 0);
+        assert!(bits(&b, 0).is_empty());
+        // Marking after a drain works again, summaries included.
+        b.set_range(99_999, 99_999);
+        assert_eq!(bits(&b, 0).into_iter().collect::<Vec<_>>(), vec![99_999]);
+    }
+
+    #[test]
+    fn test_and_set_reports_previous_state() {
+        let (_f, b) = bitmap(1000);
+        assert!(!b.test_and_set(700, Ordering::AcqRel));
+        assert!(b.test_and_set(700, Ordering::AcqRel));
+        assert!(b.test(700, Ordering::Acquire));
+        assert_eq!(bits(&b, 0).into_iter().collect::<Vec<_>>(), vec![700]);
+    }
+}

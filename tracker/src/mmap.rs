@@ -1,0 +1,63 @@
+//! The one place in this crate that maps files and reinterprets mapped bytes.
+//!
+//! Everything else sees safe slices of atomics: `&[AtomicU64]` for bitmaps and
+//! `&[AtomicU32]` for the epoch map.
+
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicU32, AtomicU64};
+
+use memmap2::{MmapMut, MmapOptions};
+
+/// A shared, writable mapping of one page-aligned region of a file.
+#[derive(Debug)]
+pub(crate) struct Region {
+    map: MmapMut,
+}
+
+impl Region {
+    /// Maps `len` bytes of `file` at `offset` (a multiple of the page size).
+    ///
+    /// The caller keeps the file at least `offset + len` bytes long and holds
+    /// an exclusive lock on it for as long as the region lives.
+    pub(crate) fn map(file: &File, offset: u64, len: usize) -> io::Result<Self> {
+        assert!(len > 0, "empty regions are never mapped");
+        // SAFETY: the tracker owns this file: it holds an exclusive advisory
+        // lock on it for the life of the mapping, never truncates it while
+        // mapped, and no other mapping of the same bytes exists in this
+        // process except through this `Region`. All access goes through
+        // atomics or `&mut self`, so concurrent modification is not UB.
+        let map = unsafe { MmapOptions::new().offset(offset).len(len).map_mut(file)? };
+        Ok(Self { map })
+    }
+
+    /// The region as 64-bit atomic words.
+    pub(crate) fn words(&self) -> &[AtomicU64] {
+        let bytes = self.map.as_ptr();
+        debug_assert_eq!(bytes as usize % std::mem::align_of::<AtomicU64>(), 0);
+        // SAFETY: the mapping is page-aligned (so aligned for AtomicU64),
+        // valid for `len` bytes for the lifetime of `&self`, and every bit
+        // pattern is a valid u64. AtomicU64 has the size and alignment of
+        // u64; all mutation of these bytes goes through atomic operations.
+        unsafe { std::slice::from_raw_parts(bytes.cast::<AtomicU64>(), self.map.len() / 8) }
+    }
+
+    /// The region as 32-bit atomic words.
+    pub(crate) fn words32(&self) -> &[AtomicU32] {
+        let bytes = self.map.as_ptr();
+        debug_assert_eq!(bytes as usize % std::mem::align_of::<AtomicU32>(), 0);
+        // SAFETY: as in `words`: page-aligned, valid for the borrow, any bit
+        // pattern is a valid u32, and all mutation goes through atomics.
+        unsafe { std::slice::from_raw_parts(bytes.cast::<AtomicU32>(), self.map.len() / 4) }
+    }
+
+    /// The region as plain bytes (the header).
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.map
+    }
+
+    /// Writes dirty pages back to the file.
+    pub(crate) fn flush(&self) -> io::Result<()> {
+        self.map.flush()
+    }
+}
