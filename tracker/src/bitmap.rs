@@ -64,10 +64,19 @@ pub struct AtomicBitmap {
 }
 
 impl AtomicBitmap {
-    /// Maps a bitmap of `layout` at `offset` in `file`.
-    pub(crate) fn map(file: &File, offset: u64, layout: BitmapLayout) -> io::Result<Self> {
+    /// Maps a bitmap of `layout` at `offset` in `file` (a multiple of the
+    /// page size). The file must be at least `offset + layout.bytes()` long,
+    /// locked by the caller and never truncated while mapped.
+    pub fn map(file: &File, offset: u64, layout: BitmapLayout) -> io::Result<Self> {
         let region = Region::map(file, offset, layout.bytes() as usize)?;
         Ok(Self { region, layout })
+    }
+
+    /// Counts the set bits (walks only non-empty words).
+    pub fn count(&self) -> u64 {
+        let mut n = 0;
+        self.for_each_word(0, |_, b| n += u64::from(b.count_ones()));
+        n
     }
 
     fn level(&self, k: usize) -> &[AtomicU64] {

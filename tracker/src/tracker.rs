@@ -594,7 +594,7 @@ impl Tracker {
 
     /// Drops the tracker without a clean close, as a crash would: the next
     /// [`open`](Self::open) resets tracking. For fault injection and tests.
-    pub fn abandon(self) {
+    pub fn abandon(&self) {
         self.cold.lock().h.state = STATE_OPEN;
         self.abandoned.store(true, Ordering::Relaxed);
     }

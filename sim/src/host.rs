@@ -1,0 +1,163 @@
+//! The host: a datastore directory of VMs, and the data-protection API.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use vadp::{DataProtection, DiskChangeInfo, SnapshotInfo, VadpError};
+
+use crate::config::VmConfig;
+use crate::error::SimError;
+use crate::vm::{check_name, DiskSpec, Vm};
+
+/// A simulated ESXi-style host over a datastore directory.
+///
+/// ```text
+/// DATASTORE/
+///   VM/vm.json            configuration (atomic rewrite per operation)
+///   VM/vm.lock            held while a process has the VM open
+///   VM/disk0/disk.ctk     change tracking (+ disk.ctk.epochs at clean close)
+///   VM/disk0/L0.0000.ext  base layer, 16 GiB sparse extents
+///   VM/disk0/L3.map       a delta's grain map; L3.*.ext its data
+/// ```
+#[derive(Debug)]
+pub struct Host {
+    root: PathBuf,
+    vms: Mutex<HashMap<String, Arc<Vm>>>,
+}
+
+/// One line of `vm list`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VmSummary {
+    /// The VM's name.
+    pub name: String,
+    /// Power state.
+    pub powered_on: bool,
+    /// Change tracking on.
+    pub cbt: bool,
+    /// Disk capacities in bytes.
+    pub disks: Vec<u64>,
+    /// Snapshot names, oldest first.
+    pub snapshots: Vec<String>,
+}
+
+impl Host {
+    /// Opens (creating if needed) the datastore at `root`.
+    pub fn open(root: &Path) -> Result<Self, SimError> {
+        std::fs::create_dir_all(root).map_err(|source| SimError::Io {
+            path: root.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            root: root.to_owned(),
+            vms: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The datastore directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Creates a VM with the given disks (CBT on, powered on).
+    pub fn create_vm(&self, name: &str, disks: &[DiskSpec]) -> Result<Arc<Vm>, SimError> {
+        check_name(name)?;
+        let mut vms = self.vms.lock();
+        let vm = Arc::new(Vm::create(&self.root.join(name), name, disks)?);
+        vms.insert(name.to_owned(), vm.clone());
+        Ok(vm)
+    }
+
+    /// The VM named `name`, opened on first use (taking its lock).
+    pub fn vm(&self, name: &str) -> Result<Arc<Vm>, SimError> {
+        check_name(name).map_err(|_| SimError::NoSuchVm(name.to_owned()))?;
+        let mut vms = self.vms.lock();
+        if let Some(vm) = vms.get(name) {
+            return Ok(vm.clone());
+        }
+        let dir = self.root.join(name);
+        if !dir.join("vm.json").exists() {
+            return Err(SimError::NoSuchVm(name.to_owned()));
+        }
+        let vm = Arc::new(Vm::open(&dir)?);
+        vms.insert(name.to_owned(), vm.clone());
+        Ok(vm)
+    }
+
+    /// Closes the VM's handle in this process (it is reopened on next use).
+    /// Returns the VM if other handles still hold it.
+    pub fn close_vm(&self, name: &str) -> Option<Arc<Vm>> {
+        self.vms.lock().remove(name)
+    }
+
+    /// Every VM of the datastore, read from their configurations (no locks taken).
+    pub fn list(&self) -> Result<Vec<VmSummary>, SimError> {
+        let mut out = Vec::new();
+        let rd = std::fs::read_dir(&self.root).map_err(|source| SimError::Io {
+            path: self.root.clone(),
+            source,
+        })?;
+        for e in rd.flatten() {
+            let p = e.path().join("vm.json");
+            if p.exists() {
+                let c = VmConfig::load(&p)?;
+                out.push(VmSummary {
+                    name: c.name,
+                    powered_on: c.powered_on,
+                    cbt: c.cbt,
+                    disks: c.disks.iter().map(|d| d.capacity).collect(),
+                    snapshots: c.snapshots.into_iter().map(|s| s.name).collect(),
+                });
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+}
+
+impl DataProtection for Host {
+    fn query_changed_disk_areas(
+        &self,
+        vm: &str,
+        snapshot: &str,
+        disk: usize,
+        start_offset: u64,
+        change_id: &str,
+    ) -> Result<DiskChangeInfo, VadpError> {
+        Ok(self
+            .vm(vm)?
+            .query_changed_disk_areas(snapshot, disk, start_offset, change_id)?)
+    }
+
+    fn disk_capacity(&self, vm: &str, snapshot: &str, disk: usize) -> Result<u64, VadpError> {
+        Ok(self.vm(vm)?.snapshot_capacity(snapshot, disk)?)
+    }
+
+    fn read_snapshot(
+        &self,
+        vm: &str,
+        snapshot: &str,
+        disk: usize,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), VadpError> {
+        Ok(self.vm(vm)?.read_snapshot(snapshot, disk, offset, buf)?)
+    }
+
+    fn create_snapshot(&self, vm: &str, name: &str) -> Result<SnapshotInfo, VadpError> {
+        Ok(self.vm(vm)?.create_snapshot(name)?)
+    }
+
+    fn remove_snapshot(&self, vm: &str, name: &str) -> Result<(), VadpError> {
+        Ok(self.vm(vm)?.remove_snapshot(name)?)
+    }
+
+    fn enable_change_tracking(&self, vm: &str) -> Result<(), VadpError> {
+        let vm = self.vm(vm)?;
+        if !vm.cbt() {
+            vm.set_cbt(true)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,357 @@
+//! Disk layers: the base disk and the delta disks snapshots create.
+//!
+//! ```text
+//!  live top   [delta L7]  grain map: present/claimed bits, copy-on-write
+//!             [delta L4]  frozen: the view of the newest snapshot ends here
+//!  base       [base  L0]  flat: every grain present (sparse zeros)
+//! ```
+//! A layer's data lives in sparse extent files of [`EXTENT_BYTES`], created and
+//! mapped on first write, so a 62 TiB disk costs nothing until written and
+//! never needs one file over ext4's 16 TiB limit. A read of a grain goes to
+//! the topmost layer of the view that has it.
+//!
+//! # Copy-on-write protocol (delta layers)
+//! A write to a grain the top delta lacks first *claims* it (`claimed`
+//! test-and-set, AcqRel); the winner copies the grain from the layers below
+//! (unless the write covers it whole) and then publishes it (`present`,
+//! Release). Losers wait for `present` (Acquire), so they never write into a
+//! grain that a copy could still overwrite. Once present, a write is a plain
+//! copy into the extent.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
+
+use parking_lot::Mutex;
+use tracker::{AtomicBitmap, BitmapLayout, MAX_CAPACITY};
+
+use crate::error::SimError;
+use crate::mmap::Extent;
+
+/// Bytes per extent file (16 GiB).
+pub const EXTENT_BYTES: u64 = 16 << 30;
+/// The largest copy-on-write grain.
+pub const MAX_GRAIN: u64 = 4096;
+const EXTENTS: usize = (MAX_CAPACITY / EXTENT_BYTES) as usize;
+
+/// Where write data comes from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Src<'a> {
+    /// These bytes.
+    Bytes(&'a [u8]),
+    /// Zeroes (an unmap).
+    Zero,
+}
+
+/// One layer of a disk chain.
+#[derive(Debug)]
+pub(crate) struct Layer {
+    pub(crate) id: u64,
+    dir: PathBuf,
+    extents: Box<[OnceLock<Extent>]>,
+    create: Mutex<()>,
+    grains: Option<GrainMap>,
+}
+
+#[derive(Debug)]
+struct GrainMap {
+    _file: File,
+    shift: u32,
+    present: AtomicBitmap,
+    claimed: AtomicBitmap,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SimError + '_ {
+    move |source| SimError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl Layer {
+    /// Opens (or creates) layer `id` in `dir`. `grain_shift` is `Some` for a delta.
+    pub(crate) fn open(dir: &Path, id: u64, grain_shift: Option<u32>) -> Result<Self, SimError> {
+        let grains = match grain_shift {
+            None => None,
+            Some(shift) => {
+                let path = dir.join(format!("L{id}.map"));
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)
+                    .map_err(io_err(&path))?;
+                let layout = BitmapLayout::new(MAX_CAPACITY >> shift);
+                let need = 2 * layout.bytes();
+                if file.metadata().map_err(io_err(&path))?.len() < need {
+                    file.set_len(need).map_err(io_err(&path))?;
+                }
+                let present = AtomicBitmap::map(&file, 0, layout.clone()).map_err(io_err(&path))?;
+                let claimed =
+                    AtomicBitmap::map(&file, layout.bytes(), layout).map_err(io_err(&path))?;
+                // A claim without a copy (a crash mid-copy) must not block writers:
+                // rebuild `claimed` from `present`.
+                claimed.drain(|_, _| {});
+                present.for_each_word(0, |w, m| claimed.or_leaf_word(w, m));
+                Some(GrainMap {
+                    _file: file,
+                    shift,
+                    present,
+                    claimed,
+                })
+            }
+        };
+        let extents = (0..EXTENTS).map(|_| OnceLock::new()).collect();
+        Ok(Self {
+            id,
+            dir: dir.to_owned(),
+            extents,
+            create: Mutex::new(()),
+            grains,
+        })
+    }
+
+    fn extent_path(&self, k: usize) -> PathBuf {
+        self.dir.join(format!("L{}.{k:04}.ext", self.id))
+    }
+
+    /// The extent `k`, mapping an existing file; `None` if never written.
+    fn extent(&self, k: usize) -> Result<Option<&Extent>, SimError> {
+        if let Some(e) = self.extents[k].get() {
+            return Ok(Some(e));
+        }
+        let path = self.extent_path(k);
+        if !path.exists() {
+            return Ok(None);
+        }
+        self.extent_mut(k).map(Some)
+    }
+
+    /// The extent `k`, created if needed.
+    fn extent_mut(&self, k: usize) -> Result<&Extent, SimError> {
+        if let Some(e) = self.extents[k].get() {
+            return Ok(e);
+        }
+        let _g = self.create.lock();
+        if let Some(e) = self.extents[k].get() {
+            return Ok(e);
+        }
+        let path = self.extent_path(k);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        if file.metadata().map_err(io_err(&path))?.len() < EXTENT_BYTES {
+            file.set_len(EXTENT_BYTES).map_err(io_err(&path))?;
+        }
+        let e = Extent::map(&file, EXTENT_BYTES).map_err(io_err(&path))?;
+        Ok(self.extents[k].get_or_init(|| e))
+    }
+
+    /// Whether this layer holds the grain containing byte `offset`.
+    #[inline]
+    pub(crate) fn has(&self, offset: u64) -> bool {
+        match &self.grains {
+            None => true,
+            Some(g) => g.present.test(offset >> g.shift, Ordering::Acquire),
+        }
+    }
+
+    /// Grain size in bytes (the whole disk for a base layer).
+    pub(crate) fn grain_bytes(&self) -> Option<u64> {
+        self.grains.as_ref().map(|g| 1 << g.shift)
+    }
+
+    /// Reads from this layer alone (zeros where never written).
+    pub(crate) fn read_raw(&self, mut offset: u64, mut buf: &mut [u8]) -> Result<(), SimError> {
+        while !buf.is_empty() {
+            let k = (offset / EXTENT_BYTES) as usize;
+            let within = offset % EXTENT_BYTES;
+            let n = buf.len().min((EXTENT_BYTES - within) as usize);
+            let (head, tail) = buf.split_at_mut(n);
+            match self.extent(k)? {
+                Some(e) => e.read(within, head),
+                None => head.fill(0),
+            }
+            buf = tail;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes to this layer alone.
+    pub(crate) fn write_raw(
+        &self,
+        mut offset: u64,
+        len: u64,
+        src: Src<'_>,
+    ) -> Result<(), SimError> {
+        let mut done = 0u64;
+        while done < len {
+            let k = (offset / EXTENT_BYTES) as usize;
+            let within = offset % EXTENT_BYTES;
+            let n = (len - done).min(EXTENT_BYTES - within);
+            match src {
+                Src::Bytes(b) => self
+                    .extent_mut(k)?
+                    .write(within, &b[done as usize..(done + n) as usize]),
+                // Zeroes where no extent exists are already zeros.
+                Src::Zero => {
+                    if let Some(e) = self.extent(k)? {
+                        e.zero(within, n as usize)
+                    }
+                }
+            }
+            done += n;
+            offset += n;
+        }
+        Ok(())
+    }
+
+    /// Makes every grain of `[offset, offset+len)` present in this delta,
+    /// copying partially covered ones from `below` (read through the chain).
+    pub(crate) fn cow(
+        &self,
+        offset: u64,
+        len: u64,
+        below: &[std::sync::Arc<Layer>],
+    ) -> Result<(), SimError> {
+        let Some(g) = &self.grains else { return Ok(()) };
+        let gb = 1u64 << g.shift;
+        let (first, last) = (offset >> g.shift, (offset + len - 1) >> g.shift);
+        for grain in first..=last {
+            if g.present.test(grain, Ordering::Acquire) {
+                continue;
+            }
+            if g.claimed.test_and_set(grain, Ordering::AcqRel) {
+                while !g.present.test(grain, Ordering::Acquire) {
+                    std::thread::yield_now();
+                }
+                continue;
+            }
+            let (gs, ge) = (grain << g.shift, (grain + 1) << g.shift);
+            let whole = offset <= gs && offset + len >= ge;
+            if !whole {
+                // Grains are at most 4 KiB: no allocation on this path.
+                let mut buf = [0u8; MAX_GRAIN as usize];
+                let buf = &mut buf[..gb as usize];
+                read_chain(below, gs, buf)?;
+                self.write_raw(gs, gb, Src::Bytes(buf))?;
+            }
+            g.present.test_and_set(grain, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Copies every grain this delta holds into `parent` (consolidation).
+    /// Neither layer receives guest writes while this runs.
+    pub(crate) fn merge_into(&self, parent: &Layer) -> Result<u64, SimError> {
+        let Some(g) = &self.grains else { return Ok(0) };
+        let gb = 1u64 << g.shift;
+        let mut grains = Vec::new();
+        g.present.for_each_word(0, |w, mut bits| {
+            while bits != 0 {
+                grains.push(w as u64 * 64 + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+        });
+        let mut buf = vec![0u8; gb as usize];
+        for &grain in &grains {
+            let off = grain << g.shift;
+            self.read_raw(off, &mut buf)?;
+            if buf.iter().all(|&b| b == 0)
+                && parent.grains.is_none()
+                && parent.extent((off / EXTENT_BYTES) as usize)?.is_none()
+            {
+                continue;
+            }
+            parent.write_raw(off, gb, Src::Bytes(&buf))?;
+            if let Some(pg) = &parent.grains {
+                // Parent and child grain sizes are the same for one disk.
+                pg.claimed.test_and_set(grain, Ordering::AcqRel);
+                pg.present.test_and_set(grain, Ordering::Release);
+            }
+        }
+        Ok(grains.len() as u64 * gb)
+    }
+
+    /// Grains this delta holds.
+    pub(crate) fn grain_count(&self) -> u64 {
+        self.grains.as_ref().map_or(0, |g| g.present.count())
+    }
+
+    /// Writes dirty pages back.
+    pub(crate) fn flush(&self) -> Result<(), SimError> {
+        for (k, e) in self.extents.iter().enumerate() {
+            if let Some(e) = e.get() {
+                e.flush().map_err(io_err(&self.extent_path(k)))?;
+            }
+        }
+        if let Some(g) = &self.grains {
+            let p = self.dir.join(format!("L{}.map", self.id));
+            g.present.flush().map_err(io_err(&p))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes this layer's files (after it left every chain).
+    pub(crate) fn delete_files(&self) {
+        for k in 0..EXTENTS {
+            let p = self.extent_path(k);
+            if self.extents[k].get().is_some() || p.exists() {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        let _ = std::fs::remove_file(self.dir.join(format!("L{}.map", self.id)));
+    }
+
+    /// Bytes the layer's files occupy on disk.
+    pub(crate) fn allocated_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let mut n = 0;
+        for k in 0..EXTENTS {
+            if let Ok(m) = std::fs::metadata(self.extent_path(k)) {
+                n += m.blocks() * 512;
+            }
+        }
+        n
+    }
+}
+
+/// Reads `[offset, offset+buf.len())` through a chain (last layer on top).
+pub(crate) fn read_chain(
+    chain: &[std::sync::Arc<Layer>],
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<(), SimError> {
+    if let [only] = chain {
+        return only.read_raw(offset, buf);
+    }
+    if chain.is_empty() {
+        buf.fill(0);
+        return Ok(());
+    }
+    // Walk grain by grain (grain size of the deltas; the same for one disk).
+    let gb = chain
+        .iter()
+        .find_map(|l| l.grain_bytes())
+        .unwrap_or(EXTENT_BYTES);
+    let mut pos = 0usize;
+    while pos < buf.len() {
+        let off = offset + pos as u64;
+        let n = ((gb - off % gb) as usize).min(buf.len() - pos);
+        let layer = chain
+            .iter()
+            .rev()
+            .find(|l| l.has(off))
+            .expect("the base layer has every grain");
+        layer.read_raw(off, &mut buf[pos..pos + n])?;
+        pos += n;
+    }
+    Ok(())
+}

@@ -1,0 +1,60 @@
+//! Helpers shared by the sim integration tests.
+#![allow(dead_code)]
+
+use sim::{DiskSpec, Host, Vm};
+use tracker::Granularity;
+
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * KIB;
+pub const GIB: u64 = 1024 * MIB;
+
+pub fn spec(capacity: u64, granularity: u64) -> DiskSpec {
+    DiskSpec {
+        capacity,
+        granularity: Granularity::new(granularity).unwrap(),
+    }
+}
+
+/// A host in a fresh temporary directory.
+pub fn host() -> (tempfile::TempDir, Host) {
+    let dir = tempfile::tempdir().unwrap();
+    let host = Host::open(dir.path()).unwrap();
+    (dir, host)
+}
+
+/// Every changed area of a snapshot's disk, paging through the query.
+pub fn areas(vm: &Vm, snap: &str, disk: usize, since: &str) -> Vec<(u64, u64)> {
+    let cap = vm.snapshot_capacity(snap, disk).unwrap();
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < cap {
+        let p = vm
+            .query_changed_disk_areas(snap, disk, start, since)
+            .unwrap();
+        out.extend(p.changed_area.iter().map(|a| (a.start, a.length)));
+        start += p.length;
+    }
+    out
+}
+
+/// Reads a whole snapshot disk.
+pub fn image(vm: &Vm, snap: &str, disk: usize) -> Vec<u8> {
+    let cap = vm.snapshot_capacity(snap, disk).unwrap();
+    let mut buf = vec![0u8; cap as usize];
+    vm.read_snapshot(snap, disk, 0, &mut buf).unwrap();
+    buf
+}
+
+/// Checks the invariant between two images: every byte that differs lies in
+/// `areas`. Returns the number of differing bytes outside them (must be 0).
+pub fn missed_bytes(old: &[u8], new: &[u8], areas: &[(u64, u64)]) -> u64 {
+    let len = old.len().max(new.len());
+    let mut inside = vec![false; len];
+    for &(s, l) in areas {
+        inside[s as usize..(s + l) as usize].fill(true);
+    }
+    let get = |v: &[u8], i: usize| v.get(i).copied().unwrap_or(0);
+    (0..len)
+        .filter(|&i| get(old, i) != get(new, i) && !inside[i])
+        .count() as u64
+}
