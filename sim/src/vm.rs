@@ -388,57 +388,51 @@ impl Vm {
 
     /// Creates snapshot `name`: stuns I/O briefly, closes an epoch on every
     /// disk (issuing its change ID) and redirects writes to new deltas.
+    ///
+    /// Crash safety: the configuration naming the new snapshot and deltas is
+    /// saved before the stun, so a crash at any point leaves a datastore whose
+    /// every view is a valid point in time.
     pub fn create_snapshot(&self, name: &str) -> Result<SnapshotInfo, SimError> {
         check_name(name)?;
         let mut cfg = self.meta.lock();
         if cfg.snapshots.iter().any(|s| s.name == name) {
-            return Err(SimError::SnapshotExists {
-                vm: self.name.clone(),
-                name: name.to_owned(),
-            });
+            return Err(SimError::SnapshotExists { vm: self.name.clone(), name: name.to_owned() });
         }
         if cfg.snapshots.len() >= MAX_SNAPSHOTS {
             return Err(SimError::TooManySnapshots(self.name.clone()));
         }
         // Everything that costs time happens before the stun.
+        let mut next = cfg.clone();
         let mut new_layers = Vec::new();
-        for d in &self.disks {
-            d.tracker.settle();
-            let id = cfg.next_layer;
-            cfg.next_layer += 1;
-            new_layers.push(Arc::new(Layer::open(&d.dir, id, Some(d.grain_shift))?));
-        }
         let mut snap_disks = Vec::new();
+        for (i, d) in self.disks.iter().enumerate() {
+            d.tracker.settle();
+            let id = next.next_layer;
+            next.next_layer += 1;
+            new_layers.push(Arc::new(Layer::open(&d.dir, id, Some(d.grain_shift))?));
+            let view_top = *next.disks[i].chain.last().expect("base layer");
+            // Lifecycle operations are serialised by `meta`, so the epoch the
+            // stun will close is known now.
+            let seq = d.tracker.last_closed() + 1;
+            snap_disks.push(SnapshotDiskConfig { seq, capacity: next.disks[i].capacity, view_top });
+            next.disks[i].chain.push(id);
+        }
+        let snap = SnapshotConfig { name: name.to_owned(), created: now_secs(), disks: snap_disks };
+        next.snapshots.push(snap.clone());
+        next.save(&self.dir.join("vm.json"))?;
         {
             let mut stun = self.stun();
             for (i, d) in stun.guard.disks.iter_mut().enumerate() {
                 let seq = self.disks[i].tracker.close_epoch()?;
-                let view_top = d.chain.last().expect("base layer").id;
-                snap_disks.push(SnapshotDiskConfig {
-                    seq,
-                    capacity: d.capacity,
-                    view_top,
-                });
+                debug_assert_eq!(seq, snap.disks[i].seq);
                 d.chain.push(new_layers[i].clone());
             }
         }
         for d in &self.disks {
             d.tracker.settle();
         }
-        let snap = SnapshotConfig {
-            name: name.to_owned(),
-            created: now_secs(),
-            disks: snap_disks,
-        };
-        for (i, l) in new_layers.iter().enumerate() {
-            cfg.disks[i].chain.push(l.id);
-        }
-        cfg.snapshots.push(snap.clone());
-        cfg.save(&self.dir.join("vm.json"))?;
-        Ok(SnapshotInfo {
-            name: name.to_owned(),
-            disks: self.snapshot_disks(&snap),
-        })
+        *cfg = next;
+        Ok(SnapshotInfo { name: name.to_owned(), disks: self.snapshot_disks(&snap) })
     }
 
     fn snapshot_disks(&self, s: &SnapshotConfig) -> Vec<SnapshotDisk> {
@@ -449,10 +443,7 @@ impl Vm {
                 disk: i,
                 capacity: sd.capacity,
                 granularity: self.disks[i].tracker.granularity().bytes(),
-                change_id: self.disks[i]
-                    .tracker
-                    .change_id(sd.seq)
-                    .map(|c| c.to_string()),
+                change_id: self.disks[i].tracker.change_id(sd.seq).map(|c| c.to_string()),
             })
             .collect()
     }
@@ -462,32 +453,60 @@ impl Vm {
         let cfg = self.meta.lock();
         cfg.snapshots
             .iter()
-            .map(|s| SnapshotSummary {
-                name: s.name.clone(),
-                created: s.created,
-                disks: self.snapshot_disks(s),
-            })
+            .map(|s| SnapshotSummary { name: s.name.clone(), created: s.created, disks: self.snapshot_disks(s) })
             .collect()
     }
 
     /// Removes snapshot `name`, consolidating its delta while the guest keeps
     /// writing. Works for any snapshot of the chain, not only the newest.
+    ///
+    /// Crash safety: the snapshot leaves the configuration first; a layer
+    /// joins the configuration before it joins the chain, and leaves it only
+    /// after its data was merged into its parent; files go last.
     pub fn remove_snapshot(&self, name: &str) -> Result<(), SimError> {
         let mut cfg = self.meta.lock();
-        let idx = cfg
-            .snapshots
-            .iter()
-            .position(|s| s.name == name)
-            .ok_or_else(|| SimError::NoSuchSnapshot {
-                vm: self.name.clone(),
-                name: name.to_owned(),
-            })?;
+        let idx = self.snapshot_index(&cfg, name)?;
         let snap = cfg.snapshots.remove(idx);
+        self.save(&mut cfg)?;
         for (d, sd) in snap.disks.iter().enumerate() {
             self.consolidate(&mut cfg, d, sd.view_top)?;
             self.disks[d].tracker.unpin(sd.seq);
         }
-        self.sync_chains(&mut cfg);
+        Ok(())
+    }
+
+    fn snapshot_index(&self, cfg: &VmConfig, name: &str) -> Result<usize, SimError> {
+        cfg.snapshots
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| SimError::NoSuchSnapshot { vm: self.name.clone(), name: name.to_owned() })
+    }
+
+    /// Saves the configuration with the chains and capacities as they are now.
+    fn save(&self, cfg: &mut VmConfig) -> Result<(), SimError> {
+        let io = self.gate();
+        for (d, dio) in io.disks.iter().enumerate() {
+            cfg.disks[d].chain = dio.chain.iter().map(|l| l.id).collect();
+            cfg.disks[d].capacity = dio.capacity;
+        }
+        drop(io);
+        cfg.save(&self.dir.join("vm.json"))
+    }
+
+    /// Saves the configuration with `layer` in disk `d`'s chain on top.
+    fn save_with_top(&self, cfg: &mut VmConfig, d: usize, layer: u64) -> Result<(), SimError> {
+        let mut next = cfg.clone();
+        self.save(&mut next)?;
+        next.disks[d].chain.push(layer);
+        next.save(&self.dir.join("vm.json"))?;
+        *cfg = next;
+        Ok(())
+    }
+
+    /// Saves the configuration without `layer` in disk `d`'s chain.
+    fn save_without(&self, cfg: &mut VmConfig, d: usize, layer: u64) -> Result<(), SimError> {
+        self.save(cfg)?;
+        cfg.disks[d].chain.retain(|&l| l != layer);
         cfg.save(&self.dir.join("vm.json"))
     }
 
@@ -496,38 +515,34 @@ impl Vm {
         let (p, mut c, c_is_top) = {
             let io = self.gate();
             let chain = &io.disks[d].chain;
-            let pos = chain
-                .iter()
-                .position(|l| l.id == p_id)
-                .expect("a snapshot's view is in the chain");
-            (
-                chain[pos].clone(),
-                chain[pos + 1].clone(),
-                pos + 2 == chain.len(),
-            )
+            let pos = chain.iter().position(|l| l.id == p_id).expect("a snapshot's view is in the chain");
+            (chain[pos].clone(), chain[pos + 1].clone(), pos + 2 == chain.len())
         };
         if !c_is_top {
             // Both layers are frozen: copy, then unlink C in a brief stun.
             c.merge_into(&p)?;
-            self.stun().guard.disks[d].chain.retain(|l| l.id != c.id);
             for s in &mut cfg.snapshots {
                 if s.disks[d].view_top == c.id {
                     s.disks[d].view_top = p_id;
                 }
             }
+            self.save_without(cfg, d, c.id)?;
+            self.stun().guard.disks[d].chain.retain(|l| l.id != c.id);
             c.delete_files();
             return Ok(());
         }
         // C is the live top: freeze it behind a helper delta H, merge C while
         // the guest writes into H, unlink C; repeat with H until it is small
         // enough to merge inside a stun.
+        let shared = &self.disks[d];
         for round in 1..=MAX_MERGE_ROUNDS {
-            let shared = &self.disks[d];
             let id = cfg.next_layer;
             cfg.next_layer += 1;
             let h = Arc::new(Layer::open(&shared.dir, id, Some(shared.grain_shift))?);
+            self.save_with_top(cfg, d, h.id)?;
             self.stun().guard.disks[d].chain.push(h.clone());
             c.merge_into(&p)?;
+            self.save_without(cfg, d, c.id)?;
             let small = h.grain_count() <= SMALL_HELPER_GRAINS;
             {
                 let mut stun = self.stun();
@@ -540,6 +555,7 @@ impl Vm {
             }
             c.delete_files();
             if small {
+                self.save_without(cfg, d, h.id)?;
                 h.delete_files();
                 return Ok(());
             }
@@ -553,53 +569,43 @@ impl Vm {
         Ok(())
     }
 
-    fn sync_chains(&self, cfg: &mut VmConfig) {
-        let io = self.gate();
-        for (d, dio) in io.disks.iter().enumerate() {
-            cfg.disks[d].chain = dio.chain.iter().map(|l| l.id).collect();
-            cfg.disks[d].capacity = dio.capacity;
-        }
-    }
-
     /// Reverts the VM to snapshot `name`: every disk's content becomes the
     /// snapshot's; newer snapshots are deleted (a chain, not a tree). The
     /// blocks the revert changes back are marked as changed, so change IDs
     /// issued after the snapshot keep answering correctly.
     pub fn revert_to_snapshot(&self, name: &str) -> Result<(), SimError> {
         let mut cfg = self.meta.lock();
-        let idx = cfg
-            .snapshots
-            .iter()
-            .position(|s| s.name == name)
-            .ok_or_else(|| SimError::NoSuchSnapshot {
-                vm: self.name.clone(),
-                name: name.to_owned(),
-            })?;
+        let idx = self.snapshot_index(&cfg, name)?;
         let target = cfg.snapshots[idx].clone();
+        let mut next = cfg.clone();
+        let newer: Vec<SnapshotConfig> = next.snapshots.drain(idx + 1..).collect();
         let mut new_layers = Vec::new();
-        for d in &self.disks {
+        for (i, d) in self.disks.iter().enumerate() {
             d.tracker.settle();
-            let id = cfg.next_layer;
-            cfg.next_layer += 1;
+            let id = next.next_layer;
+            next.next_layer += 1;
             new_layers.push(Arc::new(Layer::open(&d.dir, id, Some(d.grain_shift))?));
+            let sd = &target.disks[i];
+            let chain = &mut next.disks[i].chain;
+            let pos = chain.iter().position(|&l| l == sd.view_top).expect("view in chain");
+            chain.truncate(pos + 1);
+            chain.push(id);
+            next.disks[i].capacity = sd.capacity;
         }
+        next.save(&self.dir.join("vm.json"))?;
         let mut dropped = Vec::new();
         {
             let mut stun = self.stun();
             for (d, dio) in stun.guard.disks.iter_mut().enumerate() {
                 let sd = &target.disks[d];
                 self.disks[d].tracker.rewind_to(sd.seq)?;
-                let pos = dio
-                    .chain
-                    .iter()
-                    .position(|l| l.id == sd.view_top)
-                    .expect("view in chain");
+                let pos = dio.chain.iter().position(|l| l.id == sd.view_top).expect("view in chain");
                 dropped.extend(dio.chain.drain(pos + 1..));
                 dio.chain.push(new_layers[d].clone());
                 dio.capacity = sd.capacity;
             }
         }
-        for s in cfg.snapshots.drain(idx + 1..) {
+        for s in &newer {
             for (d, sd) in s.disks.iter().enumerate() {
                 self.disks[d].tracker.unpin(sd.seq);
             }
@@ -607,8 +613,8 @@ impl Vm {
         for l in dropped {
             l.delete_files();
         }
-        self.sync_chains(&mut cfg);
-        cfg.save(&self.dir.join("vm.json"))
+        *cfg = next;
+        Ok(())
     }
 
     // ---- disks, CBT, power ----------------------------------------------
@@ -622,11 +628,12 @@ impl Vm {
         check_capacity(new_size)?;
         let cur = cfg.disks[disk].capacity;
         if new_size < cur {
-            return Err(SimError::BadSize {
-                size: new_size,
-                reason: format!("disk {disk} is {cur} bytes; disks cannot shrink"),
-            });
+            return Err(SimError::BadSize { size: new_size, reason: format!("disk {disk} is {cur} bytes; disks cannot shrink") });
         }
+        // Saved first: a crash after this never loses a write past the old end.
+        let mut next = cfg.clone();
+        next.disks[disk].capacity = new_size;
+        next.save(&self.dir.join("vm.json"))?;
         {
             let mut stun = self.stun();
             if new_size > shared.tracker.capacity() {
@@ -634,8 +641,8 @@ impl Vm {
             }
             stun.guard.disks[disk].capacity = new_size;
         }
-        cfg.disks[disk].capacity = new_size;
-        cfg.save(&self.dir.join("vm.json"))
+        *cfg = next;
+        Ok(())
     }
 
     /// Turns change tracking on or off for every disk. Off then on starts a
@@ -670,7 +677,7 @@ impl Vm {
             self.flush()?;
         }
         cfg.powered_on = on;
-        cfg.save(&self.dir.join("vm.json"))
+        self.save(&mut cfg)
     }
 
     /// Whether the VM is powered on.
