@@ -1,1 +1,80 @@
-//! placeholder
+//! The harness shared by cbtsim's benchmark binaries (`overhead`, `mark`,
+//! `retained`, `query`, `memory`); `benches/README.md` states each scenario,
+//! its parameters, the method and the latest figures.
+//!
+//! * [`disk`]: the data path every write-path benchmark uses: a memory-mapped
+//!   sparse file, written with a plain copy after a tracker marks the write.
+//!   The same path with `()` as the tracker is "tracking off".
+//! * [`baselines`]: the trackers ours is compared with, as `MarkDirty`
+//!   implementations: a bitmap behind a mutex (QEMU's dirty-bitmap mutex), a
+//!   bitmap per retained change ID all set on every write (libvirt checkpoints
+//!   over QEMU), and a naive lock-free bitmap that `fetch_or`s unconditionally.
+//! * [`variant`]: one enum over all of them, so a round dispatches once and
+//!   the per-write loop is monomorphised for each tracker.
+//! * [`pool`]: A/B interleaving: alternate short rounds of every variant on
+//!   the same worker threads, so machine drift hits all of them alike.
+//! * [`writepath`]: the write streams and the interleaved write-path run
+//!   that `overhead` and `retained` share.
+//! * [`report`]: a human table, or with `--json` one JSON object per line.
+//!
+//! # Example
+//! ```
+//! use benches::disk::{BenchDisk, DataFile};
+//!
+//! let data = DataFile::create(&std::env::temp_dir(), 1 << 20)?;
+//! let off = BenchDisk::new(&data, &());         // tracking off: same path, no-op tracker
+//! off.write(4096, &[1u8; 4096]);
+//! let stats = benches::stats::median(&mut [3.0, 1.0, 2.0]);
+//! assert_eq!(stats, 2.0);
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+pub mod baselines;
+pub mod cli;
+pub mod disk;
+pub mod pool;
+pub mod report;
+pub mod rng;
+pub mod stats;
+pub mod variant;
+pub mod writepath;
+
+/// Bytes in a KiB.
+pub const KIB: u64 = 1 << 10;
+/// Bytes in a MiB.
+pub const MIB: u64 = 1 << 20;
+/// Bytes in a GiB.
+pub const GIB: u64 = 1 << 30;
+/// Bytes in a TiB.
+pub const TIB: u64 = 1 << 40;
+
+/// A size as a short human string with a binary suffix ("64G", "1T", "4K").
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 5] = [(1 << 50, "P"), (TIB, "T"), (GIB, "G"), (MIB, "M"), (KIB, "K")];
+    for (unit, suffix) in UNITS {
+        if bytes >= unit && bytes % unit == 0 {
+            return format!("{}{suffix}", bytes / unit);
+        }
+    }
+    for (unit, suffix) in UNITS {
+        if bytes >= unit {
+            return format!("{:.1}{suffix}", bytes as f64 / unit as f64);
+        }
+    }
+    format!("{bytes}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_size(4096), "4K");
+        assert_eq!(human_size(64 * GIB), "64G");
+        assert_eq!(human_size(62 * TIB), "62T");
+        assert_eq!(human_size(1536 * MIB), "1536M");
+        assert_eq!(human_size(GIB + 1), "1.0G");
+        assert_eq!(human_size(100), "100");
+    }
+}

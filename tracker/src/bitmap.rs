@@ -79,6 +79,7 @@ impl AtomicBitmap {
         n
     }
 
+    #[inline]
     fn level(&self, k: usize) -> &[AtomicU64] {
         &self.region.words()[self.layout.levels[k].clone()]
     }

@@ -67,6 +67,7 @@ impl EpochMap {
         Ok(Self { region, layout })
     }
 
+    #[inline]
     fn level(&self, k: usize) -> &[AtomicU32] {
         &self.region.words32()[self.layout.levels[k].clone()]
     }

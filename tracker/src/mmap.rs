@@ -32,6 +32,7 @@ impl Region {
     }
 
     /// The region as 64-bit atomic words.
+    #[inline]
     pub(crate) fn words(&self) -> &[AtomicU64] {
         let bytes = self.map.as_ptr();
         debug_assert_eq!(bytes as usize % std::mem::align_of::<AtomicU64>(), 0);
@@ -43,6 +44,7 @@ impl Region {
     }
 
     /// The region as 32-bit atomic words.
+    #[inline]
     pub(crate) fn words32(&self) -> &[AtomicU32] {
         let bytes = self.map.as_ptr();
         debug_assert_eq!(bytes as usize % std::mem::align_of::<AtomicU32>(), 0);
