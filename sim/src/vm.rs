@@ -189,6 +189,15 @@ impl Vm {
         for (i, dc) in cfg.disks.iter().enumerate() {
             let ddir = dir.join(format!("disk{i}"));
             let tracker = Tracker::open(&ddir.join("disk.ctk"))?;
+            // A crash between saving a new snapshot and its stun leaves a
+            // snapshot whose epoch was never closed. Its view is the disk as
+            // it is now (its delta was never written), so close the epoch now,
+            // before any write: otherwise the next snapshot would get its
+            // sequence, and the two would share a change ID.
+            let newest = cfg.snapshots.iter().map(|s| s.disks[i].seq).max().unwrap_or(0);
+            while tracker.last_closed() < newest {
+                tracker.close_epoch()?;
+            }
             // Re-apply the pins of live snapshots (lost if tracking was reset).
             let pinned = tracker.pins();
             for s in &cfg.snapshots {

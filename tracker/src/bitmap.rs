@@ -108,8 +108,12 @@ impl AtomicBitmap {
         let word = &leaf[w];
         // Relaxed: see the module doc; ordering comes from the host's I/O gate.
         if word.load(Ordering::Relaxed) & mask != mask {
-            word.fetch_or(mask, Ordering::Relaxed);
-            self.set_summary(1, w);
+            // The writer that makes a word non-zero sets its summary bit; a
+            // word that already had bits has its summary bit (or its first
+            // writer is about to set it, before its I/O completes).
+            if word.fetch_or(mask, Ordering::Relaxed) == 0 {
+                self.set_summary(1, w);
+            }
         }
     }
 

@@ -63,6 +63,7 @@ fn unclean_shutdown_resets_tracking_with_a_typed_error() {
     let e1 = t.close_epoch().unwrap();
     let id1 = t.change_id(e1).unwrap();
     t.abandon(); // no clean close: as if the process died
+    drop(t); // releases the file lock without persisting
 
     let t = Tracker::open(&p).unwrap();
     t.pin(e1);
