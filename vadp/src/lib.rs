@@ -37,6 +37,8 @@
 //! # Ok::<(), VadpError>(())
 //! ```
 
+pub mod backup;
+
 use serde::{Deserialize, Serialize};
 
 /// A changed area of a disk, in bytes.

@@ -1,0 +1,30 @@
+//! The host as a restore target: `restore --to-vm` creates a VM and writes
+//! a point's content into it through [`vadp::backup::RestoreTarget`].
+
+use tracker::Granularity;
+use vadp::backup::{RestoreDisk, RestoreTarget};
+use vadp::VadpError;
+
+use crate::{DiskSpec, Host};
+
+impl RestoreTarget for Host {
+    fn create_vm(&self, name: &str, disks: &[RestoreDisk]) -> Result<(), VadpError> {
+        let specs = disks
+            .iter()
+            .map(|d| {
+                let granularity = Granularity::new(d.granularity)
+                    .map_err(|e| VadpError::Host(format!("granularity {}: {e}", d.granularity)))?;
+                Ok(DiskSpec {
+                    capacity: d.capacity,
+                    granularity,
+                })
+            })
+            .collect::<Result<Vec<_>, VadpError>>()?;
+        Host::create_vm(self, name, &specs)?;
+        Ok(())
+    }
+
+    fn write(&self, vm: &str, disk: usize, offset: u64, data: &[u8]) -> Result<(), VadpError> {
+        Ok(self.vm(vm)?.write(disk, offset, data)?)
+    }
+}
