@@ -34,10 +34,15 @@
 
 mod config;
 pub mod demo;
+pub mod drive;
 mod error;
 mod host;
 mod layer;
 mod mmap;
+mod restore_target;
+pub mod replay;
+pub mod scenario;
+pub mod verify;
 mod vm;
 
 pub use config::{DiskConfig, SnapshotConfig, SnapshotDiskConfig, VmConfig};

@@ -23,6 +23,34 @@ struct Cli {
 enum Cmd {
     /// A narrated walk-through: write, snapshot, query, read back.
     Demo(cli::demo::DemoArgs),
+    /// Back up VMs into a repository: run, list, verify, prune.
+    #[command(subcommand)]
+    Backup(cli::backup::BackupCmd),
+    /// Restore a point's disk to an image file, or the whole point to a new VM.
+    Restore(cli::backup::RestoreArgs),
+    /// Create, list and configure VMs.
+    #[command(subcommand)]
+    Vm(cli::host::VmCmd),
+    /// Guest I/O on a VM's disk: write, read, unmap, extend.
+    #[command(subcommand)]
+    Disk(cli::host::DiskCmd),
+    /// Create, list, remove and revert to snapshots.
+    #[command(subcommand)]
+    Snapshot(cli::host::SnapshotCmd),
+    /// The changed areas of a snapshot's disk since a change ID (QueryChangedDiskAreas, paged).
+    Query(cli::host::QueryArgs),
+    /// A torture test: random lifecycle operations under concurrent writes, checked.
+    Verify(cli::verify::VerifyArgs),
+    /// Replay a block I/O trace into a fresh VM and report the changed areas.
+    Replay(cli::workload::ReplayArgs),
+    /// Run a scenario: a host of VMs running workload profiles, checked as they run.
+    Run(cli::workload::RunArgs),
+    /// Drive a VM of the datastore with a guest workload.
+    #[command(subcommand)]
+    Guest(cli::workload::GuestCmd),
+    /// The named workload profiles.
+    #[command(subcommand)]
+    Workloads(cli::workload::WorkloadsCmd),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +61,17 @@ fn main() -> ExitCode {
     let _ = &ctx;
     let result = match &args.cmd {
         Cmd::Demo(a) => cli::demo::run(a),
+        Cmd::Backup(c) => cli::backup::run(&ctx, c),
+        Cmd::Restore(a) => cli::backup::restore(&ctx, a),
+        Cmd::Vm(c) => cli::host::vm(&ctx, c),
+        Cmd::Disk(c) => cli::host::disk(&ctx, c),
+        Cmd::Snapshot(c) => cli::host::snapshot(&ctx, c),
+        Cmd::Query(a) => cli::host::query(&ctx, a),
+        Cmd::Verify(a) => cli::verify::run(a),
+        Cmd::Replay(a) => cli::workload::replay(a),
+        Cmd::Run(a) => cli::workload::run(&ctx, a),
+        Cmd::Guest(c) => cli::workload::guest(&ctx, c),
+        Cmd::Workloads(c) => cli::workload::workloads(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

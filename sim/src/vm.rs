@@ -829,7 +829,7 @@ fn check_capacity(size: u64) -> Result<(), SimError> {
             reason: format!("the maximum is {MAX_CAPACITY} bytes (64 TiB)"),
         });
     }
-    if size % 512 != 0 {
+    if !size.is_multiple_of(512) {
         return Err(SimError::BadSize {
             size,
             reason: "a disk is a whole number of 512-byte sectors".into(),

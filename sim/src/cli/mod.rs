@@ -1,7 +1,11 @@
 //! Command handlers of the `cbtsim` binary: argument structs, output
 //! formatting, and one library call each. No tracking logic lives here.
 
+pub mod backup;
 pub mod demo;
+pub mod host;
+pub mod verify;
+pub mod workload;
 
 use std::path::PathBuf;
 
