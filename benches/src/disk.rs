@@ -35,7 +35,7 @@ pub struct DataFile {
 impl DataFile {
     /// Creates an unnamed file of `len` bytes (a multiple of 4 KiB) in `dir` and maps it.
     pub fn create(dir: &Path, len: u64) -> io::Result<Self> {
-        if len == 0 || len % 4096 != 0 {
+        if len == 0 || !len.is_multiple_of(4096) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("a data window of {len} bytes is not a positive multiple of 4 KiB"),

@@ -52,7 +52,7 @@ pub const TIB: u64 = 1 << 40;
 pub fn human_size(bytes: u64) -> String {
     const UNITS: [(u64, &str); 5] = [(1 << 50, "P"), (TIB, "T"), (GIB, "G"), (MIB, "M"), (KIB, "K")];
     for (unit, suffix) in UNITS {
-        if bytes >= unit && bytes % unit == 0 {
+        if bytes >= unit && bytes.is_multiple_of(unit) {
             return format!("{}{suffix}", bytes / unit);
         }
     }

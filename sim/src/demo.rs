@@ -62,10 +62,7 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<DemoReport, SimError> {
     };
     let disk_size = 64 * GIB;
     let host = Host::open(dir)?;
-    say(
-        out,
-        format!("1. A host with a datastore at {}", dir.display()),
-    );
+    say(out, format!("1. A host with a datastore at {}", dir.display()));
     let vm = host.create_vm(
         "demo-vm",
         &[DiskSpec {
@@ -81,7 +78,10 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<DemoReport, SimError> {
         ),
     );
     vadp::DataProtection::enable_change_tracking(&host, "demo-vm")?;
-    say(out, "2. Change tracking (CBT) is on: every guest write marks its 64 KiB blocks in a lock-free bitmap".into());
+    say(
+        out,
+        "2. Change tracking (CBT) is on: every guest write marks its 64 KiB blocks in a lock-free bitmap".into(),
+    );
 
     // The guest installs its OS: a few regions.
     let first: [(u64, usize, u8); 3] = [
@@ -95,7 +95,10 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<DemoReport, SimError> {
         vm.write(0, off, &data)?;
         expected.push((off, data));
     }
-    say(out, "3. The guest writes 1 MiB at 0, 256 KiB at 10 GiB, and 100,000 bytes at 40 GiB + 12,345 (unaligned)".into());
+    say(
+        out,
+        "3. The guest writes 1 MiB at 0, 256 KiB at 10 GiB, and 100,000 bytes at 40 GiB + 12,345 (unaligned)".into(),
+    );
 
     let s1 = vm.create_snapshot("backup-1")?;
     let cid1 = s1.disks[0].change_id.clone().expect("CBT is on");
@@ -103,19 +106,20 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<DemoReport, SimError> {
         out,
         format!("4. Snapshot \"backup-1\": I/O stunned for an O(1) epoch switch; change ID {cid1}"),
     );
-    let all: Vec<DiskArea> =
-        changed_areas(&host, "demo-vm", "backup-1", 0, "*").collect::<Result<_, _>>()?;
+    let all: Vec<DiskArea> = changed_areas(&host, "demo-vm", "backup-1", 0, "*").collect::<Result<_, _>>()?;
     let allocated: u64 = all.iter().map(|a| a.length).sum();
-    say(out, format!("5. QueryChangedDiskAreas(\"*\") at backup-1: {} areas, {} allocated (what a full backup reads):", all.len(), human(allocated)));
+    say(
+        out,
+        format!(
+            "5. QueryChangedDiskAreas(\"*\") at backup-1: {} areas, {} allocated (what a full backup reads):",
+            all.len(),
+            human(allocated)
+        ),
+    );
     for a in &all {
         say(
             out,
-            format!(
-                "     [{:>14} .. {:>14})  {}",
-                a.start,
-                a.end(),
-                human(a.length)
-            ),
+            format!("     [{:>14} .. {:>14})  {}", a.start, a.end(), human(a.length)),
         );
     }
 
@@ -130,12 +134,14 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<DemoReport, SimError> {
         vm.write(0, off, &data)?;
         expected.push((off, data));
     }
-    say(out, "6. The guest writes 4 KiB at 512 KiB, 2 bytes at 10 GiB + 65,535 (two blocks), 3 MiB at 63 GiB".into());
+    say(
+        out,
+        "6. The guest writes 4 KiB at 512 KiB, 2 bytes at 10 GiB + 65,535 (two blocks), 3 MiB at 63 GiB".into(),
+    );
     let s2 = vm.create_snapshot("backup-2")?;
     let cid2 = s2.disks[0].change_id.clone().expect("CBT is on");
     say(out, format!("7. Snapshot \"backup-2\": change ID {cid2}"));
-    let changed: Vec<DiskArea> =
-        changed_areas(&host, "demo-vm", "backup-2", 0, &cid1).collect::<Result<_, _>>()?;
+    let changed: Vec<DiskArea> = changed_areas(&host, "demo-vm", "backup-2", 0, &cid1).collect::<Result<_, _>>()?;
     let changed_bytes: u64 = changed.iter().map(|a| a.length).sum();
     say(
         out,
@@ -149,12 +155,7 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<DemoReport, SimError> {
     for a in &changed {
         say(
             out,
-            format!(
-                "     [{:>14} .. {:>14})  {}",
-                a.start,
-                a.end(),
-                human(a.length)
-            ),
+            format!("     [{:>14} .. {:>14})  {}", a.start, a.end(), human(a.length)),
         );
     }
 
@@ -166,8 +167,7 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<DemoReport, SimError> {
             let (s, e) = (*o, *o + d.len() as u64);
             let (lo, hi) = (s.max(off), e.min(off + len));
             if lo < hi {
-                v[(lo - off) as usize..(hi - off) as usize]
-                    .copy_from_slice(&d[(lo - s) as usize..(hi - s) as usize]);
+                v[(lo - off) as usize..(hi - off) as usize].copy_from_slice(&d[(lo - s) as usize..(hi - s) as usize]);
             }
         }
         v
@@ -190,9 +190,7 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<DemoReport, SimError> {
     }
     // And nothing the guest wrote after backup-1 lies outside the changed areas.
     for &(off, len, _) in &second {
-        let covered = changed
-            .iter()
-            .any(|a| a.start <= off && off + len as u64 <= a.end());
+        let covered = changed.iter().any(|a| a.start <= off && off + len as u64 <= a.end());
         if !covered {
             return Err(SimError::Config {
                 path: dir.to_owned(),
@@ -209,7 +207,10 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<DemoReport, SimError> {
     );
     vm.remove_snapshot("backup-1")?;
     vm.remove_snapshot("backup-2")?;
-    say(out, "10. Both snapshots removed (deltas consolidated); change IDs stay valid for the next incremental".into());
+    say(
+        out,
+        "10. Both snapshots removed (deltas consolidated); change IDs stay valid for the next incremental".into(),
+    );
 
     // The same flow, done by the backup client: a full backup, more guest
     // writes, an incremental, and a verified restore.
@@ -228,22 +229,40 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<DemoReport, SimError> {
     let image = dir.join("restored-disk0.img");
     restore_to_file(&repo, &inc.point, 0, &image, &())?;
     let mut checked = 0u64;
-    let file = std::fs::File::open(&image).map_err(|source| SimError::Io { path: image.clone(), source })?;
-    let size = file.metadata().map_err(|source| SimError::Io { path: image.clone(), source })?.len();
+    let file = std::fs::File::open(&image).map_err(|source| SimError::Io {
+        path: image.clone(),
+        source,
+    })?;
+    let size = file
+        .metadata()
+        .map_err(|source| SimError::Io {
+            path: image.clone(),
+            source,
+        })?
+        .len();
     let mut probes: Vec<(u64, u64)> = expected.iter().map(|(o, d)| (*o, d.len() as u64)).collect();
     probes.extend([(5 * GIB, MIB), (disk_size - MIB, MIB)]); // never written: zeros
     for (off, len) in probes {
         let mut buf = vec![0u8; len as usize];
-        std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, off).map_err(|source| SimError::Io { path: image.clone(), source })?;
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, off).map_err(|source| SimError::Io {
+            path: image.clone(),
+            source,
+        })?;
         if size != disk_size || buf != image_of(&expected, off, len) {
-            return Err(SimError::Config { path: image.clone(), reason: format!("restored image differs at [{off}, {})", off + len) });
+            return Err(SimError::Config {
+                path: image.clone(),
+                reason: format!("restored image differs at [{off}, {})", off + len),
+            });
         }
         checked += len;
     }
     let ok = verify(&repo, &())?.ok;
     say(out, format!("13. Restored point {} to a sparse {} image and checked {} against what the guest wrote: identical; repository verify: {}", inc.point, human(size), human(checked), if ok { "ok" } else { "FAILED" }));
     if !ok {
-        return Err(SimError::Config { path: dir.join("repo"), reason: "repository verification failed".into() });
+        return Err(SimError::Config {
+            path: dir.join("repo"),
+            reason: "repository verification failed".into(),
+        });
     }
     Ok(DemoReport {
         full_backup: (full.bytes_read, full.bytes_stored),
@@ -275,7 +294,12 @@ mod tests {
         assert_eq!(r.verified_bytes, r.changed_bytes);
         assert!(String::from_utf8(out).unwrap().contains("identical"));
         // The incremental reads only what changed since the full backup.
-        assert!(r.incremental_backup.0 < r.full_backup.0 / 4, "{:?} vs {:?}", r.incremental_backup, r.full_backup);
+        assert!(
+            r.incremental_backup.0 < r.full_backup.0 / 4,
+            "{:?} vs {:?}",
+            r.incremental_backup,
+            r.full_backup
+        );
         assert!(r.restore_checked_bytes > 0);
     }
 }

@@ -19,9 +19,7 @@ pub enum SimError {
     #[error("VM {0:?} is in use by another process")]
     VmInUse(String),
     /// A name with characters we do not allow.
-    #[error(
-        "invalid name {0:?}: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'"
-    )]
+    #[error("invalid name {0:?}: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'")]
     BadName(String),
     /// No such disk.
     #[error("VM {vm:?} has no disk {disk} (it has {count})")]
@@ -114,9 +112,7 @@ impl From<SimError> for vadp::VadpError {
         use vadp::VadpError as V;
         let msg = e.to_string();
         match e {
-            SimError::NoSuchVm(_)
-            | SimError::NoSuchDisk { .. }
-            | SimError::NoSuchSnapshot { .. } => V::NotFound(msg),
+            SimError::NoSuchVm(_) | SimError::NoSuchDisk { .. } | SimError::NoSuchSnapshot { .. } => V::NotFound(msg),
             SimError::ChangeId(_) => V::MalformedChangeId(msg),
             SimError::Vadp(v) => v,
             SimError::Query(q) => match q {
@@ -124,21 +120,12 @@ impl From<SimError> for vadp::VadpError {
                 QueryError::TrackingReset { .. } => V::TrackingReset(msg),
                 QueryError::ForeignChangeId(_) => V::ForeignChangeId(msg),
                 QueryError::ChangeIdAfterSnapshot { .. } => V::ChangeIdAfterSnapshot(msg),
-                QueryError::OffsetOutOfRange { start, capacity } => {
-                    V::OffsetOutOfRange { start, capacity }
-                }
+                QueryError::OffsetOutOfRange { start, capacity } => V::OffsetOutOfRange { start, capacity },
                 _ => V::Host(msg),
             },
             SimError::OutOfRange {
-                offset,
-                len,
-                capacity,
-                ..
-            } => V::ReadOutOfRange {
-                offset,
-                len,
-                capacity,
-            },
+                offset, len, capacity, ..
+            } => V::ReadOutOfRange { offset, len, capacity },
             _ => V::Host(msg),
         }
     }

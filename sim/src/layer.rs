@@ -89,8 +89,7 @@ impl Layer {
                     file.set_len(need).map_err(io_err(&path))?;
                 }
                 let present = AtomicBitmap::map(&file, 0, layout.clone()).map_err(io_err(&path))?;
-                let claimed =
-                    AtomicBitmap::map(&file, layout.bytes(), layout).map_err(io_err(&path))?;
+                let claimed = AtomicBitmap::map(&file, layout.bytes(), layout).map_err(io_err(&path))?;
                 // A claim without a copy (a crash mid-copy) must not block writers:
                 // rebuild `claimed` from `present`.
                 claimed.drain(|_, _| {});
@@ -185,12 +184,7 @@ impl Layer {
     }
 
     /// Writes to this layer alone.
-    pub(crate) fn write_raw(
-        &self,
-        mut offset: u64,
-        len: u64,
-        src: Src<'_>,
-    ) -> Result<(), SimError> {
+    pub(crate) fn write_raw(&self, mut offset: u64, len: u64, src: Src<'_>) -> Result<(), SimError> {
         let mut done = 0u64;
         while done < len {
             let k = (offset / EXTENT_BYTES) as usize;
@@ -215,12 +209,7 @@ impl Layer {
 
     /// Makes every grain of `[offset, offset+len)` present in this delta,
     /// copying partially covered ones from `below` (read through the chain).
-    pub(crate) fn cow(
-        &self,
-        offset: u64,
-        len: u64,
-        below: &[std::sync::Arc<Layer>],
-    ) -> Result<(), SimError> {
+    pub(crate) fn cow(&self, offset: u64, len: u64, below: &[std::sync::Arc<Layer>]) -> Result<(), SimError> {
         let Some(g) = &self.grains else { return Ok(()) };
         let gb = 1u64 << g.shift;
         let (first, last) = (offset >> g.shift, (offset + len - 1) >> g.shift);
@@ -324,11 +313,7 @@ impl Layer {
 }
 
 /// Reads `[offset, offset+buf.len())` through a chain (last layer on top).
-pub(crate) fn read_chain(
-    chain: &[std::sync::Arc<Layer>],
-    offset: u64,
-    buf: &mut [u8],
-) -> Result<(), SimError> {
+pub(crate) fn read_chain(chain: &[std::sync::Arc<Layer>], offset: u64, buf: &mut [u8]) -> Result<(), SimError> {
     if let [only] = chain {
         return only.read_raw(offset, buf);
     }
@@ -337,10 +322,7 @@ pub(crate) fn read_chain(
         return Ok(());
     }
     // Walk grain by grain (grain size of the deltas; the same for one disk).
-    let gb = chain
-        .iter()
-        .find_map(|l| l.grain_bytes())
-        .unwrap_or(EXTENT_BYTES);
+    let gb = chain.iter().find_map(|l| l.grain_bytes()).unwrap_or(EXTENT_BYTES);
     let mut pos = 0usize;
     while pos < buf.len() {
         let off = offset + pos as u64;

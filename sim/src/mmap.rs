@@ -28,10 +28,7 @@ impl Extent {
     }
 
     fn check(&self, offset: u64, len: usize) {
-        assert!(
-            offset as usize + len <= self.map.len(),
-            "extent access out of bounds"
-        );
+        assert!(offset as usize + len <= self.map.len(), "extent access out of bounds");
     }
 
     /// Copies `buf.len()` bytes at `offset` out of the extent.
@@ -68,9 +65,7 @@ impl Extent {
     pub(crate) fn zero(&self, offset: u64, len: usize) {
         self.check(offset, len);
         // SAFETY: in bounds (checked) and the mapping outlives the call.
-        unsafe {
-            std::ptr::write_bytes(self.map.as_mut_ptr().wrapping_add(offset as usize), 0, len)
-        }
+        unsafe { std::ptr::write_bytes(self.map.as_mut_ptr().wrapping_add(offset as usize), 0, len) }
     }
 
     /// Writes dirty pages back to the file.

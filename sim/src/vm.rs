@@ -105,9 +105,7 @@ pub fn check_name(name: &str) -> Result<(), SimError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -116,9 +114,7 @@ pub fn check_name(name: &str) -> Result<(), SimError> {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn lock_vm(dir: &Path, name: &str) -> Result<File, SimError> {
@@ -208,15 +204,10 @@ impl Vm {
             if cfg.cbt {
                 tracker.enable()?;
             }
-            let grain_shift = tracker
-                .granularity()
-                .shift()
-                .min(MAX_GRAIN.trailing_zeros());
+            let grain_shift = tracker.granularity().shift().min(MAX_GRAIN.trailing_zeros());
             let chain = cfg
                 .chain_layers(i)
-                .map(|(pos, id)| {
-                    Layer::open(&ddir, id, (pos > 0).then_some(grain_shift)).map(Arc::new)
-                })
+                .map(|(pos, id)| Layer::open(&ddir, id, (pos > 0).then_some(grain_shift)).map(Arc::new))
                 .collect::<Result<Vec<_>, _>>()?;
             io_disks.push(DiskIo {
                 capacity: dc.capacity,
@@ -276,8 +267,7 @@ impl Vm {
 
     /// Caps the number of areas one query page returns (default 2000).
     pub fn set_max_areas(&self, n: usize) {
-        self.max_areas
-            .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+        self.max_areas.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
     fn shared(&self, disk: usize) -> Result<&DiskShared, SimError> {
@@ -351,13 +341,7 @@ impl Vm {
     }
 
     /// Reads `disk` as it was at snapshot `snap` (what a backup reads).
-    pub fn read_snapshot(
-        &self,
-        snap: &str,
-        disk: usize,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<(), SimError> {
+    pub fn read_snapshot(&self, snap: &str, disk: usize, offset: u64, buf: &mut [u8]) -> Result<(), SimError> {
         let (view, capacity) = self.snapshot_view(snap, disk)?;
         check_range(disk, offset, buf.len() as u64, capacity)?;
         read_chain(&view, offset, buf)
@@ -375,12 +359,7 @@ impl Vm {
         Ok((chain[..=top].to_vec(), sd.capacity))
     }
 
-    fn snap_disk<'a>(
-        &self,
-        cfg: &'a VmConfig,
-        snap: &str,
-        disk: usize,
-    ) -> Result<&'a SnapshotDiskConfig, SimError> {
+    fn snap_disk<'a>(&self, cfg: &'a VmConfig, snap: &str, disk: usize) -> Result<&'a SnapshotDiskConfig, SimError> {
         let s = cfg
             .snapshots
             .iter()
@@ -405,7 +384,10 @@ impl Vm {
         check_name(name)?;
         let mut cfg = self.meta.lock();
         if cfg.snapshots.iter().any(|s| s.name == name) {
-            return Err(SimError::SnapshotExists { vm: self.name.clone(), name: name.to_owned() });
+            return Err(SimError::SnapshotExists {
+                vm: self.name.clone(),
+                name: name.to_owned(),
+            });
         }
         if cfg.snapshots.len() >= MAX_SNAPSHOTS {
             return Err(SimError::TooManySnapshots(self.name.clone()));
@@ -423,10 +405,18 @@ impl Vm {
             // Lifecycle operations are serialised by `meta`, so the epoch the
             // stun will close is known now.
             let seq = d.tracker.last_closed() + 1;
-            snap_disks.push(SnapshotDiskConfig { seq, capacity: next.disks[i].capacity, view_top });
+            snap_disks.push(SnapshotDiskConfig {
+                seq,
+                capacity: next.disks[i].capacity,
+                view_top,
+            });
             next.disks[i].chain.push(id);
         }
-        let snap = SnapshotConfig { name: name.to_owned(), created: now_secs(), disks: snap_disks };
+        let snap = SnapshotConfig {
+            name: name.to_owned(),
+            created: now_secs(),
+            disks: snap_disks,
+        };
         next.snapshots.push(snap.clone());
         next.save(&self.dir.join("vm.json"))?;
         {
@@ -441,7 +431,10 @@ impl Vm {
             d.tracker.settle();
         }
         *cfg = next;
-        Ok(SnapshotInfo { name: name.to_owned(), disks: self.snapshot_disks(&snap) })
+        Ok(SnapshotInfo {
+            name: name.to_owned(),
+            disks: self.snapshot_disks(&snap),
+        })
     }
 
     fn snapshot_disks(&self, s: &SnapshotConfig) -> Vec<SnapshotDisk> {
@@ -462,7 +455,11 @@ impl Vm {
         let cfg = self.meta.lock();
         cfg.snapshots
             .iter()
-            .map(|s| SnapshotSummary { name: s.name.clone(), created: s.created, disks: self.snapshot_disks(s) })
+            .map(|s| SnapshotSummary {
+                name: s.name.clone(),
+                created: s.created,
+                disks: self.snapshot_disks(s),
+            })
             .collect()
     }
 
@@ -488,7 +485,10 @@ impl Vm {
         cfg.snapshots
             .iter()
             .position(|s| s.name == name)
-            .ok_or_else(|| SimError::NoSuchSnapshot { vm: self.name.clone(), name: name.to_owned() })
+            .ok_or_else(|| SimError::NoSuchSnapshot {
+                vm: self.name.clone(),
+                name: name.to_owned(),
+            })
     }
 
     /// Saves the configuration with the chains and capacities as they are now.
@@ -524,7 +524,10 @@ impl Vm {
         let (p, mut c, c_is_top) = {
             let io = self.gate();
             let chain = &io.disks[d].chain;
-            let pos = chain.iter().position(|l| l.id == p_id).expect("a snapshot's view is in the chain");
+            let pos = chain
+                .iter()
+                .position(|l| l.id == p_id)
+                .expect("a snapshot's view is in the chain");
             (chain[pos].clone(), chain[pos + 1].clone(), pos + 2 == chain.len())
         };
         if !c_is_top {
@@ -608,7 +611,11 @@ impl Vm {
             for (d, dio) in stun.guard.disks.iter_mut().enumerate() {
                 let sd = &target.disks[d];
                 self.disks[d].tracker.rewind_to(sd.seq)?;
-                let pos = dio.chain.iter().position(|l| l.id == sd.view_top).expect("view in chain");
+                let pos = dio
+                    .chain
+                    .iter()
+                    .position(|l| l.id == sd.view_top)
+                    .expect("view in chain");
                 dropped.extend(dio.chain.drain(pos + 1..));
                 dio.chain.push(new_layers[d].clone());
                 dio.capacity = sd.capacity;
@@ -637,7 +644,10 @@ impl Vm {
         check_capacity(new_size)?;
         let cur = cfg.disks[disk].capacity;
         if new_size < cur {
-            return Err(SimError::BadSize { size: new_size, reason: format!("disk {disk} is {cur} bytes; disks cannot shrink") });
+            return Err(SimError::BadSize {
+                size: new_size,
+                reason: format!("disk {disk} is {cur} bytes; disks cannot shrink"),
+            });
         }
         // Saved first: a crash after this never loses a write past the old end.
         let mut next = cfg.clone();
@@ -708,12 +718,7 @@ impl Vm {
     /// Bytes of data the disk's layers occupy in the datastore.
     pub fn allocated_bytes(&self, disk: usize) -> Result<u64, SimError> {
         let io = self.gate();
-        Ok(self
-            .disk_io(&io, disk)?
-            .chain
-            .iter()
-            .map(|l| l.allocated_bytes())
-            .sum())
+        Ok(self.disk_io(&io, disk)?.chain.iter().map(|l| l.allocated_bytes()).sum())
     }
 
     /// Number of layers in `disk`'s chain (base + deltas).
@@ -745,13 +750,9 @@ impl Vm {
         let cfg = self.meta.lock();
         let sd = self.snap_disk(&cfg, snap, disk)?;
         let max = self.max_areas.load(std::sync::atomic::Ordering::Relaxed);
-        let page = self.disks[disk].tracker.changed_areas(
-            since,
-            sd.seq,
-            sd.capacity,
-            start_offset,
-            max,
-        )?;
+        let page = self.disks[disk]
+            .tracker
+            .changed_areas(since, sd.seq, sd.capacity, start_offset, max)?;
         Ok(DiskChangeInfo {
             start_offset: page.start_offset,
             length: page.length,

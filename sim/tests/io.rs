@@ -18,19 +18,12 @@ fn unaligned_writes_last_byte_and_odd_sized_disk() {
     vm.create_snapshot("s1").unwrap();
     assert_eq!(
         areas(&vm, "s1", 0, &cid),
-        vec![
-            (0, 128 * KIB),
-            (5 * 64 * KIB, 64 * KIB),
-            (10 * 64 * KIB, 1536)
-        ]
+        vec![(0, 128 * KIB), (5 * 64 * KIB, 64 * KIB), (10 * 64 * KIB, 1536)]
     );
     let img = image(&vm, "s1", 0);
     assert_eq!(&img[64 * KIB as usize - 1..64 * KIB as usize + 1], &[1, 2]);
     assert_eq!(img[cap as usize - 1], 9);
-    assert!(
-        image(&vm, "s0", 0).iter().all(|&b| b == 0),
-        "the older view is frozen"
-    );
+    assert!(image(&vm, "s0", 0).iter().all(|&b| b == 0), "the older view is frozen");
 }
 
 #[test]
@@ -47,14 +40,8 @@ fn out_of_range_io_is_rejected_and_changes_nothing() {
         vm.write(0, u64::MAX - 1, &[1; 4]),
         Err(SimError::OutOfRange { .. })
     ));
-    assert!(matches!(
-        vm.unmap(0, cap, 1),
-        Err(SimError::OutOfRange { .. })
-    ));
-    assert!(matches!(
-        vm.write(1, 0, &[1]),
-        Err(SimError::NoSuchDisk { .. })
-    ));
+    assert!(matches!(vm.unmap(0, cap, 1), Err(SimError::OutOfRange { .. })));
+    assert!(matches!(vm.write(1, 0, &[1]), Err(SimError::NoSuchDisk { .. })));
     let mut buf = [0u8; 11];
     assert!(matches!(
         vm.read(0, cap - 10, &mut buf),
@@ -92,9 +79,7 @@ fn paging_returns_every_area_and_rejects_the_end() {
     assert_eq!(p.changed_area.len(), 7);
     assert_eq!(p.length, 6 * 16 * KIB + 4 * KIB);
     // A start offset inside a changed area clips it.
-    let p = vm
-        .query_changed_disk_areas("s", 0, 16 * KIB + 100, "*")
-        .unwrap();
+    let p = vm.query_changed_disk_areas("s", 0, 16 * KIB + 100, "*").unwrap();
     assert_eq!(
         (p.changed_area[0].start, p.changed_area[0].length),
         (16 * KIB + 100, 4 * KIB - 100)
@@ -102,10 +87,7 @@ fn paging_returns_every_area_and_rejects_the_end() {
     // start_offset == capacity is an error.
     let err = vm.query_changed_disk_areas("s", 0, cap, "*").unwrap_err();
     assert!(
-        matches!(
-            err,
-            SimError::Query(tracker::QueryError::OffsetOutOfRange { .. })
-        ),
+        matches!(err, SimError::Query(tracker::QueryError::OffsetOutOfRange { .. })),
         "{err}"
     );
     // The vadp iterator pages by itself.
@@ -123,14 +105,11 @@ fn bad_change_ids_get_typed_errors() {
     a.create_snapshot("s").unwrap();
     let sb = b.create_snapshot("s").unwrap();
     let foreign = sb.disks[0].change_id.clone().unwrap();
-    let e = vadp::DataProtection::query_changed_disk_areas(&host, "a", "s", 0, 0, &foreign)
-        .unwrap_err();
+    let e = vadp::DataProtection::query_changed_disk_areas(&host, "a", "s", 0, 0, &foreign).unwrap_err();
     assert!(matches!(e, VadpError::ForeignChangeId(_)), "{e}");
-    let e = vadp::DataProtection::query_changed_disk_areas(&host, "a", "s", 0, 0, "52 de c0/81")
-        .unwrap_err();
+    let e = vadp::DataProtection::query_changed_disk_areas(&host, "a", "s", 0, 0, "52 de c0/81").unwrap_err();
     assert!(matches!(e, VadpError::MalformedChangeId(_)), "{e}");
-    let e =
-        vadp::DataProtection::query_changed_disk_areas(&host, "a", "nope", 0, 0, "*").unwrap_err();
+    let e = vadp::DataProtection::query_changed_disk_areas(&host, "a", "nope", 0, 0, "*").unwrap_err();
     assert!(matches!(e, VadpError::NotFound(_)), "{e}");
 }
 
@@ -143,10 +122,7 @@ fn huge_sparse_disk_is_instant_and_cheap() {
     vm.write(0, cap - 4096, &[0xab; 4096]).unwrap();
     vm.write(0, 0, &[0xcd; 4096]).unwrap();
     vm.create_snapshot("s").unwrap();
-    assert_eq!(
-        areas(&vm, "s", 0, "*"),
-        vec![(0, 64 * KIB), (cap - 64 * KIB, 64 * KIB)]
-    );
+    assert_eq!(areas(&vm, "s", 0, "*"), vec![(0, 64 * KIB), (cap - 64 * KIB, 64 * KIB)]);
     let mut buf = [0u8; 4096];
     vm.read_snapshot("s", 0, cap - 4096, &mut buf).unwrap();
     assert_eq!(buf, [0xab; 4096]);
@@ -156,10 +132,7 @@ fn huge_sparse_disk_is_instant_and_cheap() {
         t.elapsed()
     );
     let used = du(d.path());
-    assert!(
-        used < 64 << 20,
-        "a 62 TiB disk with 8 KiB written uses {used} bytes"
-    );
+    assert!(used < 64 << 20, "a 62 TiB disk with 8 KiB written uses {used} bytes");
 }
 
 fn du(p: &std::path::Path) -> u64 {
@@ -167,11 +140,7 @@ fn du(p: &std::path::Path) -> u64 {
     let mut n = 0;
     for e in std::fs::read_dir(p).unwrap().flatten() {
         let m = e.metadata().unwrap();
-        n += if m.is_dir() {
-            du(&e.path())
-        } else {
-            m.blocks() * 512
-        };
+        n += if m.is_dir() { du(&e.path()) } else { m.blocks() * 512 };
     }
     n
 }

@@ -170,14 +170,7 @@ impl AtomicBitmap {
     }
 
     /// Visits word `idx` of level `k` (`k > 0`: a summary word).
-    fn walk_level(
-        &self,
-        k: usize,
-        idx: usize,
-        from_word: usize,
-        clear: bool,
-        f: &mut dyn FnMut(usize, u64),
-    ) {
+    fn walk_level(&self, k: usize, idx: usize, from_word: usize, clear: bool, f: &mut dyn FnMut(usize, u64)) {
         let lvl = self.level(k);
         let bits = if clear {
             lvl[idx].swap(0, Ordering::Relaxed)

@@ -47,14 +47,11 @@ impl FromStr for ChangeId {
         let (uuid, seq) = s
             .split_once('/')
             .ok_or_else(|| err("expected <session uuid>/<sequence>"))?;
-        let session =
-            Uuid::try_parse(uuid.trim()).map_err(|_| err("the session part is not a UUID"))?;
+        let session = Uuid::try_parse(uuid.trim()).map_err(|_| err("the session part is not a UUID"))?;
         if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
             return Err(err("the sequence part is not a decimal number"));
         }
-        let seq = seq
-            .parse()
-            .map_err(|_| err("the sequence number is too large"))?;
+        let seq = seq.parse().map_err(|_| err("the sequence number is too large"))?;
         Ok(Self { session, seq })
     }
 }

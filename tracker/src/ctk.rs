@@ -114,18 +114,11 @@ impl Header {
         }
         let npast = get32(b, 96) as usize;
         if npast > MAX_PAST_SESSIONS {
-            return Err(format!(
-                "{npast} past sessions recorded (at most {MAX_PAST_SESSIONS})"
-            ));
+            return Err(format!("{npast} past sessions recorded (at most {MAX_PAST_SESSIONS})"));
         }
         let uuid_at = |at: usize| Uuid::from_slice(&b[at..at + 16]).expect("16 bytes");
         let past = (0..npast)
-            .map(|i| {
-                (
-                    uuid_at(104 + i * 17),
-                    ResetReason::from_u8(b[104 + i * 17 + 16]),
-                )
-            })
+            .map(|i| (uuid_at(104 + i * 17), ResetReason::from_u8(b[104 + i * 17 + 16])))
             .collect();
         let flags = get32(b, 20);
         let h = Self {
@@ -144,10 +137,7 @@ impl Header {
             past,
         };
         if !(9..=30).contains(&h.granularity_shift) {
-            return Err(format!(
-                "granularity 2^{} is out of range",
-                h.granularity_shift
-            ));
+            return Err(format!("granularity 2^{} is out of range", h.granularity_shift));
         }
         if h.active > 1 || h.last_closed >= h.cur_epoch || h.folded > h.last_closed {
             return Err("inconsistent epoch counters".into());

@@ -112,8 +112,7 @@ impl EpochMap {
                     (idx | (FANOUT - 1)) + 1
                 };
                 let group_end = group_end.min(lvl.len() as u64);
-                let found =
-                    (idx..group_end).find(|&i| lvl[i as usize].load(Ordering::Relaxed) > since);
+                let found = (idx..group_end).find(|&i| lvl[i as usize].load(Ordering::Relaxed) > since);
                 match found {
                     Some(i) => {
                         // Descend to the first newer block under entry `i` of level `k`.
@@ -122,8 +121,7 @@ impl EpochMap {
                             let lj = self.level(j);
                             let lo = i << FANOUT_SHIFT;
                             let hi = (lo + FANOUT).min(lj.len() as u64);
-                            i = (lo..hi)
-                                .find(|&c| lj[c as usize].load(Ordering::Relaxed) > since)?;
+                            i = (lo..hi).find(|&c| lj[c as usize].load(Ordering::Relaxed) > since)?;
                         }
                         if i >= to {
                             return None;
@@ -205,9 +203,7 @@ mod tests {
         let mut x = 12345u64;
         for epoch in 1..=20u32 {
             for _ in 0..50 {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 let b = (x >> 20) % n;
                 m.fold_word(b / 64, 1 << (b % 64), epoch);
                 naive[b as usize] = epoch;

@@ -64,9 +64,7 @@ pub enum QueryError {
     #[error("change tracking is not enabled on this disk")]
     TrackingDisabled,
     /// The change ID belongs to a tracking session that has since been reset.
-    #[error(
-        "change ID {change_id} is from before a tracking reset ({reason}); a full backup is needed"
-    )]
+    #[error("change ID {change_id} is from before a tracking reset ({reason}); a full backup is needed")]
     TrackingReset {
         /// The rejected change ID.
         change_id: ChangeId,

@@ -11,9 +11,7 @@ use parking_lot::Mutex;
 use uuid::Uuid;
 
 use crate::bitmap::AtomicBitmap;
-use crate::ctk::{
-    Header, Layout, ResetReason, HEADER_BYTES, MAX_PAST_SESSIONS, STATE_CLEAN, STATE_OPEN,
-};
+use crate::ctk::{Header, Layout, ResetReason, HEADER_BYTES, MAX_PAST_SESSIONS, STATE_CLEAN, STATE_OPEN};
 use crate::epochmap::EpochMap;
 use crate::mmap::Region;
 use crate::sparse::{take_u64, SparseBits};
@@ -153,11 +151,7 @@ fn sidecar(path: &Path) -> PathBuf {
 impl Tracker {
     /// Creates a new change-tracking file for a disk of `capacity` bytes.
     /// Tracking starts enabled, in a fresh session.
-    pub fn create(
-        path: &Path,
-        capacity: u64,
-        granularity: Granularity,
-    ) -> Result<Self, TrackerError> {
+    pub fn create(path: &Path, capacity: u64, granularity: Granularity) -> Result<Self, TrackerError> {
         if capacity > MAX_CAPACITY {
             return Err(TrackerError::CapacityTooLarge {
                 capacity,
@@ -209,8 +203,7 @@ impl Tracker {
             reason,
         };
         let mut page = vec![0u8; HEADER_BYTES as usize];
-        std::io::Read::read_exact(&mut &file, &mut page)
-            .map_err(|e| bad(format!("cannot read the header: {e}")))?;
+        std::io::Read::read_exact(&mut &file, &mut page).map_err(|e| bad(format!("cannot read the header: {e}")))?;
         let mut h = Header::decode(&page).map_err(bad)?;
         let granularity = Granularity {
             shift: h.granularity_shift,
@@ -221,10 +214,7 @@ impl Tracker {
         let layout = Layout::new(h.max_blocks);
         let len = file.metadata().map_err(io_err(path))?.len();
         if len < layout.file_len {
-            return Err(bad(format!(
-                "file is {len} bytes, expected {}",
-                layout.file_len
-            )));
+            return Err(bad(format!("file is {len} bytes, expected {}", layout.file_len)));
         }
         let side = if h.state == STATE_CLEAN {
             read_sidecar(&sidecar(path))
@@ -264,12 +254,9 @@ impl Tracker {
         unfolded: BTreeMap<u64, SparseBits>,
     ) -> Result<Self, TrackerError> {
         let e = io_err(path);
-        let b0 = AtomicBitmap::map(&file, layout.bitmap_offsets[0], layout.bitmap.clone())
-            .map_err(io_err(path))?;
-        let b1 = AtomicBitmap::map(&file, layout.bitmap_offsets[1], layout.bitmap.clone())
-            .map_err(io_err(path))?;
-        let emap =
-            EpochMap::map(&file, layout.emap_offset, layout.emap.clone()).map_err(io_err(path))?;
+        let b0 = AtomicBitmap::map(&file, layout.bitmap_offsets[0], layout.bitmap.clone()).map_err(io_err(path))?;
+        let b1 = AtomicBitmap::map(&file, layout.bitmap_offsets[1], layout.bitmap.clone()).map_err(io_err(path))?;
+        let emap = EpochMap::map(&file, layout.emap_offset, layout.emap.clone()).map_err(io_err(path))?;
         let header_region = Region::map(&file, 0, HEADER_BYTES as usize).map_err(e)?;
         let t = Self {
             path: path.to_owned(),
@@ -660,9 +647,7 @@ impl Drop for Tracker {
 impl Cold {
     fn write_header(&mut self) -> io::Result<()> {
         self.header_unsynced = false;
-        let Self {
-            header_region, h, ..
-        } = self;
+        let Self { header_region, h, .. } = self;
         h.encode(header_region.bytes_mut());
         header_region.flush()
     }
@@ -682,12 +667,7 @@ impl Cold {
         if self.pending.is_some() {
             return;
         }
-        let target = self
-            .pins
-            .keys()
-            .next()
-            .copied()
-            .unwrap_or(self.h.last_closed);
+        let target = self.pins.keys().next().copied().unwrap_or(self.h.last_closed);
         while let Some(entry) = self.unfolded.first_entry() {
             if *entry.key() > target {
                 break;
@@ -719,9 +699,7 @@ fn reset_session(h: &mut Header, reason: ResetReason) {
 
 fn lock(file: &File, path: &Path) -> Result<(), TrackerError> {
     file.try_lock().map_err(|e| match e {
-        std::fs::TryLockError::WouldBlock => TrackerError::InUse {
-            path: path.to_owned(),
-        },
+        std::fs::TryLockError::WouldBlock => TrackerError::InUse { path: path.to_owned() },
         std::fs::TryLockError::Error(source) => TrackerError::Io {
             path: path.to_owned(),
             source,
@@ -733,11 +711,7 @@ const SIDECAR_MAGIC: u64 = u64::from_le_bytes(*b"CBTEPOC1");
 
 type SidecarState = (BTreeMap<u64, u32>, BTreeMap<u64, SparseBits>);
 
-fn write_sidecar(
-    path: &Path,
-    pins: &BTreeMap<u64, u32>,
-    unfolded: &BTreeMap<u64, SparseBits>,
-) -> io::Result<()> {
+fn write_sidecar(path: &Path, pins: &BTreeMap<u64, u32>, unfolded: &BTreeMap<u64, SparseBits>) -> io::Result<()> {
     let mut buf = Vec::new();
     buf.extend_from_slice(&SIDECAR_MAGIC.to_le_bytes());
     buf.extend_from_slice(&(pins.len() as u64).to_le_bytes());
@@ -818,11 +792,7 @@ fn union_runs<'a>(
     let mut heads: Vec<Option<(u64, u64)>> = sources.iter_mut().map(|s| s.next()).collect();
     let mut cur: Option<(u64, u64)> = None; // (start, end)
     std::iter::from_fn(move || loop {
-        let next = heads
-            .iter()
-            .enumerate()
-            .filter_map(|(i, h)| h.map(|r| (r.0, i)))
-            .min();
+        let next = heads.iter().enumerate().filter_map(|(i, h)| h.map(|r| (r.0, i))).min();
         match next {
             Some((_, i)) => {
                 let (s, n) = heads[i].take().expect("head present");

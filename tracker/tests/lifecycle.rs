@@ -5,9 +5,7 @@ use tracker::{ChangeId, Granularity, QueryError, Since, Tracker, TrackerError};
 const GIB: u64 = 1 << 30;
 
 fn areas(t: &Tracker, since: Since, at: u64, cap: u64) -> Vec<(u64, u64)> {
-    t.changed_areas(since, at, cap, 0, usize::MAX)
-        .unwrap()
-        .areas
+    t.changed_areas(since, at, cap, 0, usize::MAX).unwrap().areas
 }
 
 #[test]
@@ -20,10 +18,7 @@ fn marks_exactly_the_blocks_a_write_touches() {
     t.mark(3 * 65536, 65536); // exactly one block
     let e = t.close_epoch().unwrap();
     let got = areas(&t, Since::Allocated, e, cap);
-    assert_eq!(
-        got,
-        vec![(0, 2 * 65536), (3 * 65536, 65536), (10 * 65536, 1000)]
-    );
+    assert_eq!(got, vec![(0, 2 * 65536), (3 * 65536, 65536), (10 * 65536, 1000)]);
 }
 
 #[test]
@@ -41,10 +36,7 @@ fn change_ids_survive_a_clean_close() {
 
     let t = Tracker::open(&p).unwrap();
     assert_eq!(t.change_id(e1), Some(id1));
-    assert_eq!(
-        areas(&t, Since::Change(id1), e2, 64 * GIB),
-        vec![(GIB, 65536)]
-    );
+    assert_eq!(areas(&t, Since::Change(id1), e2, 64 * GIB), vec![(GIB, 65536)]);
     let e3 = t.close_epoch().unwrap();
     assert_eq!(
         areas(&t, Since::Change(id1), e3, 64 * GIB),
@@ -68,16 +60,11 @@ fn unclean_shutdown_resets_tracking_with_a_typed_error() {
     let t = Tracker::open(&p).unwrap();
     t.pin(e1);
     let e2 = t.close_epoch().unwrap();
-    let err = t
-        .changed_areas(Since::Change(id1), e2, 64 * GIB, 0, 10)
-        .unwrap_err();
+    let err = t.changed_areas(Since::Change(id1), e2, 64 * GIB, 0, 10).unwrap_err();
     assert!(matches!(err, QueryError::TrackingReset { .. }), "{err}");
     assert!(err.to_string().contains("did not shut down cleanly"));
     // `*` cannot be trusted either: it answers the whole disk, never less.
-    assert_eq!(
-        areas(&t, Since::Allocated, e2, 64 * GIB),
-        vec![(0, 64 * GIB)]
-    );
+    assert_eq!(areas(&t, Since::Allocated, e2, 64 * GIB), vec![(0, 64 * GIB)]);
 }
 
 #[test]
@@ -94,9 +81,7 @@ fn damaged_sidecar_resets_tracking() {
     std::fs::write(&side, data).unwrap();
     let t = Tracker::open(&p).unwrap();
     let e2 = t.close_epoch().unwrap();
-    let err = t
-        .changed_areas(Since::Change(id1), e2, GIB, 0, 10)
-        .unwrap_err();
+    let err = t.changed_areas(Since::Change(id1), e2, GIB, 0, 10).unwrap_err();
     assert!(matches!(err, QueryError::TrackingReset { .. }), "{err}");
 }
 
@@ -110,8 +95,7 @@ fn cbt_off_then_on_starts_a_new_session() {
     assert_eq!(t.change_id(e1), None);
     let e2 = t.close_epoch().unwrap();
     assert_eq!(
-        t.changed_areas(Since::Allocated, e2, GIB, 0, 10)
-            .unwrap_err(),
+        t.changed_areas(Since::Allocated, e2, GIB, 0, 10).unwrap_err(),
         QueryError::TrackingDisabled
     );
     t.enable().unwrap();
@@ -119,9 +103,7 @@ fn cbt_off_then_on_starts_a_new_session() {
     let e3 = t.close_epoch().unwrap();
     let id3 = t.change_id(e3).unwrap();
     assert_ne!(id3.session, id1.session);
-    let err = t
-        .changed_areas(Since::Change(id1), e3, GIB, 0, 10)
-        .unwrap_err();
+    let err = t.changed_areas(Since::Change(id1), e3, GIB, 0, 10).unwrap_err();
     assert!(matches!(err, QueryError::TrackingReset { .. }));
     // A snapshot taken while tracking was off has no change ID, but `*` at
     // it is still exact: blocks are marked whether tracking is on or not.
@@ -138,8 +120,7 @@ fn malformed_foreign_and_future_change_ids_are_rejected() {
     let eb = b.close_epoch().unwrap();
     let idb = b.change_id(eb).unwrap();
     assert_eq!(
-        a.changed_areas(Since::Change(idb), ea, GIB, 0, 10)
-            .unwrap_err(),
+        a.changed_areas(Since::Change(idb), ea, GIB, 0, 10).unwrap_err(),
         QueryError::ForeignChangeId(idb)
     );
     let future = ChangeId {
@@ -147,14 +128,12 @@ fn malformed_foreign_and_future_change_ids_are_rejected() {
         seq: 99,
     };
     assert_eq!(
-        a.changed_areas(Since::Change(future), ea, GIB, 0, 10)
-            .unwrap_err(),
+        a.changed_areas(Since::Change(future), ea, GIB, 0, 10).unwrap_err(),
         QueryError::ForeignChangeId(future)
     );
     assert!("not-a-change-id".parse::<ChangeId>().is_err());
     assert_eq!(
-        a.changed_areas(Since::Allocated, ea, GIB, GIB, 10)
-            .unwrap_err(),
+        a.changed_areas(Since::Allocated, ea, GIB, GIB, 10).unwrap_err(),
         QueryError::OffsetOutOfRange {
             start: GIB,
             capacity: GIB
@@ -194,15 +173,9 @@ fn extend_keeps_change_ids_and_reports_writes_past_the_old_end() {
     t.mark(2048 * GIB, 4096); // far past the 2 TiB boundary
     let e2 = t.close_epoch().unwrap();
     let got = areas(&t, Since::Change(id1), e2, new);
-    assert_eq!(
-        got,
-        vec![(128 * GIB - 65536, 2 * 65536), (2048 * GIB, 65536)]
-    );
+    assert_eq!(got, vec![(128 * GIB - 65536, 2 * 65536), (2048 * GIB, 65536)]);
     assert!(matches!(t.resize(GIB), Err(TrackerError::Shrink { .. })));
-    assert!(matches!(
-        t.resize(65 << 40),
-        Err(TrackerError::CapacityTooLarge { .. })
-    ));
+    assert!(matches!(t.resize(65 << 40), Err(TrackerError::CapacityTooLarge { .. })));
 }
 
 #[test]

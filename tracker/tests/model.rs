@@ -23,13 +23,7 @@ fn op(cap: u64) -> impl Strategy<Value = Op> {
 }
 
 /// Blocks written in epochs `(s, t]`, as coalesced byte areas.
-fn model_areas(
-    epochs: &BTreeMap<u64, BTreeSet<u64>>,
-    s: u64,
-    t: u64,
-    g: u64,
-    cap: u64,
-) -> Vec<(u64, u64)> {
+fn model_areas(epochs: &BTreeMap<u64, BTreeSet<u64>>, s: u64, t: u64, g: u64, cap: u64) -> Vec<(u64, u64)> {
     let blocks: BTreeSet<u64> = epochs
         .range(s + 1..t + 1)
         .flat_map(|(_, b)| b.iter().copied())

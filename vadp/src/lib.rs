@@ -244,17 +244,10 @@ impl<H: DataProtection + ?Sized> ChangedAreas<'_, H> {
         if self.next >= capacity {
             return Ok(false);
         }
-        let info = self.host.query_changed_disk_areas(
-            self.vm,
-            self.snapshot,
-            self.disk,
-            self.next,
-            self.change_id,
-        )?;
-        let end = info
-            .start_offset
-            .checked_add(info.length)
-            .filter(|&e| e <= capacity);
+        let info = self
+            .host
+            .query_changed_disk_areas(self.vm, self.snapshot, self.disk, self.next, self.change_id)?;
+        let end = info.start_offset.checked_add(info.length).filter(|&e| e <= capacity);
         let bad = |why: String| Err(VadpError::BadPage(why));
         if info.start_offset != self.next {
             return bad(format!(

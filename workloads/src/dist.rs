@@ -442,10 +442,7 @@ mod tests {
             let top1 = top_share(&mut c, 0.01);
             eprintln!("zipf:{theta} top 1% {top1:.3} top 10% {top10:.3}");
             assert!((top1 - r1).abs() < 0.04, "theta {theta}: top 1% got {top1}");
-            assert!(
-                (top10 - r10).abs() < 0.04,
-                "theta {theta}: top 10% got {top10}"
-            );
+            assert!((top10 - r10).abs() < 0.04, "theta {theta}: top 10% got {top10}");
         }
     }
 
@@ -471,10 +468,7 @@ mod tests {
     #[test]
     fn normal_has_requested_spread() {
         let n = 100_000u64;
-        let mut s = "normal:10:0.3"
-            .parse::<Distribution>()
-            .unwrap()
-            .sampler(n, 9);
+        let mut s = "normal:10:0.3".parse::<Distribution>().unwrap().sampler(n, 9);
         let samples = 200_000;
         let within = (0..samples)
             .filter(|_| s.next_index().abs_diff(30_000) <= 10_000)
@@ -510,16 +504,10 @@ mod tests {
             let d: Distribution = s.parse().unwrap();
             assert_eq!(d.to_string().parse::<Distribution>().unwrap(), d);
         }
-        assert_eq!(
-            "random".parse::<Distribution>().unwrap(),
-            Distribution::Uniform
-        );
+        assert_eq!("random".parse::<Distribution>().unwrap(), Distribution::Uniform);
         assert_eq!(
             "normal:5".parse::<Distribution>().unwrap(),
-            Distribution::Normal {
-                dev: 5.0,
-                center: 0.5
-            }
+            Distribution::Normal { dev: 5.0, center: 0.5 }
         );
     }
 

@@ -97,9 +97,7 @@ impl SizeMix {
 
     /// The mean size in bytes.
     pub fn mean(&self) -> f64 {
-        self.entries()
-            .map(|(s, p)| s as f64 * p as f64 / 100.0)
-            .sum()
+        self.entries().map(|(s, p)| s as f64 * p as f64 / 100.0).sum()
     }
 
     /// The largest size.
@@ -131,12 +129,10 @@ impl FromStr for SizeMix {
                 Some((s, p)) => (s, Some(p)),
                 None => (item, None),
             };
-            let size = parse_size(size_s)
-                .ok_or_else(|| bad(format!("size {size_s:?} is not a size like 512, 4k or 1m")))?;
+            let size =
+                parse_size(size_s).ok_or_else(|| bad(format!("size {size_s:?} is not a size like 512, 4k or 1m")))?;
             if size == 0 || size % SECTOR != 0 {
-                return Err(bad(format!(
-                    "size {size_s:?} is not a non-zero multiple of 512 bytes"
-                )));
+                return Err(bad(format!("size {size_s:?} is not a non-zero multiple of 512 bytes")));
             }
             let pct = match pct_s {
                 Some(p) => Some(
@@ -267,7 +263,7 @@ impl GeneratorConfig {
 
     fn validate(&self) -> Result<(), WorkloadError> {
         let bad = |m: String| Err(WorkloadError::BadConfig(m));
-        if self.disk_size == 0 || self.disk_size % SECTOR != 0 {
+        if self.disk_size == 0 || !self.disk_size.is_multiple_of(SECTOR) {
             return Err(WorkloadError::BadDiskSize {
                 size: self.disk_size,
                 reason: "not a non-zero multiple of 512 bytes".into(),
@@ -279,10 +275,7 @@ impl GeneratorConfig {
                     "region ({start}, {len}) is not a non-empty range of whole sectors"
                 ));
             }
-            if !start
-                .checked_add(len)
-                .is_some_and(|end| end <= self.disk_size)
-            {
+            if start.checked_add(len).is_none_or(|end| end > self.disk_size) {
                 return bad(format!(
                     "region ({start}, {len}) runs past the disk's end at {}",
                     self.disk_size
@@ -292,24 +285,18 @@ impl GeneratorConfig {
         if self.read + self.write + self.unmap == 0 {
             return bad("read, write and unmap weights are all zero".into());
         }
-        if self.align < SECTOR || self.align % SECTOR != 0 {
-            return bad(format!(
-                "align {} is not a multiple of 512 bytes",
-                self.align
-            ));
+        if self.align < SECTOR || !self.align.is_multiple_of(SECTOR) {
+            return bad(format!("align {} is not a multiple of 512 bytes", self.align));
         }
         let (start, end) = self.bounds();
-        if self.align_offset % SECTOR != 0 || start + self.align_offset >= end {
+        if !self.align_offset.is_multiple_of(SECTOR) || start + self.align_offset >= end {
             return bad(format!(
                 "align_offset {} is not a multiple of 512 inside the region",
                 self.align_offset
             ));
         }
         if self.sequential_pct > 100 {
-            return bad(format!(
-                "sequential_pct {} is over 100",
-                self.sequential_pct
-            ));
+            return bad(format!("sequential_pct {} is over 100", self.sequential_pct));
         }
         if self.streams == 0 {
             return bad("streams is 0".into());
@@ -340,12 +327,7 @@ fn spread(x: u64) -> f64 {
 impl Generator {
     /// A generator whose layout is fixed by `seed` and whose draws by `stream` (use the
     /// thread number for the threads of one VM).
-    pub fn new(
-        name: impl Into<String>,
-        cfg: GeneratorConfig,
-        seed: u64,
-        stream: u64,
-    ) -> Result<Self, WorkloadError> {
+    pub fn new(name: impl Into<String>, cfg: GeneratorConfig, seed: u64, stream: u64) -> Result<Self, WorkloadError> {
         cfg.validate()?;
         let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(seed, 0x9e4));
         rng.set_stream(stream);
@@ -452,7 +434,7 @@ impl Generator {
 impl Workload for Generator {
     fn next_op(&mut self) -> IoOp {
         self.ops += 1;
-        if self.cfg.flush_every > 0 && self.ops % self.cfg.flush_every == 0 {
+        if self.cfg.flush_every > 0 && self.ops.is_multiple_of(self.cfg.flush_every) {
             return IoOp::Flush;
         }
         self.next_data_op()
@@ -582,9 +564,7 @@ mod tests {
     fn extend_spreads_over_new_size() {
         let mut g = gen(GeneratorConfig::new(1 << 20));
         g.set_disk_size(2 << 20);
-        let beyond = (0..1000)
-            .filter(|_| g.next_op().range().unwrap().0 >= 1 << 20)
-            .count();
+        let beyond = (0..1000).filter(|_| g.next_op().range().unwrap().0 >= 1 << 20).count();
         assert!(beyond > 300);
     }
 

@@ -44,9 +44,9 @@ impl IoOp {
     /// The byte range `(offset, len)` the operation addresses, if any.
     pub fn range(&self) -> Option<(u64, u64)> {
         match *self {
-            IoOp::Write { offset, len, .. }
-            | IoOp::Read { offset, len }
-            | IoOp::Unmap { offset, len } => Some((offset, len)),
+            IoOp::Write { offset, len, .. } | IoOp::Read { offset, len } | IoOp::Unmap { offset, len } => {
+                Some((offset, len))
+            }
             IoOp::Flush | IoOp::Extend { .. } => None,
         }
     }

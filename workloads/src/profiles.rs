@@ -134,13 +134,8 @@ pub fn profiles() -> &'static [ProfileInfo] {
 ///
 /// `seed` makes the run reproducible; different `thread` values give independent streams
 /// over the same layout.
-pub fn profile(
-    name: &str,
-    disk_size: u64,
-    seed: u64,
-    thread: u32,
-) -> Result<Box<dyn Workload + Send>, WorkloadError> {
-    if disk_size < MIN_DISK_SIZE || disk_size % SECTOR != 0 {
+pub fn profile(name: &str, disk_size: u64, seed: u64, thread: u32) -> Result<Box<dyn Workload + Send>, WorkloadError> {
+    if disk_size < MIN_DISK_SIZE || !disk_size.is_multiple_of(SECTOR) {
         return Err(WorkloadError::BadDiskSize {
             size: disk_size,
             reason: format!("profiles need a multiple of 512 bytes of at least {MIN_DISK_SIZE}"),
@@ -159,11 +154,7 @@ pub fn profile(
         _ => {
             return Err(WorkloadError::UnknownProfile {
                 name: name.to_string(),
-                known: PROFILES
-                    .iter()
-                    .map(|p| p.name)
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                known: PROFILES.iter().map(|p| p.name).collect::<Vec<_>>().join(", "),
             })
         }
     })
@@ -245,34 +236,20 @@ impl Mixed {
     }
 
     /// Adds a part to the current phase.
-    fn part(
-        mut self,
-        weight: u32,
-        layout: u64,
-        cfg: GeneratorConfig,
-    ) -> Result<Self, WorkloadError> {
+    fn part(mut self, weight: u32, layout: u64, cfg: GeneratorConfig) -> Result<Self, WorkloadError> {
         let g = self.generator(layout, cfg)?;
         self.phases.last_mut().expect("a phase").1.push((weight, g));
         Ok(self)
     }
 
-    fn burst(
-        mut self,
-        every: u64,
-        count: u64,
-        layout: u64,
-        cfg: GeneratorConfig,
-    ) -> Result<Self, WorkloadError> {
+    fn burst(mut self, every: u64, count: u64, layout: u64, cfg: GeneratorConfig) -> Result<Self, WorkloadError> {
         let g = self.generator(layout, cfg)?;
         self.burst = Some((every, count, g));
         Ok(self)
     }
 
     fn set_disk_size(&mut self, size: u64) {
-        let gens = self
-            .phases
-            .iter_mut()
-            .flat_map(|p| p.1.iter_mut().map(|(_, g)| g));
+        let gens = self.phases.iter_mut().flat_map(|p| p.1.iter_mut().map(|(_, g)| g));
         for g in gens.chain(self.burst.as_mut().map(|b| &mut b.2)) {
             g.set_disk_size(size);
         }
@@ -283,11 +260,11 @@ impl Workload for Mixed {
     fn next_op(&mut self) -> IoOp {
         self.ops += 1;
         if let Some((every, count, _)) = &self.burst {
-            if self.ops % every == 0 {
+            if self.ops.is_multiple_of(*every) {
                 self.burst_left = *count;
             }
         }
-        if self.flush_every > 0 && self.ops % self.flush_every == 0 {
+        if self.flush_every > 0 && self.ops.is_multiple_of(self.flush_every) {
             return IoOp::Flush;
         }
         if let Some((_, _, g)) = &mut self.burst {
@@ -471,9 +448,7 @@ impl LogAppend {
         let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(seed, 0x109));
         rng.set_stream(thread);
         let sizes = mix("4k/40:16k/25:64k/25:256k/10");
-        let segment = (64 * MIB)
-            .min(disk / 16 / (4 * KIB) * (4 * KIB))
-            .max(4 * KIB);
+        let segment = (64 * MIB).min(disk / 16 / (4 * KIB) * (4 * KIB)).max(4 * KIB);
         // Unmap at the rate the appends write (a file is FILE_APPENDS appends, a tail of
         // 2 KiB on average and a flush): the log keeps about half the disk.
         let file_ops = f64::from(Self::FILE_APPENDS + 2);
@@ -499,7 +474,7 @@ impl Workload for LogAppend {
         if std::mem::take(&mut self.flush_next) {
             return IoOp::Flush;
         }
-        if self.ops % self.unmap_every == 0 {
+        if self.ops.is_multiple_of(self.unmap_every) {
             let behind = (self.cursor + self.disk - self.disk / 2) % self.disk;
             let offset = behind / (4 * KIB) * (4 * KIB);
             let len = self.segment.min(self.disk - offset);
@@ -581,15 +556,12 @@ impl CloudMixed {
 impl Workload for CloudMixed {
     fn next_op(&mut self) -> IoOp {
         self.ops += 1;
-        if self.ops % Self::FLUSH_EVERY == 0 {
+        if self.ops.is_multiple_of(Self::FLUSH_EVERY) {
             return IoOp::Flush;
         }
         if self.rng.gen::<f64>() >= Self::WRITE_FRACTION {
             let offset = self.reads.next_index() * 4 * KIB;
-            let len = self
-                .read_sizes
-                .sample(&mut self.rng)
-                .min(self.disk - offset);
+            let len = self.read_sizes.sample(&mut self.rng).min(self.disk - offset);
             return IoOp::Read { offset, len };
         }
         let len = self.write_sizes.sample(&mut self.rng);
@@ -731,7 +703,7 @@ impl Workload for EdgeCases {
                 self.extend_in = None;
                 let old = self.size;
                 let mut new_size = old + old / 100 * Self::EXTEND_PCT / SECTOR * SECTOR;
-                if (new_size / SECTOR) % 2 == 0 {
+                if (new_size / SECTOR).is_multiple_of(2) {
                     new_size += SECTOR;
                 }
                 self.size = new_size;
@@ -819,10 +791,7 @@ mod tests {
     }
 
     fn read_fraction(ops: &[IoOp]) -> f64 {
-        let reads = ops
-            .iter()
-            .filter(|o| matches!(o, IoOp::Read { .. }))
-            .count();
+        let reads = ops.iter().filter(|o| matches!(o, IoOp::Read { .. })).count();
         reads as f64 / (reads + writes(ops).count()) as f64
     }
 
@@ -859,9 +828,7 @@ mod tests {
     fn legacy_misaligned_matches_the_trace() {
         let ops = run("legacy-misaligned", 32 << 30, 5, 0, 200_000);
         let w: Vec<_> = writes(&ops).collect();
-        let share = |f: &dyn Fn(&(u64, u64)) -> bool| {
-            w.iter().filter(|x| f(x)).count() as f64 / w.len() as f64
-        };
+        let share = |f: &dyn Fn(&(u64, u64)) -> bool| w.iter().filter(|x| f(x)).count() as f64 / w.len() as f64;
         let at7 = share(&|w| (w.0 / SECTOR) % 8 == 7);
         assert!((at7 - 0.755).abs() < 0.01, "LBA 7 mod 8: {at7}");
         assert!((1.0 - read_fraction(&ops) - 0.587).abs() < 0.01);
@@ -884,13 +851,8 @@ mod tests {
             }
         }
         let per_page = touched as f64 / unique.len() as f64;
-        eprintln!(
-            "cloud-mixed: write fraction {wf:.3}, writes per unique 4 KiB page {per_page:.2}"
-        );
-        assert!(
-            (per_page - 9.7).abs() < 1.0,
-            "writes per unique page {per_page}"
-        );
+        eprintln!("cloud-mixed: write fraction {wf:.3}, writes per unique 4 KiB page {per_page:.2}");
+        assert!((per_page - 9.7).abs() < 1.0, "writes per unique page {per_page}");
     }
 
     #[test]
@@ -925,10 +887,7 @@ mod tests {
         assert!(matches!(ops[0], IoOp::Write { offset, len: 512, .. } if offset == disk - 512));
         // The format pass covers the whole disk with 4 MiB writes, the last one clipped.
         let format: Vec<_> = writes(&ops).skip(5).take(3).collect();
-        assert_eq!(
-            format,
-            vec![(0, 4 * MIB), (4 * MIB, 4 * MIB), (8 * MIB, 3 * SECTOR)]
-        );
+        assert_eq!(format, vec![(0, 4 * MIB), (4 * MIB, 4 * MIB), (8 * MIB, 3 * SECTOR)]);
         let ext: Vec<u64> = ops
             .iter()
             .filter_map(|o| match o {

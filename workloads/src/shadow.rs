@@ -215,19 +215,11 @@ impl ShadowDisk {
         }
         let end = offset + len;
         let mut buf = vec![0u8; len as usize];
-        let first = self
-            .data
-            .range(..=offset)
-            .next_back()
-            .map_or(offset, |(&s, _)| s);
+        let first = self.data.range(..=offset).next_back().map_or(offset, |(&s, _)| s);
         for (&s, &(e, seed)) in self.data.range(first..end) {
             let (from, to) = (s.max(offset), e.min(end));
             if from < to {
-                fill_pattern(
-                    seed,
-                    from,
-                    &mut buf[(from - offset) as usize..(to - offset) as usize],
-                );
+                fill_pattern(seed, from, &mut buf[(from - offset) as usize..(to - offset) as usize]);
             }
         }
         buf
@@ -250,11 +242,7 @@ impl ShadowDisk {
 
     /// The exact bytes changed (written or unmapped) after checkpoint `a` and up to
     /// checkpoint `b`: sorted, coalesced `(start, len)` areas.
-    pub fn changed_bytes_exact(
-        &self,
-        a: CheckpointId,
-        b: CheckpointId,
-    ) -> Result<Vec<(u64, u64)>, ShadowError> {
+    pub fn changed_bytes_exact(&self, a: CheckpointId, b: CheckpointId) -> Result<Vec<(u64, u64)>, ShadowError> {
         self.size_at(a)?;
         self.size_at(b)?;
         if a > b {
@@ -408,10 +396,7 @@ mod tests {
         d.extend(20_000).unwrap();
         d.write(19_999, 1, 3).unwrap();
         let c2 = d.checkpoint();
-        assert_eq!(
-            d.changed_bytes_exact(c0, c1).unwrap(),
-            vec![(100, 10), (5000, 1)]
-        );
+        assert_eq!(d.changed_bytes_exact(c0, c1).unwrap(), vec![(100, 10), (5000, 1)]);
         assert_eq!(d.changed_between(c0, c1, 4096).unwrap(), vec![(0, 8192)]);
         // Clipped at the size of the time: 10,000 at c1.
         assert_eq!(
@@ -419,10 +404,7 @@ mod tests {
             vec![(8192, 4096), (16384, 3616)]
         );
         assert_eq!(d.changed_between(c0, c0, 512).unwrap(), vec![]);
-        assert_eq!(
-            d.changed_between(c0, c2, 1 << 20).unwrap(),
-            vec![(0, 20_000)]
-        );
+        assert_eq!(d.changed_between(c0, c2, 1 << 20).unwrap(), vec![(0, 20_000)]);
         assert_eq!(
             d.changed_between(c2, c0, 1),
             Err(ShadowError::Order { from: c2, to: c0 })
@@ -431,22 +413,14 @@ mod tests {
             d.changed_between(c0, CheckpointId(9), 1),
             Err(ShadowError::UnknownCheckpoint(CheckpointId(9)))
         );
-        assert_eq!(
-            d.changed_between(c0, c1, 0),
-            Err(ShadowError::ZeroGranularity)
-        );
+        assert_eq!(d.changed_between(c0, c1, 0), Err(ShadowError::ZeroGranularity));
     }
 
     #[test]
     fn out_of_range_and_shrink() {
         let mut d = ShadowDisk::new(1024);
         assert!(d.write(1000, 25, 0).is_err());
-        assert!(d
-            .apply(&IoOp::Read {
-                offset: 1024,
-                len: 1
-            })
-            .is_err());
+        assert!(d.apply(&IoOp::Read { offset: 1024, len: 1 }).is_err());
         assert!(d.unmap(u64::MAX, 2).is_err());
         assert_eq!(
             d.extend(1024),
@@ -473,21 +447,12 @@ mod tests {
         assert_eq!(v.over_report_ratio, 1.0);
         assert!(v.is_safe());
         let v = check_report(&truth, &[(0, 16384)], 4096);
-        assert_eq!(
-            (v.missed_blocks, v.extra_bytes, v.over_report_ratio),
-            (0, 8192, 2.0)
-        );
+        assert_eq!((v.missed_blocks, v.extra_bytes, v.over_report_ratio), (0, 8192, 2.0));
         let v = check_report(&truth, &[(0, 512)], 512);
-        assert_eq!(
-            (v.missed_blocks, v.missed_bytes, v.extra_bytes),
-            (15, 7680, 0)
-        );
+        assert_eq!((v.missed_blocks, v.missed_bytes, v.extra_bytes), (15, 7680, 0));
         assert!(!v.is_safe());
         assert_eq!(check_report(&[], &[], 1).over_report_ratio, 1.0);
-        assert_eq!(
-            check_report(&[], &[(0, 1)], 1).over_report_ratio,
-            f64::INFINITY
-        );
+        assert_eq!(check_report(&[], &[(0, 1)], 1).over_report_ratio, f64::INFINITY);
     }
 
     /// An operation of the property test.

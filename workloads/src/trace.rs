@@ -292,10 +292,7 @@ impl<'a> Fields<'a> {
     }
 
     fn get(&self, i: usize, field: &'static str) -> Result<&'a str, FieldError> {
-        self.0
-            .get(i)
-            .copied()
-            .ok_or_else(|| field_err(field, "", "missing"))
+        self.0.get(i).copied().ok_or_else(|| field_err(field, "", "missing"))
     }
 }
 
@@ -363,11 +360,7 @@ impl TraceReader {
     }
 
     /// Reads a trace from any reader; `name` is used in errors.
-    pub fn from_reader(
-        name: impl Into<String>,
-        reader: impl Read + Send + 'static,
-        format: TraceFormat,
-    ) -> Self {
+    pub fn from_reader(name: impl Into<String>, reader: impl Read + Send + 'static, format: TraceFormat) -> Self {
         TraceReader {
             file: name.into(),
             format,
@@ -452,11 +445,7 @@ impl TraceReader {
                     self.text_line(line)
                 }
             }
-            Err(_) => Err(self.bad(field_err(
-                "line",
-                &String::from_utf8_lossy(&buf),
-                "not UTF-8",
-            ))),
+            Err(_) => Err(self.bad(field_err("line", &String::from_utf8_lossy(&buf), "not UTF-8"))),
         };
         self.buf = buf;
         result
@@ -529,11 +518,7 @@ impl TraceReader {
         let (len, cmd, ver, lbn, ts) = (u32_at(4), u16_at(12), u16_at(14), u64_at(16), u64_at(24));
         if ver != 0x0100 {
             let value = format!("{ver:#06x}");
-            return Err(self.bad(field_err(
-                "ver",
-                &value,
-                "unsupported version (expected 0x0100)",
-            )));
+            return Err(self.bad(field_err("ver", &value, "unsupported version (expected 0x0100)")));
         }
         let Some(kind) = scsi_kind(u64::from(cmd)) else {
             return Ok(Step::Ignored);
@@ -606,11 +591,7 @@ fn parse_blkparse(line: &str) -> Result<Step, FieldError> {
     if !t.first().is_some_and(|d| is_device(d)) {
         return Ok(Step::Nothing);
     }
-    let get = |i: usize, field: &'static str| {
-        t.get(i)
-            .copied()
-            .ok_or_else(|| field_err(field, "", "missing"))
-    };
+    let get = |i: usize, field: &'static str| t.get(i).copied().ok_or_else(|| field_err(field, "", "missing"));
     let time = time_us("time", get(3, "time")?, 6)?;
     if get(5, "action")? != "Q" {
         return Ok(Step::Ignored);
@@ -620,7 +601,7 @@ fn parse_blkparse(line: &str) -> Result<Step, FieldError> {
     // A leading F is a preflush: alone (no range, or an empty one) it is a flush; with
     // data it is that write.
     let preflush = rwbs.starts_with('F');
-    if preflush && !t.get(7).is_some_and(|s| !s.starts_with('[')) {
+    if preflush && t.get(7).is_none_or(|s| s.starts_with('[')) {
         return Ok(record(time, device, TraceOpKind::Flush, 0, 0));
     }
     let kind = if rwbs.contains('D') {
@@ -640,11 +621,7 @@ fn parse_blkparse(line: &str) -> Result<Step, FieldError> {
         return Err(field_err("+", plus, "expected '+'"));
     }
     let len = sectors("count", get(9, "count")?)?;
-    let kind = if preflush && len == 0 {
-        TraceOpKind::Flush
-    } else {
-        kind
-    };
+    let kind = if preflush && len == 0 { TraceOpKind::Flush } else { kind };
     Ok(record(time, device, kind, offset, len))
 }
 
@@ -655,11 +632,7 @@ fn parse_fio(line: &str, version: u8) -> Result<Step, FieldError> {
     } else {
         (0, &t[..])
     };
-    let get = |i: usize, field: &'static str| {
-        rest.get(i)
-            .copied()
-            .ok_or_else(|| field_err(field, "", "missing"))
-    };
+    let get = |i: usize, field: &'static str| rest.get(i).copied().ok_or_else(|| field_err(field, "", "missing"));
     let file = get(0, "filename")?;
     let action = get(1, "action")?;
     let kind = match action {
@@ -721,13 +694,11 @@ impl Iterator for TraceReader {
                 Ok(Step::Nothing) => {}
                 Ok(Step::Ignored) => self.ignored += 1,
                 Ok(Step::Record(r)) => {
-                    if self.device.as_deref().map_or(true, |d| d == r.device) {
+                    if self.device.as_deref().is_none_or(|d| d == r.device) {
                         return Some(Ok(r));
                     }
                 }
-                Err(TraceError::BadField { .. } | TraceError::Truncated { .. })
-                    if self.skip_bad =>
-                {
+                Err(TraceError::BadField { .. } | TraceError::Truncated { .. }) if self.skip_bad => {
                     self.skipped += 1;
                 }
                 Err(e) => {
@@ -811,17 +782,13 @@ mod tests {
                 rec(12816637201638215, "usr_1", W, 1317441536, 8192)
             ]
         );
-        let with_header =
-            format!("Timestamp,Hostname,DiskNumber,Type,Offset,Size,ResponseTime\n{good}");
+        let with_header = format!("Timestamp,Hostname,DiskNumber,Type,Offset,Size,ResponseTime\n{good}");
         assert_eq!(parse(TraceFormat::Msr, &with_header).0.len(), 2);
         let bad = format!("{good}128166372016382155,usr,1,Write,1317441536,12x,1963\n");
         let (r, e) = parse(TraceFormat::Msr, &bad);
         assert_eq!(r.len(), 2);
         let e = e.unwrap();
-        assert!(
-            e.ends_with(":4: field 'size': invalid digit in \"12x\""),
-            "{e}"
-        );
+        assert!(e.ends_with(":4: field 'size': invalid digit in \"12x\""), "{e}");
         assert!(parse(TraceFormat::Msr, "1,usr,0,Erase,0,512,1\n")
             .1
             .unwrap()
@@ -889,14 +856,11 @@ mod tests {
             ]
         );
         assert_eq!(err.len(), 1);
-        assert!(err[0]
-            .ends_with(":5: field 'ver': unsupported version (expected 0x0100) in \"0x0200\""));
+        assert!(err[0].ends_with(":5: field 'ver': unsupported version (expected 0x0100) in \"0x0200\""));
 
         data.extend(&vscsi_record(7, 512, 0x2a, 0x0100, 3, 500)[..20]);
         let f = temp(&data);
-        let mut reader = TraceReader::open(f.path(), TraceFormat::Vscsi)
-            .unwrap()
-            .skip_bad(true);
+        let mut reader = TraceReader::open(f.path(), TraceFormat::Vscsi).unwrap().skip_bad(true);
         assert_eq!(reader.by_ref().count(), 4);
         assert_eq!((reader.skipped(), reader.ignored()), (2, 1));
         let (ok, err) = read_all(TraceReader::open(f.path(), TraceFormat::Vscsi).unwrap());
@@ -922,10 +886,7 @@ mod tests {
         );
         let bad = format!("{good}1,5633899,zz,512,1\n");
         let e = parse(TraceFormat::CloudphysicsCsv, &bad).1.unwrap();
-        assert!(
-            e.ends_with(":5: field 'op': invalid digit in \"zz\""),
-            "{e}"
-        );
+        assert!(e.ends_with(":5: field 'op': invalid digit in \"zz\""), "{e}");
         assert_eq!(parse_skipping(TraceFormat::CloudphysicsCsv, &bad).1, 1);
     }
 
@@ -968,10 +929,7 @@ Skips: 0 forward (0 -   0.0%)
             1,
         );
         let e = parse(TraceFormat::Blkparse, &bad).1.unwrap();
-        assert!(
-            e.ends_with(":3: field 'sector': invalid digit in \"1x0\""),
-            "{e}"
-        );
+        assert!(e.ends_with(":3: field 'sector': invalid digit in \"1x0\""), "{e}");
         let (r2, skipped) = parse_skipping(TraceFormat::Blkparse, &bad);
         assert_eq!((r2.len(), skipped), (5, 1));
     }
@@ -993,24 +951,16 @@ Skips: 0 forward (0 -   0.0%)
         let v3 = "fio version 3 iolog\n0 f add\n5 f open\n12 f write 512 512\n\n13 f datasync 0 0\n20 f close\n";
         let (r, e) = parse(TraceFormat::FioIolog, v3);
         assert_eq!(e, None);
-        assert_eq!(
-            r,
-            vec![rec(12_000, "f", W, 512, 512), rec(13_000, "f", Flush, 0, 0)]
-        );
+        assert_eq!(r, vec![rec(12_000, "f", W, 512, 512), rec(13_000, "f", Flush, 0, 0)]);
         let e = parse(TraceFormat::FioIolog, &format!("{v3}21 f erase 0 1\n"))
             .1
             .unwrap();
-        assert!(
-            e.contains(":8: field 'action'") && e.contains("\"erase\""),
-            "{e}"
-        );
+        assert!(e.contains(":8: field 'action'") && e.contains("\"erase\""), "{e}");
         let e = parse(TraceFormat::FioIolog, "fio version 3 iolog\n1 f write 0\n")
             .1
             .unwrap();
         assert!(e.ends_with(":2: field 'length': missing in \"\""), "{e}");
-        let e = parse(TraceFormat::FioIolog, "/dev/sdb write 0 4096\n")
-            .1
-            .unwrap();
+        let e = parse(TraceFormat::FioIolog, "/dev/sdb write 0 4096\n").1.unwrap();
         assert!(e.contains(":1: expected \"fio version 2 iolog\""), "{e}");
         let f = temp(b"nonsense\n/dev/sdb write 0 4096\n");
         let mut reader = TraceReader::open(f.path(), TraceFormat::FioIolog)
@@ -1032,13 +982,8 @@ Skips: 0 forward (0 -   0.0%)
                 rec(1577808000000204, "10", W, 1024, 8192)
             ]
         );
-        let e = parse(TraceFormat::Alibaba, &format!("{good}10,X,0,512,1\n"))
-            .1
-            .unwrap();
-        assert!(
-            e.ends_with(":4: field 'opcode': expected R or W in \"X\""),
-            "{e}"
-        );
+        let e = parse(TraceFormat::Alibaba, &format!("{good}10,X,0,512,1\n")).1.unwrap();
+        assert!(e.ends_with(":4: field 'opcode': expected R or W in \"X\""), "{e}");
     }
 
     #[test]
@@ -1060,9 +1005,7 @@ Skips: 0 forward (0 -   0.0%)
         .1
         .unwrap();
         assert!(e.contains(":3: field 'size': number too large"), "{e}");
-        let e = parse(TraceFormat::Tencent, "1538323202,0,8,2,1\n")
-            .1
-            .unwrap();
+        let e = parse(TraceFormat::Tencent, "1538323202,0,8,2,1\n").1.unwrap();
         assert!(e.contains("field 'iotype'"), "{e}");
     }
 
@@ -1089,10 +1032,7 @@ Skips: 0 forward (0 -   0.0%)
         );
         assert_eq!(
             rec(0, "", Discard, 0, 512).to_op(0),
-            IoOp::Unmap {
-                offset: 0,
-                len: 512
-            }
+            IoOp::Unmap { offset: 0, len: 512 }
         );
     }
 
@@ -1100,12 +1040,8 @@ Skips: 0 forward (0 -   0.0%)
     /// repository (it is not part of the project: the test returns when it is absent).
     #[test]
     fn cloudphysics_trace_both_forms_agree() {
-        let dir =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/traces/cloudphysics");
-        let (bin, csv) = (
-            dir.join("cloudPhysicsIO.vscsi"),
-            dir.join("cloudPhysicsIO.csv"),
-        );
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/traces/cloudphysics");
+        let (bin, csv) = (dir.join("cloudPhysicsIO.vscsi"), dir.join("cloudPhysicsIO.csv"));
         if !bin.exists() || !csv.exists() {
             eprintln!("skipped: {} not present", dir.display());
             return;

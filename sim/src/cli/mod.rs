@@ -40,19 +40,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
                 'G' => 1 << 30,
                 'T' => 1 << 40,
                 'B' => 1,
-                _ => {
-                    return Err(format!(
-                        "invalid size {s:?}: unknown suffix {c:?} (use K, M, G or T)"
-                    ))
-                }
+                _ => return Err(format!("invalid size {s:?}: unknown suffix {c:?} (use K, M, G or T)")),
             };
             (&t[..i], m)
         }
         _ => (t, 1),
     };
-    let n: u64 = num.parse().map_err(|_| {
-        format!("invalid size {s:?}: expected a whole number with an optional K/M/G/T suffix")
-    })?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected a whole number with an optional K/M/G/T suffix"))?;
     n.checked_mul(mult)
         .ok_or_else(|| format!("invalid size {s:?}: too large"))
 }

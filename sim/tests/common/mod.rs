@@ -28,9 +28,7 @@ pub fn areas(vm: &Vm, snap: &str, disk: usize, since: &str) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     let mut start = 0;
     while start < cap {
-        let p = vm
-            .query_changed_disk_areas(snap, disk, start, since)
-            .unwrap();
+        let p = vm.query_changed_disk_areas(snap, disk, start, since).unwrap();
         out.extend(p.changed_area.iter().map(|a| (a.start, a.length)));
         start += p.length;
     }
@@ -54,7 +52,5 @@ pub fn missed_bytes(old: &[u8], new: &[u8], areas: &[(u64, u64)]) -> u64 {
         inside[s as usize..(s + l) as usize].fill(true);
     }
     let get = |v: &[u8], i: usize| v.get(i).copied().unwrap_or(0);
-    (0..len)
-        .filter(|&i| get(old, i) != get(new, i) && !inside[i])
-        .count() as u64
+    (0..len).filter(|&i| get(old, i) != get(new, i) && !inside[i]).count() as u64
 }
