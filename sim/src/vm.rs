@@ -706,11 +706,11 @@ impl Vm {
 
     /// Writes dirty data pages back to the files.
     pub fn flush(&self) -> Result<(), SimError> {
-        let io = self.gate();
-        for d in &io.disks {
-            for l in &d.chain {
-                l.flush()?;
-            }
+        // Take the layers, then write back without holding the gate, so a
+        // snapshot never waits behind a flush.
+        let layers: Vec<Arc<Layer>> = self.gate().disks.iter().flat_map(|d| d.chain.iter().cloned()).collect();
+        for l in &layers {
+            l.flush()?;
         }
         Ok(())
     }
