@@ -731,7 +731,11 @@ fn stun_cycles(capacity: u64) -> (u64, u64, u64, Duration) {
     (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max(), wall)
 }
 
+/// A measurement, not a pass/fail test: timing on shared machines is noise
+/// (the `query` benchmark reports stun times too). Run it with
+/// `cargo test --release -p sim --test lifecycle stun_time -- --ignored --nocapture`.
 #[test]
+#[ignore = "measurement; timing on a shared machine is not a test"]
 fn stun_time_does_not_grow_with_disk_size() {
     let small = stun_cycles(GIB);
     let big = stun_cycles(1 << 40);
