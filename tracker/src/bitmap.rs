@@ -60,6 +60,9 @@ impl BitmapLayout {
 #[derive(Debug)]
 pub struct AtomicBitmap {
     region: Region,
+    /// Words of level 0, which starts the region: the write path needs only
+    /// this, not the layout's table.
+    leaf_words: usize,
     layout: BitmapLayout,
 }
 
@@ -69,7 +72,13 @@ impl AtomicBitmap {
     /// locked by the caller and never truncated while mapped.
     pub fn map(file: &File, offset: u64, layout: BitmapLayout) -> io::Result<Self> {
         let region = Region::map(file, offset, layout.bytes() as usize)?;
-        Ok(Self { region, layout })
+        let leaf_words = layout.levels[0].end;
+        debug_assert_eq!(layout.levels[0].start, 0);
+        Ok(Self {
+            region,
+            leaf_words,
+            layout,
+        })
     }
 
     /// Counts the set bits (walks only non-empty words).
@@ -84,10 +93,16 @@ impl AtomicBitmap {
         &self.region.words()[self.layout.levels[k].clone()]
     }
 
+    /// Level 0, without a look at the layout table.
+    #[inline]
+    fn leaf(&self) -> &[AtomicU64] {
+        &self.region.words()[..self.leaf_words]
+    }
+
     /// Sets every bit in `first..=last`. Lock-free; test-before-set.
     #[inline]
     pub fn set_range(&self, first: u64, last: u64) {
-        let leaf = self.level(0);
+        let leaf = self.leaf();
         let (fw, lw) = ((first / 64) as usize, (last / 64) as usize);
         for w in fw..=lw {
             let lo = if w == fw { first % 64 } else { 0 };
@@ -100,7 +115,7 @@ impl AtomicBitmap {
     /// ORs `mask` into leaf word `w` and keeps the summary levels up to date.
     #[inline]
     pub fn or_leaf_word(&self, w: usize, mask: u64) {
-        self.or_word(self.level(0), w, mask);
+        self.or_word(self.leaf(), w, mask);
     }
 
     #[inline]
@@ -136,7 +151,7 @@ impl AtomicBitmap {
     /// Tests one bit with the given ordering.
     #[inline]
     pub fn test(&self, bit: u64, order: Ordering) -> bool {
-        self.level(0)[(bit / 64) as usize].load(order) & (1 << (bit % 64)) != 0
+        self.leaf()[(bit / 64) as usize].load(order) & (1 << (bit % 64)) != 0
     }
 
     /// Sets one bit with the given ordering; returns whether it was set before.
@@ -144,7 +159,7 @@ impl AtomicBitmap {
     pub fn test_and_set(&self, bit: u64, order: Ordering) -> bool {
         let w = (bit / 64) as usize;
         let mask = 1u64 << (bit % 64);
-        let old = self.level(0)[w].fetch_or(mask, order);
+        let old = self.leaf()[w].fetch_or(mask, order);
         if old & mask == 0 {
             self.set_summary(1, w);
         }
