@@ -207,7 +207,11 @@ fn extend_across_128g_and_2t_while_the_guest_writes() {
             after_s1 = count.load(Ordering::SeqCst);
         }
     }
-    std::thread::sleep(Duration::from_millis(100));
+    // Let the writer land some writes past 2 TiB (bounded wait, not a timing assertion).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !log.lock().unwrap().iter().any(|&(o, _)| o >= 2048 * GIB) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
     vm.create_snapshot("s2").unwrap();

@@ -189,8 +189,8 @@ impl Tracker {
     /// Opens an existing change-tracking file. If it was not closed cleanly,
     /// or its sidecar is missing or damaged, tracking is reset: a new session
     /// begins, every earlier change ID fails with
-    /// [`QueryError::TrackingReset`], and `*` answers the whole disk until the
-    /// host tells the tracker what is allocated.
+    /// [`QueryError::TrackingReset`], and `*` answers the whole disk (marks
+    /// made just before a crash may not have reached the file).
     pub fn open(path: &Path) -> Result<Self, TrackerError> {
         let file = OpenOptions::new()
             .read(true)
@@ -479,21 +479,6 @@ impl Tracker {
         }
         c.h.capacity = capacity;
         c.write_header().map_err(io_err(&self.path))
-    }
-
-    /// Marks `[offset, offset+len)` as written in every epoch up to now, for
-    /// a host that rebuilt allocation after an unclean shutdown; clears the
-    /// "allocation unknown" state once `done` is true.
-    pub fn mark_allocated(&self, ranges: &[(u64, u64)], done: bool) -> Result<(), TrackerError> {
-        for &(o, l) in ranges {
-            self.mark(o, l);
-        }
-        let mut c = self.cold.lock();
-        if done {
-            c.h.allocation_unknown = false;
-            c.write_header().map_err(io_err(&self.path))?;
-        }
-        Ok(())
     }
 
     /// One page of the areas changed between `since` and the closed epoch
