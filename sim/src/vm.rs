@@ -166,25 +166,38 @@ impl Vm {
             next_layer: 1,
         };
         let lock = lock_vm(dir, name)?;
+        let mut trackers = Vec::new();
         for (i, s) in specs.iter().enumerate() {
             let ddir = dir.join(format!("disk{i}"));
             std::fs::create_dir(&ddir).map_err(io_err(&ddir))?;
-            Tracker::create(&ddir.join("disk.ctk"), s.capacity, s.granularity)?.close()?;
+            trackers.push(Tracker::create(&ddir.join("disk.ctk"), s.capacity, s.granularity)?);
         }
         cfg.save(&dir.join("vm.json"))?;
-        drop(lock);
-        Self::open(dir)
+        // Keep the locks we hold: releasing and retaking them races with a
+        // child process forked elsewhere in this process, which holds our
+        // lock's file description until it execs.
+        Self::open_locked(dir, cfg, lock, trackers)
     }
 
     /// Opens the VM stored in `dir`, taking its lock.
     pub(crate) fn open(dir: &Path) -> Result<Self, SimError> {
         let cfg = VmConfig::load(&dir.join("vm.json"))?;
         let lock = lock_vm(dir, &cfg.name)?;
+        Self::open_locked(dir, cfg, lock, Vec::new())
+    }
+
+    /// Opens the VM with its lock held; `created` are trackers already open
+    /// (a new VM's), the others are opened from their files.
+    fn open_locked(dir: &Path, cfg: VmConfig, lock: File, created: Vec<Tracker>) -> Result<Self, SimError> {
+        let mut created = created.into_iter();
         let mut disks = Vec::new();
         let mut io_disks = Vec::new();
         for (i, dc) in cfg.disks.iter().enumerate() {
             let ddir = dir.join(format!("disk{i}"));
-            let tracker = Tracker::open(&ddir.join("disk.ctk"))?;
+            let tracker = match created.next() {
+                Some(t) => t,
+                None => Tracker::open(&ddir.join("disk.ctk"))?,
+            };
             // A crash between saving a new snapshot and its stun leaves a
             // snapshot whose epoch was never closed. Its view is the disk as
             // it is now (its delta was never written), so close the epoch now,
