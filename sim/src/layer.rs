@@ -50,10 +50,6 @@ pub(crate) struct Layer {
     pub(crate) id: u64,
     dir: PathBuf,
     extents: Box<[OnceLock<Extent>]>,
-    /// Extent files that existed when the layer was opened. Only this
-    /// process (it holds the VM's lock) creates extents, and it maps each one
-    /// it creates, so a read never needs to ask the file system again.
-    on_disk: Box<[bool]>,
     create: Mutex<()>,
     grains: Option<GrainMap>,
 }
@@ -107,24 +103,10 @@ impl Layer {
             }
         };
         let extents = (0..EXTENTS).map(|_| OnceLock::new()).collect();
-        let mut on_disk = vec![false; EXTENTS].into_boxed_slice();
-        let prefix = format!("L{id}.");
-        for entry in std::fs::read_dir(dir).map_err(io_err(dir))?.flatten() {
-            let name = entry.file_name();
-            let k = name
-                .to_str()
-                .and_then(|n| n.strip_prefix(&prefix))
-                .and_then(|n| n.strip_suffix(".ext"))
-                .and_then(|n| n.parse::<usize>().ok());
-            if let Some(k) = k.filter(|&k| k < EXTENTS) {
-                on_disk[k] = true;
-            }
-        }
         Ok(Self {
             id,
             dir: dir.to_owned(),
             extents,
-            on_disk,
             create: Mutex::new(()),
             grains,
         })
@@ -139,7 +121,8 @@ impl Layer {
         if let Some(e) = self.extents[k].get() {
             return Ok(Some(e));
         }
-        if !self.on_disk[k] {
+        let path = self.extent_path(k);
+        if !path.exists() {
             return Ok(None);
         }
         self.extent_mut(k).map(Some)
@@ -308,8 +291,9 @@ impl Layer {
     /// Deletes this layer's files (after it left every chain).
     pub(crate) fn delete_files(&self) {
         for k in 0..EXTENTS {
-            if self.extents[k].get().is_some() || self.on_disk[k] {
-                let _ = std::fs::remove_file(self.extent_path(k));
+            let p = self.extent_path(k);
+            if self.extents[k].get().is_some() || p.exists() {
+                let _ = std::fs::remove_file(p);
             }
         }
         let _ = std::fs::remove_file(self.dir.join(format!("L{}.map", self.id)));
@@ -319,7 +303,7 @@ impl Layer {
     pub(crate) fn allocated_bytes(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
         let mut n = 0;
-        for k in (0..EXTENTS).filter(|&k| self.extents[k].get().is_some() || self.on_disk[k]) {
+        for k in 0..EXTENTS {
             if let Ok(m) = std::fs::metadata(self.extent_path(k)) {
                 n += m.blocks() * 512;
             }
