@@ -82,9 +82,6 @@ pub enum SimError {
     /// A data-protection API call failed.
     #[error(transparent)]
     Vadp(#[from] vadp::VadpError),
-    /// The backup client failed.
-    #[error(transparent)]
-    Backup(#[from] vadp::backup::BackupError),
     /// A change ID that does not parse.
     #[error(transparent)]
     ChangeId(#[from] ParseChangeIdError),

@@ -33,20 +33,15 @@
 //! ```
 
 mod config;
-pub mod demo;
-pub mod drive;
 mod error;
 mod host;
 mod layer;
 mod mmap;
-pub mod replay;
 mod restore_target;
-pub mod scenario;
-pub mod verify;
 mod vm;
 
 pub use config::{DiskConfig, SnapshotConfig, SnapshotDiskConfig, VmConfig};
 pub use error::SimError;
 pub use host::{Host, VmSummary};
 pub use layer::EXTENT_BYTES;
-pub use vm::{check_name, DiskSpec, SnapshotSummary, Vm, DEFAULT_MAX_AREAS, MAX_SNAPSHOTS};
+pub use vm::{check_name, DiskSpec, SnapshotSummary, Vm, DEFAULT_MAX_AREAS, MAX_SNAPSHOTS, STUN_LOG};

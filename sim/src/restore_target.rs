@@ -1,9 +1,8 @@
 //! The host as a restore target: `restore --to-vm` creates a VM and writes
-//! a point's content into it through [`vadp::backup::RestoreTarget`].
+//! a point's content into it through [`vadp::RestoreTarget`].
 
 use tracker::Granularity;
-use vadp::backup::{RestoreDisk, RestoreTarget};
-use vadp::VadpError;
+use vadp::{RestoreDisk, RestoreTarget, VadpError};
 
 use crate::{DiskSpec, Host};
 

@@ -21,7 +21,6 @@ use std::sync::{Arc, PoisonError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteGuard};
-use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 use tracker::{Granularity, Since, Tracker, MAX_CAPACITY};
 use vadp::{DiskArea, DiskChangeInfo, SnapshotDisk, SnapshotInfo};
@@ -30,6 +29,8 @@ use crate::config::{DiskConfig, SnapshotConfig, SnapshotDiskConfig, VmConfig, CO
 use crate::error::SimError;
 use crate::layer::{read_chain, Layer, Src, MAX_GRAIN};
 
+/// How many of the most recent stun times a VM keeps.
+pub const STUN_LOG: usize = 1 << 16;
 /// Most snapshots a VM may have (as ESXi).
 pub const MAX_SNAPSHOTS: usize = 32;
 /// Default cap on areas per `QueryChangedDiskAreas` page (VMware's observed value).
@@ -89,7 +90,8 @@ pub struct Vm {
     disks: Vec<DiskShared>,
     /// The configuration; holding it serialises lifecycle operations.
     meta: Mutex<VmConfig>,
-    stun_ns: Mutex<Histogram<u64>>,
+    /// The most recent stun times (ns), oldest first.
+    stun_ns: Mutex<std::collections::VecDeque<u64>>,
     max_areas: std::sync::atomic::AtomicUsize,
 }
 
@@ -242,7 +244,7 @@ impl Vm {
             }),
             disks,
             meta: Mutex::new(cfg),
-            stun_ns: Mutex::new(Histogram::new(3).expect("3 significant figures is valid")),
+            stun_ns: Mutex::new(std::collections::VecDeque::new()),
             max_areas: DEFAULT_MAX_AREAS.into(),
         })
     }
@@ -740,9 +742,10 @@ impl Vm {
         Ok(self.disk_io(&io, disk)?.chain.len())
     }
 
-    /// The stun times recorded so far (ns), snapshot create/remove/revert/extend.
-    pub fn stun_histogram(&self) -> Histogram<u64> {
-        self.stun_ns.lock().clone()
+    /// The most recent stun times in nanoseconds (at most [`STUN_LOG`]),
+    /// oldest first: snapshot create/remove/revert/extend and power changes.
+    pub fn stun_times_ns(&self) -> Vec<u64> {
+        self.stun_ns.lock().iter().copied().collect()
     }
 
     // ---- the data-protection query ----------------------------------------
@@ -808,13 +811,17 @@ impl VmConfig {
 struct Stun<'a> {
     guard: ShardedLockWriteGuard<'a, VmIo>,
     start: Instant,
-    hist: &'a Mutex<Histogram<u64>>,
+    hist: &'a Mutex<std::collections::VecDeque<u64>>,
 }
 
 impl Drop for Stun<'_> {
     fn drop(&mut self) {
         let ns = self.start.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
-        let _ = self.hist.lock().record(ns.max(1));
+        let mut log = self.hist.lock();
+        if log.len() == STUN_LOG {
+            log.pop_front();
+        }
+        log.push_back(ns.max(1));
     }
 }
 

@@ -1,4 +1,4 @@
-//! A VADP-style data-protection API, and the client side that uses it.
+//! A VADP-style data-protection API: the types, the host's side of it, and the checked pager.
 //!
 //! The host (the `sim` crate) implements [`DataProtection`]: create and
 //! remove snapshots, ask which areas of a snapshot's disk changed since a
@@ -36,8 +36,6 @@
 //! assert_eq!(areas.len(), 4); // two pages, paged by the iterator
 //! # Ok::<(), VadpError>(())
 //! ```
-
-pub mod backup;
 
 use serde::{Deserialize, Serialize};
 
@@ -301,4 +299,22 @@ impl<H: DataProtection + ?Sized> Iterator for ChangedAreas<'_, H> {
             }
         }
     }
+}
+
+/// Where a restore to a new VM writes: the host side, kept apart from
+/// [`DataProtection`] (which only reads).
+pub trait RestoreTarget {
+    /// Creates VM `name` with these disks (it must not exist).
+    fn create_vm(&self, name: &str, disks: &[RestoreDisk]) -> Result<(), VadpError>;
+    /// Writes `data` at `offset` of `disk` of VM `vm`.
+    fn write(&self, vm: &str, disk: usize, offset: u64, data: &[u8]) -> Result<(), VadpError>;
+}
+
+/// The shape of a disk to create for a restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreDisk {
+    /// Capacity in bytes.
+    pub capacity: u64,
+    /// Tracking granularity in bytes.
+    pub granularity: u64,
 }

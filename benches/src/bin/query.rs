@@ -270,14 +270,13 @@ fn main() -> anyhow::Result<()> {
                     Ok(())
                 });
                 let mut stuns = |op: usize, f: &dyn Fn() -> Result<(), sim::SimError>| -> anyhow::Result<()> {
-                    let before = vm.stun_histogram();
+                    let before = vm.stun_times_ns().len();
                     f()?;
-                    let mut new = vm.stun_histogram();
-                    new.subtract(&before)
-                        .map_err(|e| anyhow::anyhow!("stun histogram: {e:?}"))?;
-                    by_op[op]
-                        .add(&new)
-                        .map_err(|e| anyhow::anyhow!("stun histogram: {e:?}"))?;
+                    for &ns in vm.stun_times_ns().get(before..).unwrap_or_default() {
+                        by_op[op]
+                            .record(ns)
+                            .map_err(|e| anyhow::anyhow!("stun histogram: {e:?}"))?;
+                    }
                     Ok(())
                 };
                 let mut result = Ok(());
@@ -303,7 +302,9 @@ fn main() -> anyhow::Result<()> {
                     .map_err(|_| anyhow::anyhow!("the writer thread panicked"))??;
                 result
             })?;
-            let all = vm.stun_histogram();
+            let mut all = by_op[0].clone();
+            all.add(&by_op[1])
+                .map_err(|e| anyhow::anyhow!("stun histogram: {e:?}"))?;
             for (op, h) in [("create", &by_op[0]), ("remove", &by_op[1]), ("all", &all)] {
                 let p99 = h.value_at_quantile(0.99) as f64 / 1e3;
                 rep.push(

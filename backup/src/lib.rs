@@ -1,0 +1,247 @@
+//! A backup client over [`DataProtection`](vadp::DataProtection): full and
+//! incremental backups of VMs into a deduplicating repository, restore,
+//! verification and pruning.
+//!
+//! # The flow (the real VADP order)
+//! [`backup_vm`] turns change tracking on, creates a snapshot, and for each
+//! disk asks `QueryChangedDiskAreas` for the areas changed since the change
+//! ID stored with the VM's previous point (`*`, the allocated areas, for a
+//! first or forced full backup). It reads those areas from the snapshot,
+//! stores their chunks, commits a new point that records the snapshot's
+//! change IDs, and removes the snapshot, on error paths too. A change ID the
+//! host rejects ([`VadpError::needs_full_backup`](vadp::VadpError::needs_full_backup):
+//! tracking reset, foreign ID...) makes that disk's backup full, and the
+//! point's `reason` says why: an incremental is never built on a bad ID.
+//!
+//! # Design
+//! ```text
+//! REPO/
+//!   repo.json                      format marker and version
+//!   lock                           flock: exclusive for backup and prune, shared for verify
+//!   chunks/ab/ab12...ef            one file per chunk, named by the BLAKE3 of its content
+//!   points/00000007.point          one restore point: JSON header, chunk index, checksum
+//!   pending/VM.json                the snapshot of a backup in progress (cleaned up next run)
+//!   tmp/                           files being written (renamed into place when complete)
+//! ```
+//! - **Chunks** are fixed-size pieces of a disk: chunk `n` covers bytes
+//!   `[n*c, (n+1)*c)` with `c = clamp(granularity, 64 KiB, 1 MiB)`. With a
+//!   granularity of 64 KiB or more a chunk divides a tracking block, so an
+//!   incremental reads exactly the changed areas; with a finer granularity a
+//!   changed area is read out to whole 64 KiB chunks. All-zero chunks are not
+//!   stored. A chunk file is a tag byte (0 raw, 1 zstd) and the data; its
+//!   name is the hash of the uncompressed data, so equal chunks of any point
+//!   or VM are stored once.
+//! - **Points** ([`PointMeta`]) hold, per disk, a sorted index from chunk
+//!   number to chunk hash, so every point is a complete image: an incremental
+//!   point is its parent's index with the changed chunks replaced (or
+//!   dropped, when they became zero). A chunk missing from the index reads
+//!   as zeros.
+//! - **Commit**: chunks are written to `tmp/` and renamed into `chunks/`;
+//!   one `syncfs` makes them durable; then the point file is written to
+//!   `tmp/`, fsynced, renamed into `points/` and the directory fsynced. A
+//!   backup killed at any moment leaves every committed point as it was;
+//!   the chunks it wrote are orphans that [`prune`] collects. A backup
+//!   deduplicates only against chunks that a committed point references (or
+//!   that it wrote itself), never against an orphan that a crash may have
+//!   left incomplete.
+//! - **Prune** deletes point files first, then the chunks no remaining point
+//!   references; killed half-way it leaves fewer points and some orphans,
+//!   never a point with a missing chunk.
+//!
+//! # Limitations
+//! - A disk extended since the previous point: the range past the old
+//!   capacity that the host does not report as changed is zeros in the new
+//!   point (the host's contract: a new range reads as zeros until written).
+//! - A disk that shrank or whose granularity changed gets a full backup.
+//! - `syncfs` flushes the whole file system the repository lives on, which
+//!   may include a datastore's dirty pages; on other systems than Linux each
+//!   chunk file is fsynced.
+//! - Restoring to a new VM that fails half-way leaves that VM partly written
+//!   (the error says so); every chunk's presence is checked before the VM is
+//!   created.
+
+mod point;
+mod prune;
+mod repo;
+mod restore;
+mod run;
+mod store;
+mod verify;
+
+use std::path::PathBuf;
+
+pub use point::{DiskMeta, PointMeta};
+pub use prune::{prune, PruneReport};
+pub use repo::Repository;
+pub use restore::{restore_to_file, restore_to_vm, RestoreReport};
+pub use run::{backup_vm, BackupOptions, BackupReport, Compression};
+pub use store::ChunkHash;
+pub use verify::{verify, VerifyReport};
+
+use vadp::VadpError;
+
+/// Smallest chunk: a finer tracking granularity is read out to this size.
+pub const MIN_CHUNK: u64 = 64 << 10;
+/// Largest chunk: a coarser granularity is split into chunks of this size.
+pub const MAX_CHUNK: u64 = 1 << 20;
+
+/// The chunk size used for a disk of tracking granularity `granularity`.
+pub fn chunk_size(granularity: u64) -> u64 {
+    granularity.clamp(MIN_CHUNK, MAX_CHUNK)
+}
+
+/// What went wrong in a backup, restore, verify or prune.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackupError {
+    /// A file-system operation failed.
+    #[error("{op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On which file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The host refused a data-protection call.
+    #[error("{op} failed")]
+    Host {
+        /// Which call, on what.
+        op: String,
+        /// The host's answer.
+        #[source]
+        source: VadpError,
+    },
+    /// The directory is not a backup repository (or one of another version).
+    #[error("{path} is not a cbtsim backup repository: {reason}")]
+    NotARepository {
+        /// The directory.
+        path: PathBuf,
+        /// Why not.
+        reason: String,
+    },
+    /// No point with this ID.
+    #[error("no restore point {0:?} in the repository")]
+    NoSuchPoint(String),
+    /// The point has no such disk.
+    #[error("point {point} has {count} disk(s); there is no disk {disk}")]
+    NoSuchDisk {
+        /// The point.
+        point: String,
+        /// Asked for.
+        disk: usize,
+        /// Disks in the point.
+        count: usize,
+    },
+    /// A point file is unreadable or fails its checksum.
+    #[error("restore point file {path} is corrupt: {reason}")]
+    CorruptPoint {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A chunk a point references is not in the repository.
+    #[error("chunk {0} is missing from the repository")]
+    MissingChunk(ChunkHash),
+    /// A chunk's content does not match its name, or cannot be decoded.
+    #[error("chunk {hash} is corrupt: {reason}")]
+    CorruptChunk {
+        /// The chunk.
+        hash: ChunkHash,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The point was committed but the backup snapshot could not be removed.
+    #[error("point {point} was committed, but snapshot {snapshot:?} could not be removed (the next backup retries)")]
+    SnapshotNotRemoved {
+        /// The committed point.
+        point: String,
+        /// The snapshot left on the VM.
+        snapshot: String,
+        /// The host's answer.
+        #[source]
+        source: VadpError,
+    },
+    /// A restore to a new VM failed after the VM was created.
+    #[error("restore into VM {vm:?} failed after the VM was created; it is partly written")]
+    PartialRestore {
+        /// The new VM.
+        vm: String,
+        /// What failed.
+        #[source]
+        source: Box<BackupError>,
+    },
+    /// A caller's argument is out of range.
+    #[error("{0}")]
+    InvalidArgument(String),
+}
+
+impl BackupError {
+    pub(crate) fn io(op: &'static str, path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_owned();
+        move |source| Self::Io { op, path, source }
+    }
+
+    pub(crate) fn host(op: impl Into<String>) -> impl FnOnce(VadpError) -> Self {
+        let op = op.into();
+        move |source| Self::Host { op, source }
+    }
+}
+
+/// Progress of a long operation, reported in bytes. The CLI draws a bar;
+/// `()` reports nothing.
+pub trait Progress: Sync {
+    /// A phase starts, with `total` bytes to go.
+    fn begin(&self, _label: &str, _total: u64) {}
+    /// `bytes` more are done.
+    fn advance(&self, _bytes: u64) {}
+    /// The phase is over.
+    fn end(&self) {}
+}
+
+impl Progress for () {}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the Unix epoch (UTC).
+pub fn format_utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::*;
+
+    #[test]
+    fn chunk_sizes_clamp_the_granularity() {
+        assert_eq!(chunk_size(512), 64 << 10);
+        assert_eq!(chunk_size(64 << 10), 64 << 10);
+        assert_eq!(chunk_size(256 << 10), 256 << 10);
+        assert_eq!(chunk_size(1 << 30), 1 << 20);
+    }
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(format_utc(1_795_545_000), "2026-11-24T18:30:00Z");
+    }
+}

@@ -1,0 +1,503 @@
+//! `cbtsim replay`, `cbtsim run`, `cbtsim guest run` and `cbtsim workloads list`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Subcommand};
+use harness::drive::{self, DiskLoad, DrivePlan, DriveReport, EpochReport, Limit};
+use harness::replay::{self, ReplayOptions, ReplayReport};
+use harness::scenario::{self, Scenario, ScenarioProgress, ScenarioReport};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tracker::Granularity;
+use workloads::TraceFormat;
+
+use super::{parse_size, Ctx};
+
+/// Arguments of `cbtsim replay`.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// The trace file.
+    pub trace: PathBuf,
+    /// Its format: msr, vscsi, cloudphysics-csv, blkparse, fio-iolog, alibaba or tencent.
+    #[arg(long, value_parser = parse_format)]
+    pub format: TraceFormat,
+    /// The disk's size (default: the smallest multiple of the granularity covering the trace).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub disk_size: Option<u64>,
+    /// The tracking granularity.
+    #[arg(long, value_parser = parse_size, default_value = "64K", value_name = "SIZE")]
+    pub granularity: u64,
+    /// Replay only this device's records (MSR host_disk, blkparse major,minor, ...).
+    #[arg(long, value_name = "ID")]
+    pub device: Option<String>,
+    /// Skip malformed lines (and count them) instead of failing.
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// Print one JSON document.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_format(s: &str) -> Result<TraceFormat, String> {
+    s.parse().map_err(|e: workloads::TraceError| e.to_string())
+}
+
+/// Arguments of `cbtsim run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The scenario file (TOML; see scenarios/ for examples).
+    pub scenario: PathBuf,
+    /// Print one JSON document.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `cbtsim guest ...`.
+#[derive(Debug, Subcommand)]
+pub enum GuestCmd {
+    /// Run a workload profile on a VM of the datastore.
+    Run(GuestRunArgs),
+}
+
+/// Arguments of `cbtsim guest run`.
+#[derive(Debug, Args)]
+pub struct GuestRunArgs {
+    /// The VM.
+    pub vm: String,
+    /// The workload profile (see `cbtsim workloads list`).
+    #[arg(long)]
+    pub profile: String,
+    /// Ops to run, all threads together (default 10000).
+    #[arg(long, conflicts_with = "seconds")]
+    pub ops: Option<u64>,
+    /// Run for this many seconds instead.
+    #[arg(long)]
+    pub seconds: Option<f64>,
+    /// vCPU threads.
+    #[arg(long, default_value_t = 1)]
+    pub threads: u32,
+    /// The workload's seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The disk to drive.
+    #[arg(long, default_value_t = 0)]
+    pub disk: usize,
+    /// Check the tracker with a shadow model: a snapshot before, at the end and every
+    /// --snapshot-every ops (each removed after its query).
+    #[arg(long)]
+    pub verify: bool,
+    /// With --verify: ops between snapshots.
+    #[arg(long, requires = "verify")]
+    pub snapshot_every: Option<u64>,
+    /// Print one JSON document.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `cbtsim workloads ...`.
+#[derive(Debug, Subcommand)]
+pub enum WorkloadsCmd {
+    /// List the workload profiles.
+    List {
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [(&str, u32); 4] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
+    for (u, s) in UNITS {
+        if bytes >= 1 << s {
+            return format!("{:.1} {u}", bytes as f64 / (1u64 << s) as f64);
+        }
+    }
+    format!("{bytes} B")
+}
+
+fn pct(share: f64) -> String {
+    format!("{:.3}%", share * 100.0)
+}
+
+fn style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar())
+}
+
+/// Runs `cbtsim replay`.
+pub fn replay(a: &ReplayArgs) -> anyhow::Result<()> {
+    let granularity =
+        Granularity::new(a.granularity).with_context(|| format!("invalid --granularity {}", a.granularity))?;
+    let opts = ReplayOptions {
+        disk_size: a.disk_size,
+        granularity,
+        device: a.device.clone(),
+        skip_bad: a.skip_bad,
+        workdir: None,
+    };
+    let pb = if std::io::stderr().is_terminal() {
+        let pb = ProgressBar::new_spinner();
+        pb.set_style(style("{spinner} {elapsed_precise} {pos} records replayed"));
+        pb.enable_steady_tick(Duration::from_millis(200));
+        pb
+    } else {
+        ProgressBar::hidden()
+    };
+    let r = replay::replay_trace(&a.trace, a.format, &opts, &mut |n| pb.set_position(n));
+    pb.finish_and_clear();
+    let r = r?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        print_replay(a, &r);
+    }
+    if r.missed_blocks > 0 {
+        bail!("{} changed blocks are missing from the changed areas", r.missed_blocks);
+    }
+    Ok(())
+}
+
+fn print_replay(a: &ReplayArgs, r: &ReplayReport) {
+    println!(
+        "replayed {} ({}) on a {} disk ({} bytes), granularity {}",
+        a.trace.display(),
+        a.format,
+        human(r.disk_size),
+        r.disk_size,
+        human(r.granularity)
+    );
+    println!(
+        "  {} writes ({}), {} discards ({}); {} reads and {} flushes not replayed; {} bad lines skipped, {} other records",
+        r.writes,
+        human(r.bytes_written),
+        r.discards,
+        human(r.bytes_discarded),
+        r.reads,
+        r.flushes,
+        r.skipped_lines,
+        r.ignored_records
+    );
+    println!(
+        "  changed since {}: {} areas, {} ({} bytes, {} of the disk)",
+        r.change_id,
+        r.changed_areas.len(),
+        human(r.changed_bytes),
+        r.changed_bytes,
+        pct(r.changed_bytes as f64 / r.disk_size as f64)
+    );
+    println!(
+        "  truly changed {} -> over-report {:.3}x; missed blocks {}",
+        human(r.true_changed_bytes),
+        r.over_report_ratio,
+        r.missed_blocks
+    );
+    for (s, l) in r.changed_areas.iter().take(10) {
+        println!("    [{s:>15} .. {:>15})  {}", s + l, human(*l));
+    }
+    if r.changed_areas.len() > 10 {
+        println!("    ... {} more (--json lists all)", r.changed_areas.len() - 10);
+    }
+    println!(
+        "  time: scan {:.2} s, replay {:.2} s, query {:.3} s, total {:.2} s",
+        r.scan_seconds, r.replay_seconds, r.query_seconds, r.seconds
+    );
+}
+
+/// Progress bars of a scenario: one per VM, on stderr.
+struct Bars {
+    bars: Vec<ProgressBar>,
+}
+
+impl ScenarioProgress for Bars {
+    fn ops(&self, vm: usize, n: u64) {
+        self.bars[vm].inc(n);
+    }
+    fn epoch(&self, vm: usize, _disk: usize, e: &EpochReport) {
+        self.bars[vm].set_message(format!(
+            "epoch {}: {} changed, missed {}",
+            e.epoch,
+            human(e.check.changed_bytes),
+            e.check.missed_blocks
+        ));
+    }
+    fn done(&self, vm: usize) {
+        self.bars[vm].finish();
+    }
+}
+
+fn bars(s: &Scenario) -> (Option<MultiProgress>, Bars) {
+    if !std::io::stderr().is_terminal() {
+        return (
+            None,
+            Bars {
+                bars: s.vms.iter().map(|_| ProgressBar::hidden()).collect(),
+            },
+        );
+    }
+    let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    let width = s.vms.iter().map(|v| v.name.len()).max().unwrap_or(4);
+    let bars = s
+        .vms
+        .iter()
+        .map(|v| {
+            let pb = match v.plan.limit {
+                Limit::Ops(n) => {
+                    let pb = mp.add(ProgressBar::new(n));
+                    pb.set_style(style(&format!(
+                        "{{prefix:{width}}} {{bar:30}} {{pos}}/{{len}} ops {{per_sec}} {{msg}}"
+                    )));
+                    pb
+                }
+                Limit::Time(_) => {
+                    let pb = mp.add(ProgressBar::new_spinner());
+                    pb.set_style(style(&format!(
+                        "{{prefix:{width}}} {{spinner}} {{elapsed}} {{pos}} ops {{per_sec}} {{msg}}"
+                    )));
+                    pb
+                }
+            };
+            pb.set_prefix(v.name.clone());
+            pb
+        })
+        .collect();
+    (Some(mp), Bars { bars })
+}
+
+/// Runs `cbtsim run`.
+pub fn run(ctx: &Ctx, a: &RunArgs) -> anyhow::Result<()> {
+    let s = Scenario::load(&a.scenario)?;
+    let tmp;
+    let dir = match &ctx.datastore {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::Builder::new().prefix("cbtsim-run-").tempdir()?;
+            tmp.path().to_owned()
+        }
+    };
+    let (mp, progress) = bars(&s);
+    let r = scenario::run(&s, &dir, &progress);
+    if let Some(mp) = mp {
+        let _ = mp.clear();
+    }
+    let r = r?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        print_scenario(&s, &r);
+    }
+    if r.missed_blocks > 0 {
+        bail!(
+            "{} changed blocks were missing from the tracker's answers",
+            r.missed_blocks
+        );
+    }
+    if r.backup_mismatched_bytes > 0 {
+        bail!(
+            "{} bytes of the restored final backups differ from the VMs' disks",
+            r.backup_mismatched_bytes
+        );
+    }
+    Ok(())
+}
+
+fn print_scenario(s: &Scenario, r: &ScenarioReport) {
+    println!(
+        "scenario {:?}: {} VMs, {} vCPU threads, {:.1} s",
+        r.name, r.vm_count, r.threads, r.elapsed_s
+    );
+    if !s.description.is_empty() {
+        println!("  {}", s.description);
+    }
+    println!(
+        "  {} ops ({:.0}/s): {} writes {}, {} reads {}, {} unmaps {}, {} flushes, {} extends",
+        r.counts.ops,
+        r.ops_per_s,
+        r.counts.writes,
+        human(r.counts.bytes_written),
+        r.counts.reads,
+        human(r.counts.bytes_read),
+        r.counts.unmaps,
+        human(r.counts.bytes_unmapped),
+        r.counts.flushes,
+        r.counts.extends
+    );
+    let l = &r.write_latency;
+    println!(
+        "  write latency p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us",
+        l.p50_us, l.p99_us, l.p999_us, l.max_us
+    );
+    println!(
+        "  {} epochs checked; changed since the first change IDs {} vs {} truly changed: over-report {:.3}x; missed blocks {}",
+        r.epochs_checked,
+        human(r.changed_bytes),
+        human(r.true_changed_bytes),
+        r.over_report_ratio,
+        r.missed_blocks
+    );
+    if r.backups > 0 {
+        let stored: u64 = r.vms.iter().flat_map(|v| &v.backups).map(|b| b.bytes_stored).sum();
+        println!(
+            "  {} backups ({} stored by the scheduled ones); final backups restored and compared: {} differing bytes",
+            r.backups,
+            human(stored),
+            r.backup_mismatched_bytes
+        );
+    }
+    let epoch_lines: usize = r.vms.iter().flat_map(|v| &v.disks).map(|d| d.epochs.len()).sum();
+    for v in &r.vms {
+        print_vm(v, epoch_lines <= 40);
+    }
+}
+
+fn print_vm(v: &DriveReport, each_epoch: bool) {
+    let l = &v.write_latency;
+    println!(
+        "  {}: {} ops, {} written, write p50/p99/p99.9 {:.1}/{:.1}/{:.1} us, stun p99 {:.1} us, missed {}",
+        v.vm,
+        v.counts.ops,
+        human(v.counts.bytes_written),
+        l.p50_us,
+        l.p99_us,
+        l.p999_us,
+        v.stun.p99_us,
+        v.missed_blocks
+    );
+    for d in &v.disks {
+        if let Some(c) = d.cumulative {
+            println!(
+                "    disk {} {} ({}, {} blocks, {} threads): changed {} = {} of the disk, over-report {:.3}x",
+                d.disk,
+                d.profile,
+                human(d.capacity),
+                human(d.granularity),
+                d.threads,
+                human(c.changed_bytes),
+                pct(c.share_of_disk),
+                c.over_report_ratio
+            );
+        }
+        if each_epoch {
+            for e in &d.epochs {
+                println!(
+                    "      epoch {:>3}: {:>8} ops, changed {:>10} = {:>8} of the disk, over-report {:.3}x, missed {}",
+                    e.epoch,
+                    e.ops,
+                    human(e.check.changed_bytes),
+                    pct(e.check.share_of_disk),
+                    e.check.over_report_ratio,
+                    e.check.missed_blocks
+                );
+            }
+        } else if !d.epochs.is_empty() {
+            let n = d.epochs.len() as f64;
+            let mean = d.epochs.iter().map(|e| e.check.changed_bytes as f64).sum::<f64>() / n;
+            let max = d.epochs.iter().map(|e| e.check.share_of_disk).fold(0.0, f64::max);
+            println!(
+                "      {} epochs: mean changed {} per epoch, largest {} of the disk (--json lists each)",
+                d.epochs.len(),
+                human(mean as u64),
+                pct(max)
+            );
+        }
+    }
+}
+
+/// Runs `cbtsim guest ...`.
+pub fn guest(ctx: &Ctx, cmd: &GuestCmd) -> anyhow::Result<()> {
+    let GuestCmd::Run(a) = cmd;
+    let host = ctx.host()?;
+    let vm = host.vm(&a.vm)?;
+    let limit = match (a.ops, a.seconds) {
+        (_, Some(s)) if !(s > 0.0 && s <= 86_400.0) => {
+            bail!("invalid --seconds {s}: give more than 0 and at most 86400")
+        }
+        (_, Some(s)) => Limit::Time(Duration::from_secs_f64(s)),
+        (Some(0), None) => bail!("invalid --ops 0: give at least 1"),
+        (n, None) => Limit::Ops(n.unwrap_or(10_000)),
+    };
+    if a.threads == 0 || a.threads > 256 {
+        bail!("invalid --threads {}: give 1 to 256", a.threads);
+    }
+    if a.snapshot_every == Some(0) {
+        bail!("invalid --snapshot-every 0: give at least 1");
+    }
+    let plan = DrivePlan {
+        loads: vec![DiskLoad {
+            disk: a.disk,
+            profile: a.profile.clone(),
+            threads: a.threads,
+        }],
+        seed: a.seed,
+        limit,
+        verify: a.verify,
+        snapshot_every: a.snapshot_every,
+        apply_flush: true,
+        snapshot_prefix: "cbtsim-guest-run".into(),
+        backup_every: None,
+    };
+    let pb = if std::io::stderr().is_terminal() {
+        let pb = match limit {
+            Limit::Ops(n) => ProgressBar::new(n),
+            Limit::Time(_) => ProgressBar::new_spinner(),
+        };
+        pb.set_style(style("{elapsed_precise} {bar:30} {pos} ops {per_sec}"));
+        pb
+    } else {
+        ProgressBar::hidden()
+    };
+    struct P(ProgressBar);
+    impl drive::Progress for P {
+        fn ops(&self, n: u64) {
+            self.0.inc(n);
+        }
+    }
+    let p = P(pb);
+    let r = drive::drive(&vm, &plan, &p);
+    p.0.finish_and_clear();
+    let r = r.with_context(|| format!("guest run on VM {:?} failed", a.vm))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "VM {}: profile {} on disk {}, {} threads, {:.2} s, {:.0} ops/s",
+            r.vm, a.profile, a.disk, a.threads, r.elapsed_s, r.ops_per_s
+        );
+        println!(
+            "  {} ops: {} writes {}, {} reads {}, {} unmaps {}, {} flushes, {} extends",
+            r.counts.ops,
+            r.counts.writes,
+            human(r.counts.bytes_written),
+            r.counts.reads,
+            human(r.counts.bytes_read),
+            r.counts.unmaps,
+            human(r.counts.bytes_unmapped),
+            r.counts.flushes,
+            r.counts.extends
+        );
+        print_vm(&r, true);
+    }
+    if r.missed_blocks > 0 {
+        bail!(
+            "{} changed blocks were missing from the tracker's answers",
+            r.missed_blocks
+        );
+    }
+    Ok(())
+}
+
+/// Runs `cbtsim workloads ...`.
+pub fn workloads(cmd: &WorkloadsCmd) -> anyhow::Result<()> {
+    let WorkloadsCmd::List { json } = cmd;
+    let list = workloads::profiles();
+    if *json {
+        println!("{}", serde_json::to_string(list)?);
+        return Ok(());
+    }
+    for p in list {
+        println!("{:<18} {}", p.name, p.description);
+        println!("{:<18} parameters: {}", "", p.parameters);
+        println!("{:<18} source: {}", "", p.source);
+    }
+    Ok(())
+}

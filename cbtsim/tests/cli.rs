@@ -1,0 +1,562 @@
+//! The `cbtsim` command line, run as a real process: the issue's scripted
+//! flow with its `--json` outputs, and bad input (one-line errors, non-zero
+//! exit, the datastore unchanged).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+fn run_in(ds: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cbtsim"))
+        .env_remove("CBTSIM_DATASTORE")
+        .arg("--datastore")
+        .arg(ds)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Runs a command that must succeed; returns its stdout.
+fn ok(ds: &Path, args: &[&str]) -> String {
+    let out = run_in(ds, args);
+    assert!(
+        out.status.success(),
+        "cbtsim {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json(ds: &Path, args: &[&str]) -> Value {
+    let s = ok(ds, args);
+    serde_json::from_str(&s).unwrap_or_else(|e| panic!("cbtsim {args:?}: not one JSON document ({e}): {s}"))
+}
+
+/// Everything a failed command could have changed: the VM's configuration
+/// and the names of the datastore's files.
+fn state(ds: &Path) -> (Vec<u8>, Vec<PathBuf>) {
+    fn walk(p: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(p).unwrap().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(&path, out);
+            }
+            out.push(path);
+        }
+    }
+    let mut files = Vec::new();
+    walk(ds, &mut files);
+    files.sort();
+    (std::fs::read(ds.join("web01/vm.json")).unwrap(), files)
+}
+
+/// Runs a command that must fail: one line naming what was wrong (containing
+/// `needle`), a non-zero exit, and the datastore unchanged.
+fn fails(ds: &Path, args: &[&str], needle: &str) {
+    let before = state(ds);
+    let out = run_in(ds, args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "cbtsim {args:?} succeeded");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "cbtsim {args:?}: one line, got {err:?}"
+    );
+    assert!(err.starts_with("cbtsim: error: "), "{err}");
+    assert!(
+        err.contains(needle),
+        "cbtsim {args:?}: {err:?} should mention {needle:?}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "cbtsim {args:?} printed {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(state(ds) == before, "cbtsim {args:?} changed the datastore");
+}
+
+fn areas(v: &Value) -> Vec<(u64, u64)> {
+    v["changed_areas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a[0].as_u64().unwrap(), a[1].as_u64().unwrap()))
+        .collect()
+}
+
+fn change_ids(v: &Value) -> Vec<String> {
+    v["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["change_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A datastore with VM web01: disk 0 of 64 MiB, disk 1 of 2 TiB.
+fn datastore() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    ok(
+        d.path(),
+        &[
+            "vm",
+            "create",
+            "web01",
+            "--disk",
+            "64M",
+            "--disk",
+            "2T",
+            "--granularity",
+            "64K",
+        ],
+    );
+    d
+}
+
+#[test]
+fn the_scripted_flow_of_the_issue() {
+    let d = datastore();
+    let ds = d.path();
+    let list = json(ds, &["vm", "list", "--json"]);
+    assert_eq!(list[0]["name"], "web01");
+    assert_eq!(list[0]["disks"], serde_json::json!([64 * MIB, 2u64 << 40]));
+    assert_eq!(
+        (list[0]["cbt"].as_bool(), list[0]["powered_on"].as_bool()),
+        (Some(true), Some(true))
+    );
+
+    ok(ds, &["disk", "write", "web01", "0", "0", "1M"]);
+    let from = ds.join("data.bin");
+    let payload: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&from, &payload).unwrap();
+    ok(
+        ds,
+        &[
+            "disk",
+            "write",
+            "web01",
+            "1",
+            "1T",
+            "64K",
+            "--from",
+            from.to_str().unwrap(),
+        ],
+    );
+
+    let s1 = json(ds, &["snapshot", "create", "web01", "s1", "--json"]);
+    assert_eq!(s1["snapshot"], "s1");
+    assert_eq!(s1["disks"][1]["disk"], 1);
+    let c1 = change_ids(&s1);
+    let q = json(
+        ds,
+        &[
+            "query",
+            "web01",
+            "--snapshot",
+            "s1",
+            "--disk",
+            "0",
+            "--since",
+            "*",
+            "--json",
+        ],
+    );
+    assert_eq!(areas(&q), vec![(0, MIB)]);
+    assert_eq!(q["changed_bytes"], MIB);
+    assert_eq!(
+        (q["disk_size"].as_u64(), q["granularity"].as_u64()),
+        (Some(64 * MIB), Some(65536))
+    );
+    assert_eq!(
+        (q["since"].as_str(), q["change_id"].as_str()),
+        (Some("*"), Some(c1[0].as_str()))
+    );
+    let q = json(
+        ds,
+        &[
+            "query",
+            "web01",
+            "--snapshot",
+            "s1",
+            "--disk",
+            "1",
+            "--since",
+            "*",
+            "--json",
+        ],
+    );
+    assert_eq!(areas(&q), vec![(1 << 40, 65536)], "paged through the whole 2 TiB disk");
+
+    ok(ds, &["disk", "write", "web01", "0", "10M", "4K", "--pattern", "0x5a"]);
+    ok(ds, &["disk", "unmap", "web01", "0", "0", "64K"]);
+    ok(ds, &["disk", "extend", "web01", "0", "200M"]);
+    ok(ds, &["disk", "write", "web01", "0", "150M", "512", "--pattern", "7"]);
+    let c2 = change_ids(&json(ds, &["snapshot", "create", "web01", "s2", "--json"]));
+    let q = json(
+        ds,
+        &[
+            "query",
+            "web01",
+            "--snapshot",
+            "s2",
+            "--disk",
+            "0",
+            "--since",
+            &c1[0],
+            "--json",
+        ],
+    );
+    assert_eq!(areas(&q), vec![(0, 65536), (10 * MIB, 65536), (150 * MIB, 65536)]);
+    assert_eq!(q["disk_size"], 200 * MIB);
+    let q = json(
+        ds,
+        &[
+            "query",
+            "web01",
+            "--snapshot",
+            "s2",
+            "--disk",
+            "1",
+            "--since",
+            &c1[1],
+            "--json",
+        ],
+    );
+    assert!(areas(&q).is_empty());
+
+    // Reads, from a snapshot and from the live disk.
+    let out = ds.join("out.bin");
+    let o = out.to_str().unwrap();
+    ok(
+        ds,
+        &[
+            "disk",
+            "read",
+            "web01",
+            "0",
+            "10M",
+            "4K",
+            "--out",
+            o,
+            "--snapshot",
+            "s2",
+        ],
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), vec![0x5a; 4096]);
+    ok(
+        ds,
+        &["disk", "read", "web01", "0", "0", "4K", "--out", o, "--snapshot", "s1"],
+    );
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        vec![0xab; 4096],
+        "the default pattern, frozen in s1"
+    );
+    ok(ds, &["disk", "read", "web01", "0", "0", "4K", "--out", o]);
+    assert_eq!(std::fs::read(&out).unwrap(), vec![0; 4096], "unmapped on the live disk");
+    ok(ds, &["disk", "read", "web01", "1", "1T", "64K", "--out", o]);
+    assert_eq!(std::fs::read(&out).unwrap(), payload);
+
+    let snaps = json(ds, &["snapshot", "list", "web01", "--json"]);
+    assert_eq!(snaps.as_array().unwrap().len(), 2);
+    assert_eq!(snaps[1]["disks"][0]["change_id"].as_str(), Some(c2[0].as_str()));
+
+    // The backup flow: remove the old snapshot, its change ID still answers.
+    ok(ds, &["snapshot", "remove", "web01", "s1"]);
+    let q = json(ds, &["query", "web01", "--snapshot", "s2", "--since", &c1[0], "--json"]);
+    assert_eq!(areas(&q).len(), 3);
+
+    // Power off: guest I/O refused; on again.
+    ok(ds, &["vm", "power", "web01", "off"]);
+    fails(ds, &["disk", "write", "web01", "0", "0", "1"], "powered off");
+    ok(ds, &["vm", "power", "web01", "on"]);
+    ok(ds, &["disk", "write", "web01", "0", "0", "1"]);
+
+    // Revert to s2, then a new snapshot: c2 answers with what the revert changed back.
+    ok(ds, &["snapshot", "revert", "web01", "s2"]);
+    ok(ds, &["snapshot", "create", "web01", "s3"]);
+    let q = json(ds, &["query", "web01", "--snapshot", "s3", "--since", &c2[0], "--json"]);
+    assert_eq!(areas(&q), vec![(0, 65536)]);
+
+    // CBT off and on: a new session; the old change IDs fail, typed and in one line.
+    ok(ds, &["vm", "cbt", "web01", "off"]);
+    fails(
+        ds,
+        &["query", "web01", "--snapshot", "s3", "--since", &c2[0]],
+        "not enabled",
+    );
+    ok(ds, &["vm", "cbt", "web01", "on"]);
+    fails(
+        ds,
+        &["query", "web01", "--snapshot", "s3", "--since", &c2[0]],
+        "tracking reset",
+    );
+    let s4 = json(ds, &["snapshot", "create", "web01", "s4", "--json"]);
+    assert_ne!(change_ids(&s4)[0].split('/').next(), c2[0].split('/').next());
+
+    // Human-readable output works too.
+    assert!(ok(ds, &["vm", "list"]).contains("web01"));
+    assert!(ok(ds, &["snapshot", "list", "web01"]).contains("s4"));
+    let h = ok(ds, &["query", "web01", "--snapshot", "s2", "--since", "*"]);
+    assert!(h.contains("area(s)"), "{h}");
+    assert!(ok(ds, &["snapshot", "create", "web01", "s5"]).contains("change ID"));
+
+    // The datastore can come from the environment.
+    let out = Command::new(env!("CARGO_BIN_EXE_cbtsim"))
+        .env("CBTSIM_DATASTORE", ds)
+        .args(["vm", "list", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["snapshots"], serde_json::json!(["s2", "s3", "s4", "s5"]));
+}
+
+#[test]
+fn bad_input_gives_one_line_and_changes_nothing() {
+    let d = datastore();
+    let ds = d.path();
+    ok(ds, &["disk", "write", "web01", "0", "0", "1M"]);
+    let c1 = change_ids(&json(ds, &["snapshot", "create", "web01", "s1", "--json"]));
+    let cid = c1[0].as_str();
+
+    // Unknown VM, snapshot, disk.
+    fails(
+        ds,
+        &["disk", "write", "nosuch", "0", "0", "4K"],
+        "no VM named \"nosuch\"",
+    );
+    fails(ds, &["snapshot", "create", "nosuch", "s9"], "no VM named");
+    fails(ds, &["vm", "cbt", "nosuch", "off"], "no VM named");
+    fails(
+        ds,
+        &["query", "web01", "--snapshot", "nosuch", "--since", "*"],
+        "no snapshot named \"nosuch\"",
+    );
+    fails(ds, &["snapshot", "remove", "web01", "nosuch"], "no snapshot named");
+    fails(ds, &["snapshot", "revert", "web01", "nosuch"], "no snapshot named");
+    let out = ds.join("out.bin");
+    let o = out.to_str().unwrap();
+    fails(
+        ds,
+        &[
+            "disk",
+            "read",
+            "web01",
+            "0",
+            "0",
+            "4K",
+            "--out",
+            o,
+            "--snapshot",
+            "nosuch",
+        ],
+        "no snapshot",
+    );
+    fails(ds, &["disk", "write", "web01", "5", "0", "4K"], "has no disk 5");
+    fails(ds, &["disk", "write", "web01", "x", "0", "4K"], "invalid DISK");
+    fails(
+        ds,
+        &["query", "web01", "--snapshot", "s1", "--disk", "2", "--since", "*"],
+        "has no disk 2",
+    );
+
+    // Malformed sizes and values.
+    fails(ds, &["disk", "write", "web01", "0", "12Q", "4K"], "invalid OFFSET");
+    fails(ds, &["disk", "write", "web01", "0", "0", "1.5K"], "invalid LENGTH");
+    fails(ds, &["disk", "extend", "web01", "0", "lots"], "invalid NEWSIZE");
+    fails(ds, &["disk", "extend", "web01", "0", "100000001"], "512-byte sectors");
+    fails(
+        ds,
+        &["disk", "write", "web01", "0", "0", "4K", "--pattern", "300"],
+        "invalid --pattern",
+    );
+    fails(ds, &["vm", "create", "web02", "--disk", "10X"], "invalid --disk");
+    fails(
+        ds,
+        &["vm", "create", "web02", "--disk", "1G", "--granularity", "3K"],
+        "granularity",
+    );
+    fails(ds, &["vm", "create", "web02", "--disk", "65T"], "maximum");
+    fails(ds, &["vm", "create", "bad/name", "--disk", "1G"], "invalid name");
+    fails(ds, &["vm", "create", "web01", "--disk", "1G"], "already exists");
+    fails(
+        ds,
+        &["snapshot", "create", "web01", "s1"],
+        "already has a snapshot named",
+    );
+    fails(ds, &["snapshot", "create", "web01", "bad name"], "invalid name");
+
+    // Malformed and foreign change IDs.
+    fails(
+        ds,
+        &["query", "web01", "--snapshot", "s1", "--since", "garbage"],
+        "invalid --since",
+    );
+    let bad_seq = format!("{}/x", cid.split('/').next().unwrap());
+    fails(
+        ds,
+        &["query", "web01", "--snapshot", "s1", "--since", &bad_seq],
+        "invalid --since",
+    );
+    let foreign = "5f0c3f5e-3f2a-4d4b-9d7e-0a1b2c3d4e5f/1";
+    fails(
+        ds,
+        &["query", "web01", "--snapshot", "s1", "--since", foreign],
+        "not issued",
+    );
+
+    // Offsets past the end (disk 0 is 64 MiB).
+    fails(ds, &["disk", "write", "web01", "0", "64M", "1"], "outside disk 0");
+    fails(ds, &["disk", "write", "web01", "0", "63M", "2M"], "outside disk 0");
+    fails(
+        ds,
+        &["disk", "write", "web01", "0", "18446744073709551615", "2"],
+        "outside disk 0",
+    );
+    fails(ds, &["disk", "unmap", "web01", "0", "64M", "512"], "outside disk 0");
+    fails(
+        ds,
+        &["disk", "read", "web01", "0", "63M", "2M", "--out", o],
+        "outside disk 0",
+    );
+    fails(ds, &["disk", "extend", "web01", "0", "32M"], "cannot shrink");
+
+    // A failed read leaves an existing output file as it was; a short --from writes nothing.
+    std::fs::write(&out, b"keep").unwrap();
+    fails(ds, &["disk", "read", "web01", "0", "63M", "2M", "--out", o], "outside");
+    assert_eq!(std::fs::read(&out).unwrap(), b"keep");
+    fails(
+        ds,
+        &["disk", "write", "web01", "0", "0", "1M", "--from", o],
+        "fewer than LENGTH",
+    );
+    let missing = ds.join("nowhere/out.bin");
+    fails(
+        ds,
+        &[
+            "disk",
+            "read",
+            "web01",
+            "0",
+            "0",
+            "4K",
+            "--out",
+            missing.to_str().unwrap(),
+        ],
+        "nowhere",
+    );
+    fails(
+        ds,
+        &[
+            "disk",
+            "write",
+            "web01",
+            "0",
+            "0",
+            "4K",
+            "--from",
+            missing.to_str().unwrap(),
+        ],
+        "nowhere",
+    );
+
+    // A datastore that does not exist is not created by a command that needs one.
+    let none = ds.join("no-such-datastore");
+    let out2 = run_in(&none, &["vm", "list"]);
+    assert!(!out2.status.success());
+    assert!(String::from_utf8_lossy(&out2.stderr).contains("does not exist"));
+    assert!(!none.exists());
+    let out3 = Command::new(env!("CARGO_BIN_EXE_cbtsim"))
+        .env_remove("CBTSIM_DATASTORE")
+        .args(["vm", "list"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out3.stderr).contains("no datastore"));
+    assert!(!out3.status.success());
+
+    // After all of that, the VM still answers as before.
+    ok(ds, &["snapshot", "create", "web01", "s2"]);
+    let q = json(ds, &["query", "web01", "--snapshot", "s2", "--since", cid, "--json"]);
+    assert!(areas(&q).is_empty(), "no failed command wrote anything: {q}");
+    assert!(!ds.join("web02").exists());
+}
+
+#[test]
+fn verify_json_is_one_document_and_reproducible_single_threaded() {
+    let d = tempfile::tempdir().unwrap();
+    let args = [
+        "verify",
+        "--threads",
+        "0",
+        "--seed",
+        "11",
+        "--ops",
+        "25",
+        "--disk-size",
+        "4M",
+        "--json",
+    ];
+    let a = json(d.path(), &args);
+    let b = json(d.path(), &args);
+    for k in [
+        "ops",
+        "snapshots",
+        "checks",
+        "missed_blocks",
+        "extra_bytes",
+        "writes",
+        "expected_errors",
+        "op_counts",
+    ] {
+        assert_eq!(a[k], b[k], "{k} differs between two runs with the same seed");
+    }
+    assert_eq!(a["ops"], 25);
+    assert_eq!(a["missed_blocks"], 0);
+    assert!(a["seconds"].as_f64().is_some());
+    let out = run_in(d.path(), &["verify", "--disk-size", "3Q"]);
+    assert!(!out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim_end().lines().count(), 1);
+}
+
+#[test]
+fn two_processes_on_one_vm_get_vm_in_use() {
+    let d = tempfile::tempdir().unwrap();
+    let host = sim::Host::open(d.path()).unwrap();
+    let spec = sim::DiskSpec {
+        capacity: 4 * MIB,
+        granularity: tracker::Granularity::DEFAULT,
+    };
+    let vm = host.create_vm("vm", &[spec]).unwrap();
+    vm.write(0, 0, &[1; 10]).unwrap();
+    let json = std::fs::read(d.path().join("vm/vm.json")).unwrap();
+    // Another process.
+    let out = Command::new(env!("CARGO_BIN_EXE_cbtsim"))
+        .arg("--datastore")
+        .arg(d.path())
+        .args(["disk", "write", "vm", "0", "0", "4K"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("VM \"vm\" is in use"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    // Another host in this process (another open of the lock file) too.
+    let other = sim::Host::open(d.path()).unwrap();
+    assert!(matches!(other.vm("vm"), Err(sim::SimError::VmInUse(_))));
+    assert_eq!(
+        std::fs::read(d.path().join("vm/vm.json")).unwrap(),
+        json,
+        "nothing changed"
+    );
+    let mut b = [0u8; 10];
+    vm.read(0, 0, &mut b).unwrap();
+    assert_eq!(b, [1; 10]);
+    // Once this process lets go, the other can open it.
+    drop(vm);
+    drop(host);
+    assert!(other.vm("vm").is_ok());
+}

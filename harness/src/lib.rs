@@ -1,0 +1,64 @@
+//! Drives the simulated host the way guests, backup schedules and testers do.
+//!
+//! * [`drive`]: guest workload profiles on vCPU threads, checked against a
+//!   shadow model epoch by epoch (`cbtsim guest run`).
+//! * [`replay`]: a block trace replayed into a fresh VM (`cbtsim replay`).
+//! * [`scenario`]: TOML scenarios, hosts of VMs running profiles with
+//!   scheduled snapshots and backups (`cbtsim run`).
+//! * [`verify`]: the torture verifier, random lifecycle operations under
+//!   concurrent writes, every pair of points in time compared (`cbtsim verify`).
+//! * [`demo`]: the narrated walk-through (`cbtsim demo`).
+//!
+//! The harness talks to the host through its public API (`sim`), to the
+//! backup client through `backup`, and to workload generators through
+//! `workloads`; it adds no tracking logic of its own.
+//!
+//! # Example
+//! ```
+//! let dir = tempfile::tempdir()?;
+//! let mut narration = Vec::new();
+//! let report = harness::demo::run(dir.path(), &mut narration)?;
+//! assert!(report.changed_bytes > 0);
+//! assert_eq!(report.verified_bytes, report.changed_bytes);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod demo;
+pub mod drive;
+pub mod replay;
+pub mod scenario;
+pub mod verify;
+
+use std::path::PathBuf;
+
+/// What went wrong in a harness run that is not a finding of the run itself.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HarnessError {
+    /// The host failed.
+    #[error(transparent)]
+    Sim(#[from] sim::SimError),
+    /// The backup client failed.
+    #[error(transparent)]
+    Backup(#[from] backup::BackupError),
+    /// A data-protection call failed.
+    #[error(transparent)]
+    Vadp(#[from] vadp::VadpError),
+    /// File I/O failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A check the run makes failed: what was read back is not what was written.
+    #[error("{path}: {reason}")]
+    Check {
+        /// Where.
+        path: PathBuf,
+        /// What differs.
+        reason: String,
+    },
+}

@@ -1,0 +1,136 @@
+//! The `verify` torture test as a library: reproducible single-threaded,
+//! exercising every lifecycle operation, clean under concurrent writers.
+
+use harness::verify::{run, VerifyConfig, VerifyReport};
+use tracker::Granularity;
+
+fn config(threads: usize, seed: u64) -> VerifyConfig {
+    VerifyConfig {
+        seconds: None,
+        ops: Some(150),
+        threads,
+        seed,
+        disk_size: 3 << 20,
+        granularity: Granularity::new(16 << 10).unwrap(),
+        ..VerifyConfig::default()
+    }
+}
+
+fn assert_passed(r: &VerifyReport) {
+    assert!(
+        r.passed(),
+        "violations: {} missed blocks: {} first: {:?}",
+        r.violations,
+        r.missed_blocks,
+        r.violation_messages
+    );
+    assert!(r.checks > 0 && r.snapshots > 0, "{r:?}");
+}
+
+#[test]
+fn single_threaded_runs_are_reproducible_from_the_seed() {
+    let a = run(&config(0, 9), &mut |_| {}).unwrap();
+    let b = run(&config(1, 9), &mut |_| {}).unwrap(); // one thread is inline too
+    assert_passed(&a);
+    let key = |r: &VerifyReport| {
+        (
+            r.ops,
+            r.snapshots,
+            r.checks,
+            r.extra_bytes,
+            r.writes,
+            r.unmaps,
+            r.expected.clone(),
+            r.op_counts.clone(),
+            r.frozen_checks,
+            r.data_checks,
+            r.max_disk_size,
+        )
+    };
+    assert_eq!(key(&a), key(&b));
+    let c = run(&config(0, 10), &mut |_| {}).unwrap();
+    assert_passed(&c);
+    assert_ne!(key(&a), key(&c), "another seed, another run");
+}
+
+#[test]
+fn every_lifecycle_operation_and_expected_error_is_exercised() {
+    let mut calls = 0;
+    let r = run(
+        &VerifyConfig {
+            ops: Some(400),
+            ..config(0, 3)
+        },
+        &mut |p| {
+            calls += 1;
+            assert!(p.fraction <= 1.0);
+        },
+    )
+    .unwrap();
+    assert_passed(&r);
+    assert_eq!(calls, 400, "progress after every operation");
+    for op in [
+        "create",
+        "remove_newest",
+        "remove_middle",
+        "remove_oldest",
+        "revert",
+        "extend",
+        "cbt_off",
+        "cbt_on",
+        "power_cycle",
+        "restart",
+        "crash",
+        "recheck",
+    ] {
+        assert!(
+            r.op_counts.get(op).copied().unwrap_or(0) > 0,
+            "{op} never ran: {:?}",
+            r.op_counts
+        );
+    }
+    for e in [
+        "tracking_reset",
+        "tracking_disabled",
+        "powered_off",
+        "change_id_after_snapshot",
+    ] {
+        assert!(r.expected.get(e).copied().unwrap_or(0) > 0, "no {e}: {:?}", r.expected);
+    }
+    assert!(r.extends_across_pow2 > 0 && r.max_disk_size > r.disk_size);
+    assert!(r.data_checks > 0 && r.frozen_checks > 0);
+}
+
+#[test]
+fn concurrent_writers_and_lifecycle_find_nothing() {
+    let r = run(
+        &VerifyConfig {
+            seconds: Some(8.0),
+            ops: None,
+            threads: 2,
+            seed: 77,
+            disk_size: 8 << 20,
+            ..VerifyConfig::default()
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_passed(&r);
+    assert_eq!(r.threads, 2);
+    assert!(r.writes > 1000, "{} writes", r.writes);
+    eprintln!(
+        "{} ops, {} checks, {} writes, stun p50 {:.0} us p99 {:.0} us",
+        r.ops, r.checks, r.writes, r.stun_p50_us, r.stun_p99_us
+    );
+}
+
+#[test]
+fn bad_configurations_are_refused() {
+    for disk_size in [1000, 64 << 10, 2 << 30] {
+        let cfg = VerifyConfig {
+            disk_size,
+            ..config(0, 1)
+        };
+        assert!(run(&cfg, &mut |_| {}).is_err(), "disk size {disk_size}");
+    }
+}
