@@ -215,7 +215,7 @@ impl Session {
         }
         let min = u64::from(self.block.min());
         let end = req.offset + u64::from(req.length);
-        if req.offset % min != 0 || (end % min != 0 && end != self.size) {
+        if !req.offset.is_multiple_of(min) || (!end.is_multiple_of(min) && end != self.size) {
             return Err(Failure::new(Errno::Inval, format!("range not aligned to {min} bytes")));
         }
         Ok(())

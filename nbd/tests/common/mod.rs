@@ -144,6 +144,9 @@ impl Reply {
     }
 }
 
+/// A block status chunk: context id and (length, flags) descriptors.
+pub type StatusChunk = (u32, Vec<(u32, u32)>);
+
 /// A hand-made client that speaks raw bytes.
 pub struct Raw {
     pub s: TcpStream,
@@ -355,7 +358,7 @@ impl Raw {
     }
 
     /// Block status chunks: (context id, extents).
-    pub fn block_status(&mut self) -> Result<Vec<(u32, Vec<(u32, u32)>)>, u32> {
+    pub fn block_status(&mut self) -> Result<Vec<StatusChunk>, u32> {
         let mut out = Vec::new();
         for c in self.chunks() {
             match c {
