@@ -32,7 +32,8 @@
 //! granularity = "4K"
 //! profile = "log-append"    # a disk may run its own profile and threads
 //! ```
-//! Sizes are a number of bytes or a string with a binary suffix (`"64K"`, `"2T"`). Every
+//! Sizes are a number of bytes or a string of [`workloads::size`]'s grammar (`"64K"`,
+//! `"64KiB"`, `"2T"`). Every
 //! top-level key but `name` and `seed` may be set per VM too. An error names the file,
 //! line and key: `db.toml:7: key 'vm[0].threads': invalid type: string "two", expected i64`.
 //!
@@ -249,26 +250,6 @@ fn key_before(text: &str, at: usize) -> Option<String> {
     (!key.is_empty()).then(|| key.to_owned())
 }
 
-/// Parses `512`, `64K`, `8G`, `2T` (binary units; `KiB`-style suffixes too).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(digits);
-    let shift = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        u => return Err(format!("invalid size {s:?}: unknown suffix {u:?} (use K, M, G or T)")),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: expected a whole number with an optional K/M/G/T suffix"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("invalid size {s:?}: too large"))
-}
-
 struct Ctx<'a> {
     file: &'a str,
     text: &'a str,
@@ -325,7 +306,7 @@ impl Ctx<'_> {
         match v.get_ref() {
             RawSize::Bytes(n) if *n > 0 => Ok(*n as u64),
             RawSize::Bytes(n) => Err(self.err(v.span(), key, format!("a size must be positive, found {n}"))),
-            RawSize::Text(t) => parse_size(t).map_err(|m| self.err(v.span(), key, m)),
+            RawSize::Text(t) => workloads::parse_size(t).map_err(|e| self.err(v.span(), key, e.to_string())),
         }
     }
 

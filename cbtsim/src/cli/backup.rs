@@ -8,6 +8,7 @@ use anyhow::{bail, Context as _};
 use backup::{self, BackupOptions, Compression, Progress, Repository};
 use clap::{Args, Subcommand, ValueEnum};
 use parking_lot::Mutex;
+use workloads::human;
 
 use super::Ctx;
 
@@ -130,21 +131,6 @@ impl Progress for Bar {
         if let Some(pb) = self.0.lock().take() {
             pb.finish_and_clear();
         }
-    }
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
     }
 }
 

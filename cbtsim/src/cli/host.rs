@@ -14,8 +14,9 @@ use anyhow::{ensure, Context as _};
 use clap::{Args, Subcommand, ValueEnum};
 use sim::{DiskSpec, Host, SimError, Vm};
 use tracker::Granularity;
+use workloads::{format_size, parse_size, SizeStyle};
 
-use super::{parse_size, Ctx};
+use super::Ctx;
 
 /// Bytes per chunk when writing or reading large ranges.
 const CHUNK: u64 = 4 << 20;
@@ -208,6 +209,11 @@ fn byte_arg(s: &str) -> anyhow::Result<u8> {
     v.map_err(|_| anyhow::anyhow!("invalid --pattern {s:?}: expected a byte, 0-255 or 0x00-0xff"))
 }
 
+/// A capacity or granularity, exactly (`1536 MiB`, `100000256 bytes`).
+fn human(bytes: u64) -> String {
+    format_size(bytes, SizeStyle::Exact)
+}
+
 /// Opens the datastore, which must exist (only `vm create` makes one).
 fn existing_host(ctx: &Ctx) -> anyhow::Result<Host> {
     if let Some(dir) = &ctx.datastore {
@@ -232,16 +238,6 @@ fn check_range(vm: &Vm, disk: usize, offset: u64, len: u64, capacity: u64) -> an
         })
         .with_context(|| format!("VM {:?}", vm.name())),
     }
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [(&str, u32); 4] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
-    for (u, s) in UNITS {
-        if bytes >= 1 << s && bytes.is_multiple_of(1 << s) {
-            return format!("{} {u}", bytes >> s);
-        }
-    }
-    format!("{bytes} bytes")
 }
 
 /// A progress bar on stderr for long transfers, hidden unless stderr is a terminal.

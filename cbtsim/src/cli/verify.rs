@@ -6,8 +6,7 @@ use anyhow::{bail, Context as _};
 use clap::Args;
 use harness::verify::{VerifyConfig, VerifyReport};
 use tracker::Granularity;
-
-use super::parse_size;
+use workloads::parse_size;
 
 /// Arguments of `cbtsim verify`.
 #[derive(Debug, Args)]

@@ -11,9 +11,9 @@ use harness::replay::{self, ReplayOptions, ReplayReport};
 use harness::scenario::{self, Scenario, ScenarioProgress, ScenarioReport};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tracker::Granularity;
-use workloads::TraceFormat;
+use workloads::{human, parse_size, TraceFormat};
 
-use super::{parse_size, Ctx};
+use super::Ctx;
 
 /// Arguments of `cbtsim replay`.
 #[derive(Debug, Args)]
@@ -105,16 +105,6 @@ pub enum WorkloadsCmd {
         #[arg(long)]
         json: bool,
     },
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [(&str, u32); 4] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
-    for (u, s) in UNITS {
-        if bytes >= 1 << s {
-            return format!("{:.1} {u}", bytes as f64 / (1u64 << s) as f64);
-        }
-    }
-    format!("{bytes} B")
 }
 
 fn pct(share: f64) -> String {
