@@ -46,10 +46,10 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Barrier, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use backup::{BackupError, BackupReport};
+use backup::{BackupError, BackupReport, Progress};
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use workloads::{check_report, fill_pattern, IoOp, ShadowDisk, ShadowError, Workload, WorkloadError};
+use workloads::{check_report, fill_pattern, human, IoOp, ShadowDisk, ShadowError, Workload, WorkloadError};
 
 use sim::{SimError, Vm};
 
@@ -156,16 +156,6 @@ pub enum DriveError {
     #[error("scheduled backup failed")]
     Backup(#[from] BackupError),
 }
-
-/// Hooks to watch a drive as it runs (all default to nothing).
-pub trait Progress: Sync {
-    /// `n` more ops were done.
-    fn ops(&self, _n: u64) {}
-    /// An epoch of a disk was checked.
-    fn epoch(&self, _disk: usize, _epoch: &EpochReport) {}
-}
-
-impl Progress for () {}
 
 /// Runs a backup of the driven VM (the scenario runs the `vadp` backup client).
 pub trait BackupHook: Sync {
@@ -544,13 +534,31 @@ struct ThreadResult {
 /// Runs `plan` on `vm` (see the module docs) and reports what it did and found.
 ///
 /// The VM must be powered on; with `verify`, change tracking must be on and the drive's
-/// snapshot names free. Guest I/O errors stop the drive and are returned.
+/// snapshot names free. Guest I/O errors stop the drive and are returned. `progress` gets
+/// one phase, labelled with the VM's name, in ops (the total is known with
+/// [`Limit::Ops`]), with a note after each checked epoch.
 pub fn drive(vm: &Vm, plan: &DrivePlan, progress: &dyn Progress) -> Result<DriveReport, DriveError> {
     drive_with_backups(vm, plan, progress, None)
 }
 
 /// [`drive`], with `backups` run on the schedule of [`DrivePlan::backup_every`].
 pub fn drive_with_backups(
+    vm: &Vm,
+    plan: &DrivePlan,
+    progress: &dyn Progress,
+    backups: Option<&dyn BackupHook>,
+) -> Result<DriveReport, DriveError> {
+    let total = match plan.limit {
+        Limit::Ops(n) => Some(n),
+        Limit::Time(_) => None,
+    };
+    progress.begin(vm.name(), total);
+    let r = run_drive(vm, plan, progress, backups);
+    progress.end();
+    r
+}
+
+fn run_drive(
     vm: &Vm,
     plan: &DrivePlan,
     progress: &dyn Progress,
@@ -804,7 +812,7 @@ fn vcpu(
             ops += 1;
             unreported += 1;
             if unreported == PROGRESS_BATCH {
-                progress.ops(unreported);
+                progress.advance(unreported);
                 unreported = 0;
             }
         }
@@ -827,7 +835,7 @@ fn vcpu(
             break;
         }
     }
-    progress.ops(unreported);
+    progress.advance(unreported);
     ThreadResult {
         load: spec.load,
         counts,
@@ -915,7 +923,12 @@ fn verify_loop(
                 ops: job.ops,
                 check,
             };
-            progress.epoch(load.disk, &e);
+            progress.note(&format!(
+                "epoch {}: {} changed, missed {}",
+                e.epoch,
+                human(e.check.changed_bytes),
+                e.check.missed_blocks
+            ));
             epochs.push((i, e));
             for &(s, l) in &job.truth[i] {
                 range_insert(&mut union[i], s, s + l);

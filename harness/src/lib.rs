@@ -31,6 +31,11 @@ pub mod verify;
 
 use std::path::PathBuf;
 
+/// How every long run of the harness reports its progress: the backup client's trait, so
+/// that drives, replays, scenarios, the torture verifier and backups share one mechanism
+/// (and the command line one bar). Each run's docs say what its units are.
+pub use backup::Progress;
+
 /// What went wrong in a harness run that is not a finding of the run itself.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -23,6 +23,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use backup::Progress;
 use serde::Serialize;
 use tracker::{Granularity, MAX_CAPACITY};
 use vadp::VadpError;
@@ -177,13 +178,28 @@ pub fn covering_size(end: u64, granularity: Granularity) -> Result<u64, ReplayEr
     size.ok_or(ReplayError::TooLarge { end })
 }
 
-/// Replays a trace file (see the module docs). `progress` is called now and then with
-/// the number of records replayed so far.
+/// Replays a trace file (see the module docs). `progress` gets one phase, in records
+/// replayed (the total is not known), advanced every [`PROGRESS_BATCH`] records.
 pub fn replay_trace(
     path: &Path,
     format: TraceFormat,
     opts: &ReplayOptions,
-    progress: &mut dyn FnMut(u64),
+    progress: &dyn Progress,
+) -> Result<ReplayReport, ReplayError> {
+    progress.begin("replay", None);
+    let r = replay_trace_file(path, format, opts, progress);
+    progress.end();
+    r
+}
+
+/// Records replayed between two calls of [`Progress::advance`].
+pub const PROGRESS_BATCH: u64 = 4096;
+
+fn replay_trace_file(
+    path: &Path,
+    format: TraceFormat,
+    opts: &ReplayOptions,
+    progress: &dyn Progress,
 ) -> Result<ReplayReport, ReplayError> {
     let started = Instant::now();
     let disk_size = match opts.disk_size {
@@ -195,13 +211,13 @@ pub fn replay_trace(
     let mut n = 0u64;
     let ops = (&mut reader).map(|rec| {
         n += 1;
-        if n & 4095 == 0 {
-            progress(n);
+        if n.is_multiple_of(PROGRESS_BATCH) {
+            progress.advance(PROGRESS_BATCH);
         }
         rec.map(|r| r.to_op(n))
     });
     let mut report = replay(ops, "record", disk_size, opts)?;
-    progress(n);
+    progress.advance(n % PROGRESS_BATCH);
     report.skipped_lines = reader.skipped();
     report.ignored_records = reader.ignored();
     report.scan_seconds = scan_seconds;

@@ -56,11 +56,9 @@ use tracker::{Granularity, MAX_CAPACITY};
 
 use std::os::unix::fs::FileExt;
 
-use backup::{backup_vm, restore_to_file, BackupError, BackupOptions, BackupReport, Repository};
+use backup::{backup_vm, restore_to_file, BackupError, BackupOptions, BackupReport, Progress, Repository};
 
-use crate::drive::{
-    self, BackupHook, DiskLoad, DriveError, DrivePlan, DriveReport, EpochReport, Latency, Limit, OpCounts,
-};
+use crate::drive::{self, BackupHook, DiskLoad, DriveError, DrivePlan, DriveReport, Latency, Limit, OpCounts};
 use sim::{DiskSpec, Host, SimError, Vm};
 
 /// Why a scenario could not be loaded or run.
@@ -531,32 +529,6 @@ impl Scenario {
     }
 }
 
-/// Hooks to watch a scenario run (all default to nothing).
-pub trait ScenarioProgress: Sync {
-    /// VM `vm` of the scenario did `n` more ops.
-    fn ops(&self, _vm: usize, _n: u64) {}
-    /// An epoch of a VM's disk was checked.
-    fn epoch(&self, _vm: usize, _disk: usize, _e: &EpochReport) {}
-    /// VM `vm` finished.
-    fn done(&self, _vm: usize) {}
-}
-
-impl ScenarioProgress for () {}
-
-struct VmProgress<'a> {
-    vm: usize,
-    inner: &'a dyn ScenarioProgress,
-}
-
-impl drive::Progress for VmProgress<'_> {
-    fn ops(&self, n: u64) {
-        self.inner.ops(self.vm, n);
-    }
-    fn epoch(&self, disk: usize, e: &EpochReport) {
-        self.inner.epoch(self.vm, disk, e);
-    }
-}
-
 /// What a scenario run did and found.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScenarioReport {
@@ -672,8 +644,13 @@ fn check_final_backup(b: &VmBackup<'_>, vm: &Vm, scratch: &Path) -> Result<Backu
 ///
 /// Fails if a VM of the same name exists there, or if any VM fails (after all stopped).
 /// Missed blocks and backup mismatches are not errors here: they are in the report (and
-/// must be 0).
-pub fn run(s: &Scenario, datastore: &Path, progress: &dyn ScenarioProgress) -> Result<ScenarioReport, ScenarioError> {
+/// must be 0). `progress(i)` watches the drive of VM `i` of [`Scenario::vms`] (see
+/// [`drive::drive`]); `&|_| &()` watches nothing.
+pub fn run<'p>(
+    s: &Scenario,
+    datastore: &Path,
+    progress: &dyn Fn(usize) -> &'p dyn Progress,
+) -> Result<ScenarioReport, ScenarioError> {
     let host = Host::open(datastore)?;
     let mut vms = Vec::new();
     for v in &s.vms {
@@ -713,8 +690,8 @@ pub fn run(s: &Scenario, datastore: &Path, progress: &dyn ScenarioProgress) -> R
             .enumerate()
             .map(|(i, (plan, vm))| {
                 let (host, repo, scratch) = (&host, repo.as_ref(), scratch.path());
+                let p = progress(i);
                 scope.spawn(move || {
-                    let p = VmProgress { vm: i, inner: progress };
                     let hook = repo.filter(|_| plan.plan.backup_every.is_some()).map(|repo| VmBackup {
                         host,
                         vm: &plan.name,
@@ -724,14 +701,12 @@ pub fn run(s: &Scenario, datastore: &Path, progress: &dyn ScenarioProgress) -> R
                         vm: plan.name.clone(),
                         source: Box::new(source),
                     };
-                    let r = drive::drive_with_backups(vm, &plan.plan, &p, hook.as_ref().map(|h| h as &dyn BackupHook))
+                    drive::drive_with_backups(vm, &plan.plan, p, hook.as_ref().map(|h| h as &dyn BackupHook))
                         .map_err(vm_err)
                         .and_then(|r| {
                             let check = hook.as_ref().map(|h| check_final_backup(h, vm, scratch)).transpose()?;
                             Ok((r, check))
-                        });
-                    progress.done(i);
-                    r
+                        })
                 })
             })
             .collect();

@@ -46,6 +46,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backup::Progress;
 use hdrhistogram::Histogram;
 use parking_lot::{Mutex, RwLock};
 use rand::{Rng, SeedableRng};
@@ -110,22 +111,9 @@ impl Default for VerifyConfig {
     }
 }
 
-/// Where a run is, for a progress bar.
-#[derive(Debug, Clone)]
-pub struct Progress {
-    /// Lifecycle operations done.
-    pub ops: u64,
-    /// Queries compared against frozen views.
-    pub checks: u64,
-    /// Guest writes and unmaps done.
-    pub writes: u64,
-    /// Violations found.
-    pub violations: u64,
-    /// Time since the start.
-    pub elapsed: Duration,
-    /// How far along, 0.0 to 1.0.
-    pub fraction: f64,
-}
+/// The units of a run's progress: a run is [`PROGRESS_TOTAL`] of them, spent as its ops
+/// or its time run out, whichever is further along.
+pub const PROGRESS_TOTAL: u64 = 1000;
 
 /// The result of a run. It passed when `violations == 0` (which implies `missed_blocks == 0`).
 #[derive(Debug, Clone, Default, Serialize)]
@@ -471,11 +459,12 @@ struct Lifecycle<'a> {
     stun: Histogram<u64>,
 }
 
-/// Runs the torture test. `progress` is called after every lifecycle operation.
+/// Runs the torture test. `progress` gets one phase of [`PROGRESS_TOTAL`] units, advanced
+/// and noted (ops, checks, writes, violations) after every lifecycle operation.
 ///
 /// Returns an error only when the run could not be set up or the VM could not
 /// be reopened; everything else it finds is in the report.
-pub fn run(cfg: &VerifyConfig, progress: &mut dyn FnMut(&Progress)) -> Result<VerifyReport, SimError> {
+pub fn run(cfg: &VerifyConfig, progress: &dyn Progress) -> Result<VerifyReport, SimError> {
     let g = cfg.granularity.bytes();
     if !cfg.disk_size.is_multiple_of(512) || cfg.disk_size < g.max(MAX_IO) || cfg.disk_size > 1 << 30 {
         return Err(SimError::BadSize {
@@ -544,7 +533,9 @@ pub fn run(cfg: &VerifyConfig, progress: &mut dyn FnMut(&Progress)) -> Result<Ve
                 s.spawn(move || writer(w, seed))
             })
             .collect();
+        progress.begin("verify", Some(PROGRESS_TOTAL));
         let r = lc.run_ops(start, progress);
+        progress.end();
         world.stop.store(true, Ordering::Relaxed);
         for w in writers {
             if w.join().is_err() {
@@ -561,8 +552,9 @@ pub fn run(cfg: &VerifyConfig, progress: &mut dyn FnMut(&Progress)) -> Result<Ve
 }
 
 impl Lifecycle<'_> {
-    fn run_ops(&mut self, start: Instant, progress: &mut dyn FnMut(&Progress)) -> Result<(), SimError> {
+    fn run_ops(&mut self, start: Instant, progress: &dyn Progress) -> Result<(), SimError> {
         let mut ops = 0u64;
+        let mut shown = 0u64;
         loop {
             let elapsed = start.elapsed();
             let by_ops = self.cfg.ops.map(|n| ops as f64 / n.max(1) as f64);
@@ -589,14 +581,15 @@ impl Lifecycle<'_> {
             self.check_listing();
             ops += 1;
             let st = &self.world.stats;
-            progress(&Progress {
-                ops,
-                checks: st.checks.load(Ordering::Relaxed),
-                writes: st.writes.load(Ordering::Relaxed) + st.unmaps.load(Ordering::Relaxed),
-                violations: st.violations.load(Ordering::Relaxed),
-                elapsed: start.elapsed(),
-                fraction: fraction.min(1.0),
-            });
+            let at = (fraction.min(1.0) * PROGRESS_TOTAL as f64) as u64;
+            progress.advance(at.saturating_sub(shown));
+            shown = shown.max(at);
+            progress.note(&format!(
+                "{ops} ops, {} checks, {} writes, {} violations",
+                st.checks.load(Ordering::Relaxed),
+                st.writes.load(Ordering::Relaxed) + st.unmaps.load(Ordering::Relaxed),
+                st.violations.load(Ordering::Relaxed)
+            ));
         }
     }
 

@@ -6,16 +6,18 @@
 //! (not by clap) so that a malformed one gives the same one-line error as any
 //! other failure.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{ensure, Context as _};
+use backup::Progress;
 use clap::{Args, Subcommand, ValueEnum};
 use sim::{DiskSpec, Host, SimError, Vm};
 use tracker::Granularity;
 use workloads::{format_size, parse_size, SizeStyle};
 
+use super::progress::Bar;
 use super::Ctx;
 
 /// Bytes per chunk when writing or reading large ranges.
@@ -240,17 +242,17 @@ fn check_range(vm: &Vm, disk: usize, offset: u64, len: u64, capacity: u64) -> an
     }
 }
 
-/// A progress bar on stderr for long transfers, hidden unless stderr is a terminal.
-fn bar(len: u64) -> indicatif::ProgressBar {
-    if len < (256 << 20) || !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(len);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    pb
+/// A progress bar on stderr for a transfer of `len` bytes, drawn only from 256 MiB and
+/// when stderr is a terminal; its phase has begun.
+fn bar(len: u64) -> Bar {
+    const TEMPLATE: &str = "{bar:40} {bytes}/{total_bytes} {bytes_per_sec}";
+    let bar = if len < (256 << 20) {
+        Bar::hidden()
+    } else {
+        Bar::stderr(TEMPLATE, TEMPLATE)
+    };
+    bar.begin("", Some(len));
+    bar
 }
 
 /// Runs `cbtsim vm ...`.
@@ -369,9 +371,9 @@ pub fn disk(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
                 }
                 v.write(d, off + done, &buf[..n])?;
                 done += n as u64;
-                pb.set_position(done);
+                pb.advance(n as u64);
             }
-            pb.finish_and_clear();
+            pb.end();
             println!("wrote {len} bytes at offset {off} of disk {d} of VM {vm}");
         }
         DiskCmd::Read {
@@ -412,9 +414,9 @@ pub fn disk(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
                 tmp.write_all(&buf[..n])
                     .with_context(|| format!("cannot write {}", out.display()))?;
                 done += n as u64;
-                pb.set_position(done);
+                pb.advance(n as u64);
             }
-            pb.finish_and_clear();
+            pb.end();
             tmp.as_file()
                 .sync_all()
                 .with_context(|| format!("cannot write {}", out.display()))?;

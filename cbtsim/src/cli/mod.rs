@@ -4,6 +4,7 @@
 pub mod backup;
 pub mod demo;
 pub mod host;
+pub mod progress;
 pub mod verify;
 pub mod workload;
 

@@ -1,12 +1,12 @@
 //! `cbtsim verify`: runs [`harness::verify::run`] and prints its report.
 
-use std::io::IsTerminal;
-
 use anyhow::{bail, Context as _};
 use clap::Args;
 use harness::verify::{VerifyConfig, VerifyReport};
 use tracker::Granularity;
 use workloads::parse_size;
+
+use super::progress::Bar;
 
 /// Arguments of `cbtsim verify`.
 #[derive(Debug, Args)]
@@ -61,24 +61,8 @@ pub fn run(a: &VerifyArgs) -> anyhow::Result<()> {
         granularity,
         ..VerifyConfig::default()
     };
-    let pb = if std::io::stderr().is_terminal() {
-        let pb = indicatif::ProgressBar::new(1000);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template("{elapsed_precise} {bar:30} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        pb
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    let report = harness::verify::run(&cfg, &mut |p| {
-        pb.set_position((p.fraction * 1000.0) as u64);
-        pb.set_message(format!(
-            "{} ops, {} checks, {} writes, {} violations",
-            p.ops, p.checks, p.writes, p.violations
-        ));
-    })?;
-    pb.finish_and_clear();
+    const TEMPLATE: &str = "{elapsed_precise} {bar:30} {msg}";
+    let report = harness::verify::run(&cfg, &Bar::stderr(TEMPLATE, TEMPLATE))?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand};
-use harness::drive::{self, DiskLoad, DrivePlan, DriveReport, EpochReport, Limit};
+use harness::drive::{self, DiskLoad, DrivePlan, DriveReport, Limit};
 use harness::replay::{self, ReplayOptions, ReplayReport};
-use harness::scenario::{self, Scenario, ScenarioProgress, ScenarioReport};
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use harness::scenario::{self, Scenario, ScenarioReport};
+use indicatif::{MultiProgress, ProgressDrawTarget};
 use tracker::Granularity;
 use workloads::{human, parse_size, TraceFormat};
 
+use super::progress::Bar;
 use super::Ctx;
 
 /// Arguments of `cbtsim replay`.
@@ -111,10 +112,6 @@ fn pct(share: f64) -> String {
     format!("{:.3}%", share * 100.0)
 }
 
-fn style(template: &str) -> ProgressStyle {
-    ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar())
-}
-
 /// Runs `cbtsim replay`.
 pub fn replay(a: &ReplayArgs) -> anyhow::Result<()> {
     let granularity =
@@ -126,17 +123,9 @@ pub fn replay(a: &ReplayArgs) -> anyhow::Result<()> {
         skip_bad: a.skip_bad,
         workdir: None,
     };
-    let pb = if std::io::stderr().is_terminal() {
-        let pb = ProgressBar::new_spinner();
-        pb.set_style(style("{spinner} {elapsed_precise} {pos} records replayed"));
-        pb.enable_steady_tick(Duration::from_millis(200));
-        pb
-    } else {
-        ProgressBar::hidden()
-    };
-    let r = replay::replay_trace(&a.trace, a.format, &opts, &mut |n| pb.set_position(n));
-    pb.finish_and_clear();
-    let r = r?;
+    const SPINNER: &str = "{spinner} {elapsed_precise} {pos} records replayed";
+    let bar = Bar::stderr(SPINNER, SPINNER).ticking(Duration::from_millis(200));
+    let r = replay::replay_trace(&a.trace, a.format, &opts, &bar)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
@@ -194,64 +183,17 @@ fn print_replay(a: &ReplayArgs, r: &ReplayReport) {
     );
 }
 
-/// Progress bars of a scenario: one per VM, on stderr.
-struct Bars {
-    bars: Vec<ProgressBar>,
-}
-
-impl ScenarioProgress for Bars {
-    fn ops(&self, vm: usize, n: u64) {
-        self.bars[vm].inc(n);
-    }
-    fn epoch(&self, vm: usize, _disk: usize, e: &EpochReport) {
-        self.bars[vm].set_message(format!(
-            "epoch {}: {} changed, missed {}",
-            e.epoch,
-            human(e.check.changed_bytes),
-            e.check.missed_blocks
-        ));
-    }
-    fn done(&self, vm: usize) {
-        self.bars[vm].finish();
-    }
-}
-
-fn bars(s: &Scenario) -> (Option<MultiProgress>, Bars) {
+/// Progress bars of a scenario: one per VM, on stderr, while it is a terminal.
+fn bars(s: &Scenario) -> (Option<MultiProgress>, Vec<Bar>) {
     if !std::io::stderr().is_terminal() {
-        return (
-            None,
-            Bars {
-                bars: s.vms.iter().map(|_| ProgressBar::hidden()).collect(),
-            },
-        );
+        return (None, s.vms.iter().map(|_| Bar::hidden()).collect());
     }
     let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
     let width = s.vms.iter().map(|v| v.name.len()).max().unwrap_or(4);
-    let bars = s
-        .vms
-        .iter()
-        .map(|v| {
-            let pb = match v.plan.limit {
-                Limit::Ops(n) => {
-                    let pb = mp.add(ProgressBar::new(n));
-                    pb.set_style(style(&format!(
-                        "{{prefix:{width}}} {{bar:30}} {{pos}}/{{len}} ops {{per_sec}} {{msg}}"
-                    )));
-                    pb
-                }
-                Limit::Time(_) => {
-                    let pb = mp.add(ProgressBar::new_spinner());
-                    pb.set_style(style(&format!(
-                        "{{prefix:{width}}} {{spinner}} {{elapsed}} {{pos}} ops {{per_sec}} {{msg}}"
-                    )));
-                    pb
-                }
-            };
-            pb.set_prefix(v.name.clone());
-            pb
-        })
-        .collect();
-    (Some(mp), Bars { bars })
+    let known = format!("{{prefix:{width}}} {{bar:30}} {{pos}}/{{len}} ops {{per_sec}} {{msg}}");
+    let unknown = format!("{{prefix:{width}}} {{spinner}} {{elapsed}} {{pos}} ops {{per_sec}} {{msg}}");
+    let bars = s.vms.iter().map(|_| Bar::in_multi(&mp, &known, &unknown)).collect();
+    (Some(mp), bars)
 }
 
 /// Runs `cbtsim run`.
@@ -265,8 +207,8 @@ pub fn run(ctx: &Ctx, a: &RunArgs) -> anyhow::Result<()> {
             tmp.path().to_owned()
         }
     };
-    let (mp, progress) = bars(&s);
-    let r = scenario::run(&s, &dir, &progress);
+    let (mp, bars) = bars(&s);
+    let r = scenario::run(&s, &dir, &|i| &bars[i]);
     if let Some(mp) = mp {
         let _ = mp.clear();
     }
@@ -426,25 +368,8 @@ pub fn guest(ctx: &Ctx, cmd: &GuestCmd) -> anyhow::Result<()> {
         snapshot_prefix: "cbtsim-guest-run".into(),
         backup_every: None,
     };
-    let pb = if std::io::stderr().is_terminal() {
-        let pb = match limit {
-            Limit::Ops(n) => ProgressBar::new(n),
-            Limit::Time(_) => ProgressBar::new_spinner(),
-        };
-        pb.set_style(style("{elapsed_precise} {bar:30} {pos} ops {per_sec}"));
-        pb
-    } else {
-        ProgressBar::hidden()
-    };
-    struct P(ProgressBar);
-    impl drive::Progress for P {
-        fn ops(&self, n: u64) {
-            self.0.inc(n);
-        }
-    }
-    let p = P(pb);
-    let r = drive::drive(&vm, &plan, &p);
-    p.0.finish_and_clear();
+    const TEMPLATE: &str = "{elapsed_precise} {bar:30} {pos} ops {per_sec}";
+    let r = drive::drive(&vm, &plan, &Bar::stderr(TEMPLATE, TEMPLATE));
     let r = r.with_context(|| format!("guest run on VM {:?} failed", a.vm))?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
