@@ -43,14 +43,17 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Barrier, Mutex, PoisonError};
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use backup::{BackupError, BackupReport, Progress};
 use hdrhistogram::Histogram;
+use parking_lot::Mutex;
 use serde::Serialize;
-use workloads::{check_report, fill_pattern, human, IoOp, ShadowDisk, ShadowError, Workload, WorkloadError};
+use vadp::VadpError;
+use workloads::{check_report, human, IoOp, ShadowDisk, ShadowError, Workload, WorkloadError};
 
+use crate::apply::{apply_op, changed_areas, coalesce};
 use sim::{SimError, Vm};
 
 /// How long a drive runs.
@@ -146,6 +149,9 @@ pub enum DriveError {
     /// An operation of the simulated host failed.
     #[error(transparent)]
     Sim(#[from] SimError),
+    /// A changed-area query failed.
+    #[error(transparent)]
+    Vadp(#[from] VadpError),
     /// A workload made an op its shadow refused (a workload bug).
     #[error("shadow model refused an op")]
     Shadow(#[from] ShadowError),
@@ -337,43 +343,6 @@ pub struct DriveReport {
     pub write_histogram: Histogram<u64>,
 }
 
-/// Every changed area of snapshot `snap`'s disk since `change_id`, paging through
-/// [`Vm::query_changed_disk_areas`] to the end of the disk; sorted and coalesced.
-pub fn changed_areas(vm: &Vm, snap: &str, disk: usize, change_id: &str) -> Result<Vec<(u64, u64)>, SimError> {
-    let cap = vm.snapshot_capacity(snap, disk)?;
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    let mut start = 0;
-    while start < cap {
-        let page = vm.query_changed_disk_areas(snap, disk, start, change_id)?;
-        for a in &page.changed_area {
-            push_area(&mut out, a.start, a.length);
-        }
-        start = page.start_offset + page.length.max(1);
-    }
-    Ok(out)
-}
-
-/// Appends `(start, len)` to sorted areas, merging it with the last when they touch.
-pub(crate) fn push_area(out: &mut Vec<(u64, u64)>, start: u64, len: u64) {
-    if len == 0 {
-        return;
-    }
-    match out.last_mut() {
-        Some((s, l)) if *s + *l >= start => *l = (*l).max(start + len - *s),
-        _ => out.push((start, len)),
-    }
-}
-
-/// Sorts and coalesces areas.
-pub(crate) fn coalesce(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    v.sort_unstable();
-    let mut out = Vec::with_capacity(v.len());
-    for (s, l) in v {
-        push_area(&mut out, s, l);
-    }
-    out
-}
-
 /// One vCPU thread's part of the plan.
 struct ThreadSpec {
     /// Index into `plan.loads`.
@@ -430,10 +399,7 @@ struct Lead {
 
 impl Shared<'_> {
     fn fail(&self, e: DriveError) {
-        self.error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_or_insert(e);
+        self.error.lock().get_or_insert(e);
         // Relaxed: threads only need to see it eventually; the barrier orders the rest.
         self.stop.store(true, Ordering::Relaxed);
     }
@@ -443,7 +409,7 @@ impl Shared<'_> {
     }
 
     fn failed(&self) -> bool {
-        self.error.lock().unwrap_or_else(PoisonError::into_inner).is_some()
+        self.error.lock().is_some()
     }
 
     fn snapshot_name(&self, epoch: u64) -> String {
@@ -452,7 +418,7 @@ impl Shared<'_> {
 
     /// Run by the last thread to reach the epoch barrier, while all others wait.
     fn lead_epoch(&self) {
-        let mut lead = self.lead.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut lead = self.lead.lock();
         // The barrier orders these loads after every thread's stores.
         let ops = self.epoch_done.swap(0, Ordering::Relaxed);
         lead.total_done += ops;
@@ -465,10 +431,7 @@ impl Shared<'_> {
         if self.plan.verify && !self.failed() {
             lead.epoch += 1;
             let fresh = vec![Vec::new(); self.plan.loads.len()];
-            let truth = std::mem::replace(
-                &mut *self.epoch_truth.lock().unwrap_or_else(PoisonError::into_inner),
-                fresh,
-            );
+            let truth = std::mem::replace(&mut *self.epoch_truth.lock(), fresh);
             let due = self.plan.backup_every.map_or(0, |b| lead.total_done / b);
             let backup = due > lead.backups;
             lead.backups = due;
@@ -503,7 +466,7 @@ impl Shared<'_> {
             last,
             backup,
         };
-        let tx = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        let tx = self.jobs.lock();
         match tx.as_ref().map(|tx| tx.send(job)) {
             Some(Ok(())) => Ok(()),
             // The verifier stopped: it recorded why.
@@ -616,7 +579,7 @@ fn run_drive(
         jobs: Mutex::new(None),
     };
     let (tx, rx) = sync_channel::<Job>(2);
-    *shared.jobs.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
+    *shared.jobs.lock() = Some(tx);
     let granularities = plan
         .loads
         .iter()
@@ -646,7 +609,7 @@ fn run_drive(
                 Err(_) => panicked = true,
             }
         }
-        shared.jobs.lock().unwrap_or_else(PoisonError::into_inner).take();
+        shared.jobs.lock().take();
         let verdicts = verifier.join();
         if panicked {
             shared.fail(DriveError::Panicked(vm.name().to_owned()));
@@ -659,10 +622,10 @@ fn run_drive(
         Ok(Err(e)) => return Err(e),
         Err(_) => return Err(DriveError::Panicked(vm.name().to_owned())),
     };
-    if let Some(e) = shared.error.into_inner().unwrap_or_else(PoisonError::into_inner) {
+    if let Some(e) = shared.error.into_inner() {
         return Err(e);
     }
-    let lead = shared.lead.into_inner().unwrap_or_else(PoisonError::into_inner);
+    let lead = shared.lead.into_inner();
 
     let mut counts = OpCounts::default();
     let mut write_histogram = new_histogram();
@@ -820,9 +783,7 @@ fn vcpu(
         if let (Some(s), Some(from)) = (shadow.as_mut(), mark) {
             let to = s.checkpoint();
             match s.changed_bytes_exact(from, to) {
-                Ok(changed) => {
-                    shared.epoch_truth.lock().unwrap_or_else(PoisonError::into_inner)[spec.load].extend(changed)
-                }
+                Ok(changed) => shared.epoch_truth.lock()[spec.load].extend(changed),
                 Err(e) => shared.fail(e.into()),
             }
             mark = Some(to);
@@ -843,7 +804,7 @@ fn vcpu(
     }
 }
 
-/// Applies one op to the VM, counting it.
+/// Applies one op to the VM ([`apply_op`]), counting it; a write's time goes into `writes`.
 fn apply(
     shared: &Shared<'_>,
     spec: &ThreadSpec,
@@ -852,43 +813,28 @@ fn apply(
     c: &mut OpCounts,
     writes: &mut Histogram<u64>,
 ) -> Result<(), DriveError> {
-    let vm = shared.vm;
-    let disk = spec.disk;
     c.ops += 1;
+    let took = match op {
+        IoOp::Flush if !shared.plan.apply_flush => Duration::ZERO,
+        _ => apply_op(shared.vm, spec.disk, op, buf)?,
+    };
     match *op {
-        IoOp::Write { offset, len, seed } => {
-            buf.resize(len as usize, 0);
-            fill_pattern(seed, offset, buf);
-            let t = Instant::now();
-            vm.write(disk, offset, buf)?;
-            let ns = t.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        IoOp::Write { len, .. } => {
+            let ns = took.as_nanos().min(u128::from(u64::MAX)) as u64;
             writes.saturating_record(ns.max(1));
             c.writes += 1;
             c.bytes_written += len;
         }
-        IoOp::Read { offset, len } => {
-            buf.resize(len as usize, 0);
-            vm.read(disk, offset, buf)?;
+        IoOp::Read { len, .. } => {
             c.reads += 1;
             c.bytes_read += len;
         }
-        IoOp::Unmap { offset, len } => {
-            vm.unmap(disk, offset, len)?;
+        IoOp::Unmap { len, .. } => {
             c.unmaps += 1;
             c.bytes_unmapped += len;
         }
-        IoOp::Flush => {
-            if shared.plan.apply_flush {
-                vm.flush()?;
-            }
-            c.flushes += 1;
-        }
-        IoOp::Extend { new_size } => {
-            if new_size > vm.capacity(disk)? {
-                vm.extend_disk(disk, new_size)?;
-            }
-            c.extends += 1;
-        }
+        IoOp::Flush => c.flushes += 1,
+        IoOp::Extend { .. } => c.extends += 1,
     }
     Ok(())
 }
@@ -914,7 +860,7 @@ fn verify_loop(
         for (i, load) in loads.iter().enumerate() {
             let cap = vm.snapshot_capacity(&job.snapshot, load.disk)?;
             let t = Instant::now();
-            let reported = changed_areas(vm, &job.snapshot, load.disk, &prev[i])?;
+            let reported = changed_areas(vm, &job.snapshot, load.disk, &prev[i])?.areas;
             let query_us = t.elapsed().as_micros() as u64;
             let mut check = Check::new(&job.truth[i], &reported, granularities[i], cap);
             check.query_us = query_us;
@@ -936,7 +882,7 @@ fn verify_loop(
             prev[i] = job.change_ids[i].clone();
             if job.last {
                 let t = Instant::now();
-                let reported = changed_areas(vm, &job.snapshot, load.disk, &first_ids[i])?;
+                let reported = changed_areas(vm, &job.snapshot, load.disk, &first_ids[i])?.areas;
                 let query_us = t.elapsed().as_micros() as u64;
                 let truth: Vec<(u64, u64)> = union[i].iter().map(|(&s, &e)| (s, e - s)).collect();
                 let mut c = Check::new(&truth, &reported, granularities[i], cap);

@@ -23,6 +23,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod apply;
 pub mod demo;
 pub mod drive;
 pub mod replay;
@@ -30,6 +31,8 @@ pub mod scenario;
 pub mod verify;
 
 use std::path::PathBuf;
+
+pub use apply::{apply_op, changed_areas, Paged, APPLY_CHUNK};
 
 /// How every long run of the harness reports its progress: the backup client's trait, so
 /// that drives, replays, scenarios, the torture verifier and backups share one mechanism

@@ -27,9 +27,9 @@ use backup::Progress;
 use serde::Serialize;
 use tracker::{Granularity, MAX_CAPACITY};
 use vadp::VadpError;
-use workloads::{check_report, fill_pattern, IoOp, ShadowDisk, ShadowError, TraceError, TraceFormat, TraceReader};
+use workloads::{check_report, IoOp, ShadowDisk, ShadowError, TraceError, TraceFormat, TraceReader};
 
-use crate::drive::push_area;
+use crate::apply::{apply_op, changed_areas};
 use sim::{DiskSpec, Host, SimError};
 
 /// How to replay a trace.
@@ -237,9 +237,6 @@ pub fn replay_ops(
     Ok(r)
 }
 
-/// Largest piece a long write is applied in (the buffer's size).
-const CHUNK: u64 = 8 << 20;
-
 fn replay(
     ops: impl Iterator<Item = Result<IoOp, TraceError>>,
     what: &'static str,
@@ -318,41 +315,33 @@ fn replay(
             }
         }
         match op {
-            IoOp::Write { offset, len, seed } => {
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(CHUNK);
-                    buf.resize(n as usize, 0);
-                    fill_pattern(seed, offset + done, &mut buf);
-                    vm.write(0, offset + done, &buf)?;
-                    done += n;
-                }
-                shadow.write(offset, len, seed)?;
+            // Counted, not replayed.
+            IoOp::Read { .. } => {
+                r.reads += 1;
+                continue;
+            }
+            IoOp::Flush => {
+                r.flushes += 1;
+                continue;
+            }
+            IoOp::Write { len, .. } => {
                 r.writes += 1;
                 r.bytes_written += len;
             }
-            IoOp::Unmap { offset, len } => {
-                vm.unmap(0, offset, len)?;
-                shadow.unmap(offset, len)?;
+            IoOp::Unmap { len, .. } => {
                 r.discards += 1;
                 r.bytes_discarded += len;
             }
-            IoOp::Read { .. } => r.reads += 1,
-            IoOp::Flush => r.flushes += 1,
-            IoOp::Extend { new_size } => {
-                vm.extend_disk(0, new_size)?;
-                shadow.extend(new_size)?;
-            }
+            IoOp::Extend { .. } => {}
         }
+        apply_op(&vm, 0, &op, &mut buf)?;
+        shadow.apply(&op)?;
     }
     r.replay_seconds = t.elapsed().as_secs_f64();
     let last = shadow.checkpoint();
     vm.create_snapshot("after")?;
     let t = Instant::now();
-    for area in vadp::changed_areas(&host, "replay", "after", 0, &change_id) {
-        let a = area?;
-        push_area(&mut r.changed_areas, a.start, a.length);
-    }
+    r.changed_areas = changed_areas(&vm, "after", 0, &change_id)?.areas;
     r.query_seconds = t.elapsed().as_secs_f64();
     r.changed_bytes = r.changed_areas.iter().map(|a| a.1).sum();
     let truth = shadow.changed_bytes_exact(first, last)?;

@@ -54,13 +54,13 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use tracker::Granularity;
 use vadp::VadpError;
+use workloads::IoOp;
 
+use crate::apply::{apply_op, changed_areas};
 use sim::{DiskSpec, Host, SimError, Vm};
 
 /// The VM's name in the temporary datastore.
 const VM_NAME: &str = "verify";
-/// Areas per query page: small, so that paging is exercised.
-const PAGE_AREAS: usize = 64;
 /// Change IDs kept as baselines (with their images).
 const MAX_BASELINES: usize = 6;
 /// Largest write or unmap.
@@ -90,6 +90,10 @@ pub struct VerifyConfig {
     pub granularity: Granularity,
     /// Most snapshots kept at once.
     pub max_snapshots: usize,
+    /// Most changed areas the VM answers per query page ([`Vm::set_max_areas`]; the
+    /// default 64 is small so that paging is exercised, a few make every answer span
+    /// many pages).
+    pub max_areas: usize,
     /// Where to make the temporary datastore (default: `/dev/shm` where it
     /// exists, since what is tested is tracking, not `fsync`; else the
     /// system's temporary directory).
@@ -106,6 +110,7 @@ impl Default for VerifyConfig {
             disk_size: 24 << 20,
             granularity: Granularity::DEFAULT,
             max_snapshots: 6,
+            max_areas: 64,
             dir: None,
         }
     }
@@ -126,6 +131,10 @@ pub struct VerifyReport {
     pub checks: u64,
     /// Blocks with a changed byte the answer did not report (must be 0).
     pub missed_blocks: u64,
+    /// `QueryChangedDiskAreas` pages the checks fetched.
+    pub query_pages: u64,
+    /// Checked answers that took more than one page.
+    pub multi_page_answers: u64,
     /// Reported bytes in blocks where nothing differed (over-reporting, allowed).
     pub extra_bytes: u64,
     /// Guest writes.
@@ -327,6 +336,8 @@ struct Stats {
     unmaps: AtomicU64,
     checks: AtomicU64,
     missed_blocks: AtomicU64,
+    query_pages: AtomicU64,
+    multi_page_answers: AtomicU64,
     extra_bytes: AtomicU64,
     frozen_checks: AtomicU64,
     data_checks: AtomicU64,
@@ -367,7 +378,7 @@ impl World {
 }
 
 /// One random guest write or unmap.
-fn guest_io(vm: &Vm, rng: &mut ChaCha8Rng, buf: &mut [u8], stats: &Stats, shadow: Option<&mut Vec<u8>>) {
+fn guest_io(vm: &Vm, rng: &mut ChaCha8Rng, buf: &mut Vec<u8>, stats: &Stats, shadow: Option<&mut Vec<u8>>) {
     let cap = match vm.capacity(0) {
         Ok(c) => c,
         Err(e) => return stats.violation(format!("capacity: {e}")),
@@ -390,26 +401,24 @@ fn guest_io(vm: &Vm, rng: &mut ChaCha8Rng, buf: &mut [u8], stats: &Stats, shadow
     }
     let unmap = rng.gen_ratio(1, 20);
     let seed: u64 = rng.gen();
-    let data = &mut buf[..len as usize];
-    let res = if unmap {
-        vm.unmap(0, off, len)
+    let op = if unmap {
+        IoOp::Unmap { offset: off, len }
     } else {
-        workloads::fill_pattern(seed, off, data);
-        vm.write(0, off, data)
+        IoOp::Write { offset: off, len, seed }
     };
-    match res {
-        Ok(()) => {
+    match apply_op(vm, 0, &op, buf) {
+        Ok(_) => {
             if unmap {
                 stats.unmaps.fetch_add(1, Ordering::Relaxed);
             } else {
                 stats.writes.fetch_add(1, Ordering::Relaxed);
             }
             if let Some(s) = shadow {
-                let r = off as usize..(off + len) as usize;
+                let r = &mut s[off as usize..(off + len) as usize];
                 if unmap {
-                    s[r].fill(0);
+                    r.fill(0);
                 } else {
-                    s[r].copy_from_slice(data);
+                    workloads::fill_pattern(seed, off, r);
                 }
             }
         }
@@ -492,7 +501,7 @@ pub fn run(cfg: &VerifyConfig, progress: &dyn Progress) -> Result<VerifyReport, 
             granularity: cfg.granularity,
         }],
     )?;
-    vm.set_max_areas(PAGE_AREAS);
+    vm.set_max_areas(cfg.max_areas);
     let world = World {
         host,
         slot: RwLock::new(Some(vm)),
@@ -767,9 +776,13 @@ impl Lifecycle<'_> {
     }
 
     fn query(&self, snap: &str, since: &str) -> Result<Vec<(u64, u64)>, VadpError> {
-        vadp::changed_areas(&self.world.host, VM_NAME, snap, 0, since)
-            .map(|r| r.map(|a| (a.start, a.length)))
-            .collect()
+        let paged = changed_areas(&self.world.vm(), snap, 0, since)?;
+        let st = &self.world.stats;
+        st.query_pages.fetch_add(paged.pages, Ordering::Relaxed);
+        if paged.pages > 1 {
+            st.multi_page_answers.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(paged.areas)
     }
 
     /// `*` at `snap` covers every non-zero byte.
@@ -994,7 +1007,7 @@ impl Lifecycle<'_> {
                 return Err(e);
             }
         };
-        vm.set_max_areas(PAGE_AREAS);
+        vm.set_max_areas(self.cfg.max_areas);
         *g = Some(vm);
         Ok(())
     }
@@ -1030,6 +1043,8 @@ impl Lifecycle<'_> {
             snapshots: self.snapshots,
             checks: st.checks.load(Ordering::Relaxed),
             missed_blocks: st.missed_blocks.load(Ordering::Relaxed),
+            query_pages: st.query_pages.load(Ordering::Relaxed),
+            multi_page_answers: st.multi_page_answers.load(Ordering::Relaxed),
             extra_bytes: st.extra_bytes.load(Ordering::Relaxed),
             writes: st.writes.load(Ordering::Relaxed),
             unmaps: st.unmaps.load(Ordering::Relaxed),

@@ -154,3 +154,28 @@ fn bad_configurations_are_refused() {
         assert!(run(&cfg, &()).is_err(), "disk size {disk_size}");
     }
 }
+
+/// With two areas per page on a 16 MiB disk tracked at 4 KiB, most answers take many
+/// pages: every check then depends on the pager going to the disk's end.
+#[test]
+fn answers_that_span_many_pages_are_paged_and_checked() {
+    let r = run(
+        &VerifyConfig {
+            ops: Some(100),
+            max_areas: 2,
+            disk_size: 16 << 20,
+            granularity: Granularity::new(4096).unwrap(),
+            ..config(0, 4)
+        },
+        &(),
+    )
+    .unwrap();
+    assert_passed(&r);
+    assert!(
+        r.multi_page_answers * 2 > r.checks && r.query_pages > 10 * r.checks,
+        "{} checks, {} of them over several pages, {} pages in all",
+        r.checks,
+        r.multi_page_answers,
+        r.query_pages
+    );
+}
