@@ -179,6 +179,14 @@ mod tests {
     use tracker::Granularity;
 
     #[test]
+    fn coalesce_merges_touching_and_overlapping_areas() {
+        assert_eq!(
+            coalesce(vec![(10, 5), (0, 10), (20, 1), (14, 2)]),
+            vec![(0, 16), (20, 1)]
+        );
+    }
+
+    #[test]
     fn pieces_cover_the_range_in_chunks() {
         let p: Vec<_> = pieces(100, 2 * APPLY_CHUNK + 1).collect();
         let c = APPLY_CHUNK as usize;
