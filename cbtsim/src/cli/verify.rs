@@ -1,12 +1,11 @@
 //! `cbtsim verify`: runs [`harness::verify::run`] and prints its report.
 
+use super::progress::Bar;
+use super::size_arg;
 use anyhow::{bail, Context as _};
 use clap::Args;
 use harness::verify::{VerifyConfig, VerifyReport};
 use tracker::Granularity;
-use workloads::parse_size;
-
-use super::progress::Bar;
 
 /// Arguments of `cbtsim verify`.
 #[derive(Debug, Args)]
@@ -36,8 +35,8 @@ pub struct VerifyArgs {
 
 /// Runs `cbtsim verify`.
 pub fn run(a: &VerifyArgs) -> anyhow::Result<()> {
-    let disk_size = parse_size(&a.disk_size).map_err(|e| anyhow::anyhow!("invalid --disk-size: {e}"))?;
-    let g = parse_size(&a.granularity).map_err(|e| anyhow::anyhow!("invalid --granularity: {e}"))?;
+    let disk_size = size_arg("--disk-size", &a.disk_size)?;
+    let g = size_arg("--granularity", &a.granularity)?;
     let granularity = Granularity::new(g).with_context(|| format!("invalid --granularity {:?}", a.granularity))?;
     if let Some(s) = a.seconds {
         if !(s.is_finite() && s >= 0.0) {
