@@ -59,6 +59,30 @@
 //! - Restoring to a new VM that fails half-way leaves that VM partly written
 //!   (the error says so); every chunk's presence is checked before the VM is
 //!   created.
+//!
+//! # Example
+//! A repository, checked, with a [`Progress`] that counts the bytes it is told about
+//! (a backup needs a host: see `harness::demo` or the `cbtsim backup` command):
+//! ```
+//! use std::sync::atomic::{AtomicU64, Ordering};
+//! use backup::{Progress, Repository};
+//!
+//! #[derive(Default)]
+//! struct Bytes(AtomicU64);
+//! impl Progress for Bytes {
+//!     fn advance(&self, n: u64) {
+//!         self.0.fetch_add(n, Ordering::Relaxed);
+//!     }
+//! }
+//!
+//! let dir = tempfile::tempdir()?;
+//! let repo = Repository::create_or_open(&dir.path().join("repo"))?;
+//! let seen = Bytes::default();
+//! let report = backup::verify(&repo, &seen)?;
+//! assert!(report.ok && report.points == 0);
+//! assert_eq!(seen.0.load(Ordering::Relaxed), 0, "an empty repository has no chunk bytes");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod point;
 mod prune;

@@ -1,5 +1,19 @@
 //! `cbtsim`: the command line of the simulated host. Thin: it parses
 //! arguments, calls one library function per command and prints the result.
+//! Sizes follow `workloads::size` (`64K`, `64KiB`, `2T`); long commands draw
+//! one kind of progress bar (`cli::progress`) on a terminal.
+//!
+//! # Example
+//! ```text
+//! $ export CBTSIM_DATASTORE=/tmp/ds
+//! $ cbtsim vm create web01 --disk 64M --disk 2T
+//! created VM web01 with 2 disk(s): 64 MiB, 2 TiB (granularity 64 KiB, CBT on, powered on)
+//! $ cbtsim snapshot create web01 s1 --json
+//! $ cbtsim disk write web01 0 1M 64KiB
+//! $ cbtsim snapshot create web01 s2
+//! $ cbtsim query web01 --snapshot s2 --since <disk 0's change ID of s1>
+//! $ cbtsim backup run web01 --repo /tmp/repo
+//! ```
 
 mod cli;
 

@@ -1,5 +1,12 @@
 //! Applying guest ops to a VM, and asking it what changed: the two things every driver of
 //! the harness (drive, replay, the torture verifier) does, written once.
+//!
+//! # Design
+//! The harness holds a [`Vm`], not a host, so [`changed_areas`] wraps the VM in a small
+//! [`DataProtection`] adapter and lets [`vadp::changed_areas`] page it: the same checked
+//! pager a backup application uses, so a short or out-of-order page is an error here too.
+//! The adapter counts the pages, which lets the torture verifier show that its answers
+//! really spanned many.
 
 use std::time::{Duration, Instant};
 

@@ -21,6 +21,10 @@
 //! (`1536M`) for table columns and option values: [`parse_size`] reads every `Short` form
 //! back to the same number.
 //!
+//! # Limitations
+//! No decimal (SI) multiples: `KB` is 1024 bytes, as in fio and the scenario files before
+//! this grammar. No unit above `T`: a size of a PiB or more is written in `T` or bytes.
+//!
 //! ```
 //! use workloads::size::{format_size, human, parse_size, SizeStyle};
 //!

@@ -7,6 +7,11 @@
 //!
 //! A phase's label is the bar's `{prefix}` and its notes are its `{msg}`; a command picks
 //! the template for a known total and the one for an unknown total (a spinner).
+//!
+//! # Limitations
+//! One bar shows one phase at a time: an operation of several phases (a backup of several
+//! disks) redraws the same bar for each, and phases reported from several threads at once
+//! need a bar each (a scenario gets one per VM, in a `MultiProgress`).
 
 use std::io::IsTerminal;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! Driving a VM with guest workloads, and checking its change tracking as it runs.
 //!
 //! [`drive`] runs named workload profiles ([`workloads::profile`]) on the disks of a
-//! [`Vm`], each on several vCPU threads, and applies every [`IoOp`] to the VM: writes carry
+//! [`Vm`], each on several vCPU threads, and applies every [`IoOp`](workloads::IoOp) to the VM: writes carry
 //! [`workloads::fill_pattern`] content, unmaps, reads, flushes and extends go to the
 //! matching [`Vm`] calls. Write latency goes into an HDR histogram.
 //!

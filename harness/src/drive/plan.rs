@@ -42,7 +42,7 @@ pub struct DrivePlan {
     pub apply_flush: bool,
     /// Prefix of the snapshots the drive takes (`PREFIX-0`, `PREFIX-1`, ...).
     pub snapshot_prefix: String,
-    /// With `verify` and a [`BackupHook`]: ops of the VM between backups. A backup runs
+    /// With `verify` and a [`BackupHook`](super::BackupHook): ops of the VM between backups. A backup runs
     /// after the check of the first epoch that ends past each multiple, while the guest
     /// keeps writing.
     pub backup_every: Option<u64>,

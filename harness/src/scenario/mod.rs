@@ -38,7 +38,7 @@
 //! line and key: `db.toml:7: key 'vm[0].threads': invalid type: string "two", expected i64`.
 //!
 //! # Backups
-//! With `backup_every`, the [`vadp::backup`] client backs each VM up into the repository
+//! With `backup_every`, the [`backup`] client backs each VM up into the repository
 //! while its guest keeps writing (after the check of the first epoch past every multiple
 //! of the period). When the guest has stopped, one last incremental backup is taken,
 //! restored to a file and compared byte for byte with the VM's disks: any difference

@@ -98,7 +98,7 @@ pub struct VerifyConfig {
     pub granularity: Granularity,
     /// Most snapshots kept at once.
     pub max_snapshots: usize,
-    /// Most changed areas the VM answers per query page ([`Vm::set_max_areas`]; the
+    /// Most changed areas the VM answers per query page ([`Vm::set_max_areas`](sim::Vm::set_max_areas); the
     /// default 64 is small so that paging is exercised, a few make every answer span
     /// many pages).
     pub max_areas: usize,
