@@ -161,9 +161,16 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Each string parses to its number.
+    fn all_parse(cases: &[(&str, u64)]) {
+        for &(s, want) in cases {
+            assert_eq!(parse_size(s), Ok(want), "{s:?}");
+        }
+    }
+
     #[test]
     fn every_form_of_the_grammar_parses() {
-        for (s, want) in [
+        all_parse(&[
             ("512", 512),
             ("0", 0),
             ("4096B", 4096),
@@ -185,9 +192,7 @@ mod tests {
             ("+5", 5),
             ("18446744073709551615", u64::MAX),
             ("16777215T", 16_777_215 << 40),
-        ] {
-            assert_eq!(parse_size(s), Ok(want), "{s:?}");
-        }
+        ]);
     }
 
     /// The tests of the four parsers this one replaced (the command line's, the scenarios',
@@ -195,7 +200,7 @@ mod tests {
     /// purpose: `4t` was no size to the generator and is one now, as everywhere else.
     #[test]
     fn the_tests_of_the_parsers_it_replaced_still_pass() {
-        for (s, want) in [
+        all_parse(&[
             ("512", 512),
             ("64K", 65536),
             ("2t", 2 << 40),
@@ -208,9 +213,7 @@ mod tests {
             ("1g", 1 << 30),
             ("4t", 4 << 40),
             ("8M", 8 << 20),
-        ] {
-            assert_eq!(parse_size(s), Ok(want), "{s:?}");
-        }
+        ]);
         for bad in ["1.5G", "12Q", "", "99999999999T", "2X", "T", "k"] {
             assert!(parse_size(bad).is_err(), "{bad:?}");
         }

@@ -9,7 +9,7 @@ use clap::Subcommand;
 use sim::{SimError, Vm};
 
 use super::progress::Bar;
-use super::{disk_arg, exact, existing_host, open_vm, size_arg, Ctx};
+use super::{disk_arg, exact, existing_vm, size_arg, Ctx};
 
 /// Bytes per chunk when writing or reading large ranges.
 const CHUNK: u64 = 4 << 20;
@@ -98,6 +98,15 @@ fn check_range(vm: &Vm, disk: usize, offset: u64, len: u64, capacity: u64) -> an
     }
 }
 
+/// DISK, OFFSET and LENGTH.
+fn range_args(disk: &str, offset: &str, length: &str) -> anyhow::Result<(usize, u64, u64)> {
+    Ok((
+        disk_arg(disk)?,
+        size_arg("OFFSET", offset)?,
+        size_arg("LENGTH", length)?,
+    ))
+}
+
 /// Runs `f(done, n)` over `len` bytes in pieces of at most [`CHUNK`] (`done` bytes before
 /// the piece, `n` in it), with a progress bar on stderr drawn from 256 MiB when stderr is a
 /// terminal.
@@ -131,9 +140,7 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
             pattern,
             from,
         } => {
-            let d = disk_arg(disk)?;
-            let off = size_arg("OFFSET", offset)?;
-            let len = size_arg("LENGTH", length)?;
+            let (d, off, len) = range_args(disk, offset, length)?;
             let byte = pattern.as_deref().map(byte_arg).transpose()?.unwrap_or(DEFAULT_PATTERN);
             let mut file = match from {
                 Some(p) => {
@@ -149,8 +156,7 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            let host = existing_host(ctx)?;
-            let v = open_vm(&host, vm)?;
+            let v = existing_vm(ctx, vm)?;
             let cap = v.capacity(d)?;
             check_range(&v, d, off, len, cap)?;
             ensure!(v.powered_on(), "VM {vm:?} is powered off");
@@ -172,11 +178,8 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
             out,
             snapshot,
         } => {
-            let d = disk_arg(disk)?;
-            let off = size_arg("OFFSET", offset)?;
-            let len = size_arg("LENGTH", length)?;
-            let host = existing_host(ctx)?;
-            let v = open_vm(&host, vm)?;
+            let (d, off, len) = range_args(disk, offset, length)?;
+            let v = existing_vm(ctx, vm)?;
             let cap = match snapshot {
                 Some(s) => v.snapshot_capacity(s, d)?,
                 None => v.capacity(d)?,
@@ -219,19 +222,15 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
             offset,
             length,
         } => {
-            let d = disk_arg(disk)?;
-            let off = size_arg("OFFSET", offset)?;
-            let len = size_arg("LENGTH", length)?;
-            let host = existing_host(ctx)?;
-            let v = open_vm(&host, vm)?;
+            let (d, off, len) = range_args(disk, offset, length)?;
+            let v = existing_vm(ctx, vm)?;
             v.unmap(d, off, len)?;
             println!("unmapped {len} bytes at offset {off} of disk {d} of VM {vm}");
         }
         DiskCmd::Extend { vm, disk, new_size } => {
             let d = disk_arg(disk)?;
             let size = size_arg("NEWSIZE", new_size)?;
-            let host = existing_host(ctx)?;
-            let v = open_vm(&host, vm)?;
+            let v = existing_vm(ctx, vm)?;
             v.extend_disk(d, size)?;
             println!("disk {d} of VM {vm} is now {}", exact(size));
         }

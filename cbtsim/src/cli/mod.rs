@@ -65,6 +65,7 @@ fn existing_host(ctx: &Ctx) -> anyhow::Result<Host> {
     ctx.host()
 }
 
-fn open_vm(host: &Host, name: &str) -> anyhow::Result<Arc<Vm>> {
-    Ok(host.vm(name)?)
+/// Opens VM `name` of the datastore, which must exist.
+fn existing_vm(ctx: &Ctx, name: &str) -> anyhow::Result<Arc<Vm>> {
+    Ok(existing_host(ctx)?.vm(name)?)
 }

@@ -4,7 +4,7 @@
 use anyhow::Context as _;
 use clap::Args;
 
-use super::{disk_arg, exact, existing_host, open_vm, Ctx};
+use super::{disk_arg, exact, existing_host, Ctx};
 
 /// `cbtsim query`: QueryChangedDiskAreas, paged through the whole disk.
 #[derive(Debug, Args)]
@@ -46,7 +46,7 @@ pub fn run(ctx: &Ctx, a: &QueryArgs) -> anyhow::Result<()> {
             .with_context(|| format!("invalid --since {since:?}"))?;
     }
     let host = existing_host(ctx)?;
-    let v = open_vm(&host, &a.vm)?;
+    let v = host.vm(&a.vm)?;
     let cap = v.snapshot_capacity(&a.snapshot, d)?;
     let granularity = v.granularity(d)?.bytes();
     let change_id = v

@@ -2,7 +2,7 @@
 
 use clap::Subcommand;
 
-use super::{exact, existing_host, open_vm, Ctx};
+use super::{exact, existing_vm, Ctx};
 
 /// `cbtsim snapshot ...`
 #[derive(Debug, Subcommand)]
@@ -60,8 +60,7 @@ pub fn run(ctx: &Ctx, cmd: &SnapshotCmd) -> anyhow::Result<()> {
     match cmd {
         SnapshotCmd::Create { vm, snap, json } => {
             sim::check_name(snap)?;
-            let host = existing_host(ctx)?;
-            let v = open_vm(&host, vm)?;
+            let v = existing_vm(ctx, vm)?;
             let info = v.create_snapshot(snap)?;
             if *json {
                 let out = Created {
@@ -85,8 +84,7 @@ pub fn run(ctx: &Ctx, cmd: &SnapshotCmd) -> anyhow::Result<()> {
             }
         }
         SnapshotCmd::List { vm, json } => {
-            let host = existing_host(ctx)?;
-            let v = open_vm(&host, vm)?;
+            let v = existing_vm(ctx, vm)?;
             let snaps = v.snapshots();
             if *json {
                 println!("{}", serde_json::to_string(&snaps)?);
@@ -103,14 +101,12 @@ pub fn run(ctx: &Ctx, cmd: &SnapshotCmd) -> anyhow::Result<()> {
             }
         }
         SnapshotCmd::Remove { vm, snap } => {
-            let host = existing_host(ctx)?;
-            let v = open_vm(&host, vm)?;
+            let v = existing_vm(ctx, vm)?;
             v.remove_snapshot(snap)?;
             println!("removed snapshot {snap} of VM {vm}");
         }
         SnapshotCmd::Revert { vm, snap } => {
-            let host = existing_host(ctx)?;
-            let v = open_vm(&host, vm)?;
+            let v = existing_vm(ctx, vm)?;
             v.revert_to_snapshot(snap)?;
             println!("reverted VM {vm} to snapshot {snap}");
         }

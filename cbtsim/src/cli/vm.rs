@@ -5,7 +5,7 @@ use clap::{Subcommand, ValueEnum};
 use sim::DiskSpec;
 use tracker::Granularity;
 
-use super::{exact, existing_host, open_vm, size_arg, Ctx};
+use super::{exact, existing_host, existing_vm, size_arg, Ctx};
 
 /// `on` or `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -107,8 +107,7 @@ pub fn run(ctx: &Ctx, cmd: &VmCmd) -> anyhow::Result<()> {
             }
         }
         VmCmd::Cbt { vm, state } => {
-            let host = existing_host(ctx)?;
-            let v = open_vm(&host, vm)?;
+            let v = existing_vm(ctx, vm)?;
             let was = v.cbt();
             v.set_cbt(state.on())?;
             let msg = match (was, state.on()) {
@@ -120,8 +119,7 @@ pub fn run(ctx: &Ctx, cmd: &VmCmd) -> anyhow::Result<()> {
             println!("change tracking of VM {vm} {msg}");
         }
         VmCmd::Power { vm, state } => {
-            let host = existing_host(ctx)?;
-            let v = open_vm(&host, vm)?;
+            let v = existing_vm(ctx, vm)?;
             v.set_power(state.on())?;
             println!("VM {vm} is powered {}", if state.on() { "on" } else { "off" });
         }

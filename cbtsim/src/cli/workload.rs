@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand};
-use harness::drive::{self, DiskLoad, DrivePlan, DriveReport, Limit};
+use harness::drive::{self, DiskLoad, DrivePlan, DriveReport, Limit, OpCounts};
 use harness::replay::{self, ReplayOptions, ReplayReport};
 use harness::scenario::{self, Scenario, ScenarioReport};
 use indicatif::{MultiProgress, ProgressDrawTarget};
@@ -106,6 +106,21 @@ pub enum WorkloadsCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `N writes SIZE, N reads SIZE, N unmaps SIZE, N flushes, N extends`.
+fn op_kinds(c: &OpCounts) -> String {
+    format!(
+        "{} writes {}, {} reads {}, {} unmaps {}, {} flushes, {} extends",
+        c.writes,
+        human(c.bytes_written),
+        c.reads,
+        human(c.bytes_read),
+        c.unmaps,
+        human(c.bytes_unmapped),
+        c.flushes,
+        c.extends
+    )
 }
 
 fn pct(share: f64) -> String {
@@ -241,19 +256,7 @@ fn print_scenario(s: &Scenario, r: &ScenarioReport) {
     if !s.description.is_empty() {
         println!("  {}", s.description);
     }
-    println!(
-        "  {} ops ({:.0}/s): {} writes {}, {} reads {}, {} unmaps {}, {} flushes, {} extends",
-        r.counts.ops,
-        r.ops_per_s,
-        r.counts.writes,
-        human(r.counts.bytes_written),
-        r.counts.reads,
-        human(r.counts.bytes_read),
-        r.counts.unmaps,
-        human(r.counts.bytes_unmapped),
-        r.counts.flushes,
-        r.counts.extends
-    );
+    println!("  {} ops ({:.0}/s): {}", r.counts.ops, r.ops_per_s, op_kinds(&r.counts));
     let l = &r.write_latency;
     println!(
         "  write latency p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us",
@@ -378,18 +381,7 @@ pub fn guest(ctx: &Ctx, cmd: &GuestCmd) -> anyhow::Result<()> {
             "VM {}: profile {} on disk {}, {} threads, {:.2} s, {:.0} ops/s",
             r.vm, a.profile, a.disk, a.threads, r.elapsed_s, r.ops_per_s
         );
-        println!(
-            "  {} ops: {} writes {}, {} reads {}, {} unmaps {}, {} flushes, {} extends",
-            r.counts.ops,
-            r.counts.writes,
-            human(r.counts.bytes_written),
-            r.counts.reads,
-            human(r.counts.bytes_read),
-            r.counts.unmaps,
-            human(r.counts.bytes_unmapped),
-            r.counts.flushes,
-            r.counts.extends
-        );
+        println!("  {} ops: {}", r.counts.ops, op_kinds(&r.counts));
         print_vm(&r, true);
     }
     if r.missed_blocks > 0 {
