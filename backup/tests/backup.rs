@@ -55,6 +55,8 @@ struct MemHost {
     panic_on_read: Mutex<bool>,
     removed: Mutex<Vec<String>>,
     bytes_read: Mutex<u64>,
+    /// `QueryChangedDiskAreas` calls answered.
+    pages: Mutex<u64>,
 }
 
 impl MemHost {
@@ -134,6 +136,7 @@ impl DataProtection for MemHost {
         start: u64,
         change_id: &str,
     ) -> Result<DiskChangeInfo, VadpError> {
+        *self.pages.lock().unwrap() += 1;
         let vms = self.vms.lock().unwrap();
         let v = vms.get(vm).ok_or_else(|| not_found(vm))?;
         let s = v.snaps.get(snapshot).ok_or_else(|| not_found(snapshot))?;
@@ -335,6 +338,54 @@ fn full_then_incrementals_restore_every_point_and_read_only_changes() {
     assert_eq!(list.len(), 7);
     assert!(list.iter().all(|p| p.disks.iter().all(|d| d.change_id.is_some())));
     assert!(verify(&repo, &()).unwrap().ok);
+}
+
+/// A full and an incremental backup whose changed areas take the host's pages of 3 areas
+/// by the hundred: both restore byte for byte. A pager that stopped early would leave
+/// most of the disk out of both.
+#[test]
+fn backups_whose_changed_areas_span_hundreds_of_pages_restore_identically() {
+    let (dir, repo) = repo();
+    let host = MemHost::default();
+    let (cap, g) = (16 * M, 4 * K);
+    host.add_vm("a", &[(cap, g)]);
+    // Every other block: 2048 areas that do not touch.
+    for b in (0..cap / g).step_by(2) {
+        host.fill("a", 0, b * g + 7, 512, 1);
+    }
+    let full = run(&host, "a", &repo);
+    let pages_full = *host.pages.lock().unwrap();
+    // Every third block, new bytes: 1366 areas, a third of them in blocks left zero so far.
+    for b in (0..cap / g).step_by(3) {
+        host.fill("a", 0, b * g + 1000, 100, 2);
+    }
+    let inc = run(&host, "a", &repo);
+    let pages_inc = *host.pages.lock().unwrap() - pages_full;
+    assert_eq!(
+        (full.kind.as_str(), inc.kind.as_str()),
+        ("full", "incremental"),
+        "{}",
+        inc.reason
+    );
+    assert_eq!((full.changed_areas, inc.changed_areas), (2048, 1366));
+    assert_eq!(
+        (full.changed_bytes, inc.changed_bytes),
+        (2048 * g, 1366 * g),
+        "every changed block, whole"
+    );
+    assert!(
+        pages_full >= 2048 / 3 && pages_inc >= 1366 / 3,
+        "{pages_full} and {pages_inc} pages"
+    );
+    for p in [&full, &inc] {
+        let image = &host.taken("a", &snap_of(&p.point))[0];
+        assert!(
+            restored(&repo, &p.point, 0, dir.path()) == *image,
+            "point {} ({}) restores differently",
+            p.point,
+            p.kind
+        );
+    }
 }
 
 #[test]

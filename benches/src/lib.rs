@@ -48,20 +48,10 @@ pub const GIB: u64 = 1 << 30;
 /// Bytes in a TiB.
 pub const TIB: u64 = 1 << 40;
 
-/// A size as a short human string with a binary suffix ("64G", "1T", "4K").
+/// A size in the benchmarks' tables: [`SizeStyle::Short`](workloads::SizeStyle::Short)
+/// (`64G`, `1T`, `4K`), which the size options read back.
 pub fn human_size(bytes: u64) -> String {
-    const UNITS: [(u64, &str); 5] = [(1 << 50, "P"), (TIB, "T"), (GIB, "G"), (MIB, "M"), (KIB, "K")];
-    for (unit, suffix) in UNITS {
-        if bytes >= unit && bytes.is_multiple_of(unit) {
-            return format!("{}{suffix}", bytes / unit);
-        }
-    }
-    for (unit, suffix) in UNITS {
-        if bytes >= unit {
-            return format!("{:.1}{suffix}", bytes as f64 / unit as f64);
-        }
-    }
-    format!("{bytes}")
+    workloads::format_size(bytes, workloads::SizeStyle::Short)
 }
 
 #[cfg(test)]
@@ -74,7 +64,10 @@ mod tests {
         assert_eq!(human_size(64 * GIB), "64G");
         assert_eq!(human_size(62 * TIB), "62T");
         assert_eq!(human_size(1536 * MIB), "1536M");
-        assert_eq!(human_size(GIB + 1), "1.0G");
+        // Exact, so that `--size` reads it back (it printed `1.0G` before the sizes of the
+        // workspace had one printer).
+        assert_eq!(human_size(GIB + 1), "1073741825");
+        assert_eq!(cli::parse_size(&human_size(GIB + 1)), Ok(GIB + 1));
         assert_eq!(human_size(100), "100");
     }
 }
