@@ -50,6 +50,11 @@ pub(crate) struct Layer {
     pub(crate) id: u64,
     dir: PathBuf,
     extents: Box<[OnceLock<Extent>]>,
+    /// Extent files that existed when the layer was opened. Extents are
+    /// created only through this `Layer` (the process holds the VM's lock,
+    /// and one VM opens each layer once), which maps each one it creates, so
+    /// a read of a never-written extent never asks the file system.
+    on_disk: Box<[bool]>,
     create: Mutex<()>,
     grains: Option<GrainMap>,
 }
@@ -103,10 +108,24 @@ impl Layer {
             }
         };
         let extents = (0..EXTENTS).map(|_| OnceLock::new()).collect();
+        let mut on_disk = vec![false; EXTENTS].into_boxed_slice();
+        let prefix = format!("L{id}.");
+        for entry in std::fs::read_dir(dir).map_err(io_err(dir))?.flatten() {
+            let name = entry.file_name();
+            let k = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|n| n.strip_suffix(".ext"))
+                .and_then(|n| n.parse::<usize>().ok());
+            if let Some(k) = k.filter(|&k| k < EXTENTS) {
+                on_disk[k] = true;
+            }
+        }
         Ok(Self {
             id,
             dir: dir.to_owned(),
             extents,
+            on_disk,
             create: Mutex::new(()),
             grains,
         })
@@ -121,8 +140,7 @@ impl Layer {
         if let Some(e) = self.extents[k].get() {
             return Ok(Some(e));
         }
-        let path = self.extent_path(k);
-        if !path.exists() {
+        if !self.on_disk[k] {
             return Ok(None);
         }
         self.extent_mut(k).map(Some)
@@ -291,9 +309,8 @@ impl Layer {
     /// Deletes this layer's files (after it left every chain).
     pub(crate) fn delete_files(&self) {
         for k in 0..EXTENTS {
-            let p = self.extent_path(k);
-            if self.extents[k].get().is_some() || p.exists() {
-                let _ = std::fs::remove_file(p);
+            if self.extents[k].get().is_some() || self.on_disk[k] {
+                let _ = std::fs::remove_file(self.extent_path(k));
             }
         }
         let _ = std::fs::remove_file(self.dir.join(format!("L{}.map", self.id)));
@@ -303,7 +320,7 @@ impl Layer {
     pub(crate) fn allocated_bytes(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
         let mut n = 0;
-        for k in 0..EXTENTS {
+        for k in (0..EXTENTS).filter(|&k| self.extents[k].get().is_some() || self.on_disk[k]) {
             if let Ok(m) = std::fs::metadata(self.extent_path(k)) {
                 n += m.blocks() * 512;
             }
