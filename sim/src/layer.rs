@@ -208,6 +208,11 @@ impl Layer {
             let k = (offset / EXTENT_BYTES) as usize;
             let within = offset % EXTENT_BYTES;
             let n = (len - done).min(EXTENT_BYTES - within);
+            fault_point!(crate::fault::Point::ExtentWrite {
+                layer: self.id,
+                offset,
+                len: n
+            });
             match src {
                 Src::Bytes(b) => self
                     .extent_mut(k)?

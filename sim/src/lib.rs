@@ -32,11 +32,23 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+/// A pause or fault point (see `fault`): expands to nothing unless the
+/// `fault-injection` feature is on.
+macro_rules! fault_point {
+    ($point:expr) => {
+        #[cfg(feature = "fault-injection")]
+        $crate::fault::hit($point)?;
+    };
+}
+
 mod config;
 mod error;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 mod host;
 mod layer;
 mod mmap;
+mod protection;
 mod restore_target;
 mod vm;
 

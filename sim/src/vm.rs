@@ -329,6 +329,7 @@ impl Vm {
     }
 
     fn guest_io(&self, disk: usize, offset: u64, len: u64, src: Src<'_>) -> Result<(), SimError> {
+        fault_point!(crate::fault::Point::BeforeGate { disk, offset, len });
         let io = self.gate();
         if !io.powered_on {
             return Err(SimError::PoweredOff(self.name.clone()));
@@ -340,6 +341,7 @@ impl Vm {
         }
         // Mark first: a write that fails half-way is over-reported, never lost.
         self.disks[disk].tracker.mark(offset, len);
+        fault_point!(crate::fault::Point::Marked { disk, offset, len });
         let (top, below) = d.chain.split_last().expect("a chain has a base layer");
         if !below.is_empty() {
             top.cow(offset, len, below)?;
@@ -547,6 +549,7 @@ impl Vm {
         };
         if !c_is_top {
             // Both layers are frozen: copy, then unlink C in a brief stun.
+            fault_point!(crate::fault::Point::Consolidating { disk: d, round: 0 });
             c.merge_into(&p)?;
             for s in &mut cfg.snapshots {
                 if s.disks[d].view_top == c.id {
@@ -568,6 +571,7 @@ impl Vm {
             let h = Arc::new(Layer::open(&shared.dir, id, Some(shared.grain_shift))?);
             self.save_with_top(cfg, d, h.id)?;
             self.stun().guard.disks[d].chain.push(h.clone());
+            fault_point!(crate::fault::Point::Consolidating { disk: d, round });
             c.merge_into(&p)?;
             self.save_without(cfg, d, c.id)?;
             let small = h.grain_count() <= SMALL_HELPER_GRAINS;

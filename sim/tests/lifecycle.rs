@@ -13,10 +13,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use sim::{Host, SimError, Vm};
 use tracker::QueryError;
@@ -183,7 +184,7 @@ fn extend_across_128g_and_2t_while_the_guest_writes() {
                 };
                 i += 1;
                 vm.write(0, off, &fill(i, off, 4096)).unwrap();
-                log.lock().unwrap().push((off, i));
+                log.lock().push((off, i));
                 count.fetch_add(1, Ordering::SeqCst);
                 std::thread::sleep(Duration::from_micros(200));
             }
@@ -210,14 +211,14 @@ fn extend_across_128g_and_2t_while_the_guest_writes() {
     }
     // Let the writer land some writes past 2 TiB (bounded wait, not a timing assertion).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !log.lock().unwrap().iter().any(|&(o, _)| o >= 2048 * GIB) && std::time::Instant::now() < deadline {
+    while !log.lock().iter().any(|&(o, _)| o >= 2048 * GIB) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
     vm.create_snapshot("s2").unwrap();
     let cap = vm.snapshot_capacity("s2", 0).unwrap();
-    let log = log.lock().unwrap().clone();
+    let log = log.lock().clone();
     assert!(log.len() > 40, "the writer wrote ({} writes)", log.len());
     // Since s0 (before every extend): exactly the written blocks, nothing of the new ranges.
     let all_writes = log.iter().map(|&(o, _)| (o, 4096)).chain(past_old_end.iter().copied());
