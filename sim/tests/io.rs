@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 use sim::SimError;
-use vadp::VadpError;
+use vadp::{NotFoundKind, VadpError};
 
 #[test]
 fn unaligned_writes_last_byte_and_odd_sized_disk() {
@@ -106,11 +106,32 @@ fn bad_change_ids_get_typed_errors() {
     let sb = b.create_snapshot("s").unwrap();
     let foreign = sb.disks[0].change_id.clone().unwrap();
     let e = vadp::DataProtection::query_changed_disk_areas(&host, "a", "s", 0, 0, &foreign).unwrap_err();
-    assert!(matches!(e, VadpError::ForeignChangeId(_)), "{e}");
+    assert!(
+        matches!(&e, VadpError::ForeignChangeId { change_id } if *change_id == foreign),
+        "{e}"
+    );
     let e = vadp::DataProtection::query_changed_disk_areas(&host, "a", "s", 0, 0, "52 de c0/81").unwrap_err();
-    assert!(matches!(e, VadpError::MalformedChangeId(_)), "{e}");
+    assert!(
+        matches!(&e, VadpError::MalformedChangeId { change_id, .. } if change_id == "52 de c0/81"),
+        "{e}"
+    );
     let e = vadp::DataProtection::query_changed_disk_areas(&host, "a", "nope", 0, 0, "*").unwrap_err();
-    assert!(matches!(e, VadpError::NotFound(_)), "{e}");
+    assert!(
+        matches!(&e, VadpError::NotFound { what: NotFoundKind::Snapshot, name } if name == "nope"),
+        "{e}"
+    );
+    assert_eq!(e.kind(), vadp::ErrorKind::NotFound);
+    let e = vadp::DataProtection::query_changed_disk_areas(&host, "zz", "s", 0, 0, "*").unwrap_err();
+    assert!(
+        matches!(&e, VadpError::NotFound { what: NotFoundKind::Vm, name } if name == "zz"),
+        "{e}"
+    );
+    // A VM answers for its own name only.
+    let e = vadp::DataProtection::disk_capacity(&*a, "b", "s", 0).unwrap_err();
+    assert!(
+        matches!(&e, VadpError::NotFound { what: NotFoundKind::Vm, name } if name == "b"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -132,7 +132,7 @@ fn cbt_off_then_on_fails_earlier_change_ids_with_tracking_reset() {
     // Through the data-protection API the error is typed too, and says "full backup".
     let e = host.query_changed_disk_areas("vm", "s2", 0, 0, &c1).unwrap_err();
     assert!(
-        matches!(e, VadpError::TrackingReset(_)) && e.needs_full_backup(),
+        matches!(&e, VadpError::TrackingReset { change_id, .. } if *change_id == c1) && e.needs_full_backup(),
         "{e:?}"
     );
     // The new session answers, and `*` still covers everything.
