@@ -7,7 +7,12 @@
 //! (copy-on-write when a snapshot exists) and marks the change tracker
 //! (the `tracker` crate): lock-free, no allocation. Snapshots stun I/O for an
 //! O(1) epoch switch, consolidation and revert keep tracking exact, and the
-//! host answers the `vadp` data-protection API.
+//! host and each VM answer the `vadp` data-protection API, so callers page
+//! changed areas with the checked `vadp::changed_areas`.
+//!
+//! Features: `bench` adds `Vm::write_with` (the write path marking another
+//! `tracker::MarkDirty`, for the benchmarks); `fault-injection` adds the
+//! `fault` module's pause and failure points (only sim's own tests use it).
 //!
 //! # Example
 //! ```
