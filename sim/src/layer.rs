@@ -359,3 +359,45 @@ pub(crate) fn read_chain(chain: &[std::sync::Arc<Layer>], offset: u64, buf: &mut
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn extents_written_before_are_found_at_open_and_others_read_as_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let l = Layer::open(dir.path(), 3, None).unwrap();
+            l.write_raw(7, 3, Src::Bytes(&[1, 2, 3])).unwrap();
+            l.write_raw(2 * EXTENT_BYTES + 5, 2, Src::Bytes(&[4, 5])).unwrap();
+            l.flush().unwrap();
+        }
+        // Another layer's files and stray names are not this layer's extents.
+        std::fs::write(dir.path().join("L31.0001.ext"), b"").unwrap();
+        std::fs::write(dir.path().join("L3.x.ext"), b"").unwrap();
+        let l = Layer::open(dir.path(), 3, None).unwrap();
+        let mut buf = [9u8; 3];
+        l.read_raw(7, &mut buf).unwrap();
+        assert_eq!(buf, [1, 2, 3]);
+        l.read_raw(2 * EXTENT_BYTES + 5, &mut buf[..2]).unwrap();
+        assert_eq!(buf[..2], [4, 5]);
+        l.read_raw(EXTENT_BYTES + 5, &mut buf).unwrap();
+        assert_eq!(buf, [0; 3], "a never-written extent reads as zeros");
+        assert!(!dir.path().join("L3.0001.ext").exists(), "reading it created nothing");
+        // An unmap of a never-written extent creates nothing either.
+        l.write_raw(EXTENT_BYTES, 4096, Src::Zero).unwrap();
+        assert!(!dir.path().join("L3.0001.ext").exists());
+        l.delete_files();
+        assert_eq!(files(dir.path()), ["L3.x.ext", "L31.0001.ext"]);
+    }
+}
