@@ -59,6 +59,30 @@
 //! - Restoring to a new VM that fails half-way leaves that VM partly written
 //!   (the error says so); every chunk's presence is checked before the VM is
 //!   created.
+//!
+//! # Example
+//! A repository, checked, with a [`Progress`] that counts the bytes it is told about
+//! (a backup needs a host: see `harness::demo` or the `cbtsim backup` command):
+//! ```
+//! use std::sync::atomic::{AtomicU64, Ordering};
+//! use backup::{Progress, Repository};
+//!
+//! #[derive(Default)]
+//! struct Bytes(AtomicU64);
+//! impl Progress for Bytes {
+//!     fn advance(&self, n: u64) {
+//!         self.0.fetch_add(n, Ordering::Relaxed);
+//!     }
+//! }
+//!
+//! let dir = tempfile::tempdir()?;
+//! let repo = Repository::create_or_open(&dir.path().join("repo"))?;
+//! let seen = Bytes::default();
+//! let report = backup::verify(&repo, &seen)?;
+//! assert!(report.ok && report.points == 0);
+//! assert_eq!(seen.0.load(Ordering::Relaxed), 0, "an empty repository has no chunk bytes");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod point;
 mod prune;
@@ -163,7 +187,7 @@ pub enum BackupError {
         snapshot: String,
         /// The host's answer.
         #[source]
-        source: VadpError,
+        source: Box<VadpError>,
     },
     /// A restore to a new VM failed after the VM was created.
     #[error("restore into VM {vm:?} failed after the VM was created; it is partly written")]
@@ -191,13 +215,26 @@ impl BackupError {
     }
 }
 
-/// Progress of a long operation, reported in bytes. The CLI draws a bar;
-/// `()` reports nothing.
+/// Progress of a long operation: the one progress mechanism of the workspace.
+///
+/// An operation runs one or more *phases* (a disk to back up, a drive of a VM, a trace
+/// to replay): [`begin`](Self::begin) names a phase and says how many units it has when
+/// that is known, [`advance`](Self::advance) counts units done, [`note`](Self::note) says
+/// how it is going in words, [`end`](Self::end) closes it. The operation picks the unit
+/// and says which in its docs: the backup client counts bytes, the harness counts ops or
+/// records. The command line draws an indicatif bar; `()` reports nothing. Calls may come
+/// from several threads at once.
+///
+/// It lives here because the backup client is the lowest crate with a long operation to
+/// report; the harness (drives, replays, scenarios, the torture verifier) uses the same
+/// trait, so that the command line has one progress bar to implement.
 pub trait Progress: Sync {
-    /// A phase starts, with `total` bytes to go.
-    fn begin(&self, _label: &str, _total: u64) {}
-    /// `bytes` more are done.
-    fn advance(&self, _bytes: u64) {}
+    /// A phase starts: `label` names it; `total` is how many units it has, if known.
+    fn begin(&self, _label: &str, _total: Option<u64>) {}
+    /// `n` more units are done.
+    fn advance(&self, _n: u64) {}
+    /// How the phase is going, in a few words.
+    fn note(&self, _note: &str) {}
     /// The phase is over.
     fn end(&self) {}
 }

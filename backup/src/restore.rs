@@ -71,6 +71,7 @@ fn each_chunk(
 /// Writes `disk` of point `id` to `to` as a raw image of the disk's full
 /// size, sparse where the point holds zeros. The file appears atomically
 /// (written beside it, fsynced, renamed) and replaces any file there.
+/// `progress` gets one phase, in bytes of data.
 pub fn restore_to_file(
     repo: &Repository,
     id: &str,
@@ -99,7 +100,7 @@ pub fn restore_to_file(
     let result = (|| {
         let f = File::create(&tmp).map_err(BackupError::io("cannot create", &tmp))?;
         f.set_len(capacity).map_err(BackupError::io("cannot size", &tmp))?;
-        progress.begin(&format!("point {id} disk {disk}"), disk_total(&p, disk));
+        progress.begin(&format!("point {id} disk {disk}"), Some(disk_total(&p, disk)));
         let written = each_chunk(repo, &p, disk, progress, |off, data| {
             f.write_all_at(data, off).map_err(BackupError::io("cannot write", &tmp))
         })?;
@@ -126,6 +127,7 @@ pub fn restore_to_file(
 /// Creates VM `new_vm` on `target` with the disks of point `id` and writes
 /// their content. Every chunk is checked to be present before the VM is
 /// created; a failure after that is [`BackupError::PartialRestore`].
+/// `progress` gets a phase per disk, in bytes of data.
 pub fn restore_to_vm(
     repo: &Repository,
     id: &str,
@@ -154,7 +156,7 @@ pub fn restore_to_vm(
         .map_err(BackupError::host(format!("creating VM {new_vm}")))?;
     let mut written = 0;
     for disk in 0..disks.len() {
-        progress.begin(&format!("point {id} disk {disk}"), disk_total(&p, disk));
+        progress.begin(&format!("point {id} disk {disk}"), Some(disk_total(&p, disk)));
         written += each_chunk(repo, &p, disk, progress, |off, data| {
             target
                 .write(new_vm, disk, off, data)

@@ -82,6 +82,7 @@ fn is_zero(data: &[u8]) -> bool {
 /// The snapshot is removed on every path once it was created; if removing
 /// it fails after the point was committed, the error is
 /// [`BackupError::SnapshotNotRemoved`] and the next backup retries.
+/// `progress` gets a phase per disk, in bytes to read.
 pub fn backup_vm<H: DataProtection + ?Sized>(
     host: &H,
     vm: &str,
@@ -94,7 +95,7 @@ pub fn backup_vm<H: DataProtection + ?Sized>(
     repo.clean_tmp()?;
     if let Some(p) = repo.read_pending(vm)? {
         match host.remove_snapshot(vm, &p.snapshot) {
-            Ok(()) | Err(VadpError::NotFound(_)) => {}
+            Ok(()) | Err(VadpError::NotFound { .. }) => {}
             Err(e) => {
                 return Err(BackupError::host(format!(
                     "removing snapshot {:?} of VM {vm} left by an interrupted backup",
@@ -139,7 +140,7 @@ pub fn backup_vm<H: DataProtection + ?Sized>(
         (Ok(report), Err(source)) => Err(BackupError::SnapshotNotRemoved {
             point: report.point,
             snapshot: snap,
-            source,
+            source: Box::new(source),
         }),
         (Err(e), Ok(())) => {
             // A stale record only names a snapshot that no longer exists.
@@ -339,7 +340,7 @@ impl<H: DataProtection + ?Sized> Job<'_, H> {
             }
         }
         let to_read: u64 = chunks.iter().map(|&n| cs.min(d.capacity - n * cs)).sum();
-        self.progress.begin(&format!("{} disk {i}", self.vm), to_read);
+        self.progress.begin(&format!("{} disk {i}", self.vm), Some(to_read));
         let (bytes_read, bytes_stored) = self.copy_chunks(d, cs, &chunks, &mut index, known)?;
         self.progress.end();
         let meta = DiskMeta {

@@ -35,6 +35,7 @@ pub struct VerifyReport {
 
 /// Checks the whole repository. Problems found are in the report (`ok` is
 /// false); the error is for a repository that cannot be read at all.
+/// `progress` gets one phase, in bytes of chunk files.
 pub fn verify(repo: &Repository, progress: &dyn Progress) -> Result<VerifyReport, BackupError> {
     let _lock = repo.lock_shared()?;
     let mut r = VerifyReport::default();
@@ -63,7 +64,7 @@ pub fn verify(repo: &Repository, progress: &dyn Progress) -> Result<VerifyReport
         .iter()
         .map(|(_, p)| std::fs::metadata(p).map_or(0, |m| m.len()))
         .collect();
-    progress.begin("verify chunks", sizes.iter().sum());
+    progress.begin("verify chunks", Some(sizes.iter().sum()));
     let mut present = std::collections::HashSet::new();
     for ((h, path), size) in files.iter().zip(sizes) {
         let bytes = std::fs::read(path).map_err(BackupError::io("cannot read chunk", path))?;

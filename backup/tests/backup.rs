@@ -9,7 +9,8 @@ use backup::{
     backup_vm, prune, restore_to_file, restore_to_vm, verify, BackupError, BackupOptions, Compression, Repository,
 };
 use vadp::{
-    DataProtection, DiskArea, DiskChangeInfo, RestoreDisk, RestoreTarget, SnapshotDisk, SnapshotInfo, VadpError,
+    DataProtection, DiskArea, DiskChangeInfo, NotFoundKind, RestoreDisk, RestoreTarget, SnapshotDisk, SnapshotInfo,
+    VadpError,
 };
 
 const K: u64 = 1024;
@@ -55,6 +56,8 @@ struct MemHost {
     panic_on_read: Mutex<bool>,
     removed: Mutex<Vec<String>>,
     bytes_read: Mutex<u64>,
+    /// `QueryChangedDiskAreas` calls answered.
+    pages: Mutex<u64>,
 }
 
 impl MemHost {
@@ -121,8 +124,11 @@ impl MemHost {
     }
 }
 
-fn not_found(what: &str) -> VadpError {
-    VadpError::NotFound(what.into())
+fn not_found(what: NotFoundKind, name: &str) -> VadpError {
+    VadpError::NotFound {
+        what,
+        name: name.into(),
+    }
 }
 
 impl DataProtection for MemHost {
@@ -134,10 +140,17 @@ impl DataProtection for MemHost {
         start: u64,
         change_id: &str,
     ) -> Result<DiskChangeInfo, VadpError> {
+        *self.pages.lock().unwrap() += 1;
         let vms = self.vms.lock().unwrap();
-        let v = vms.get(vm).ok_or_else(|| not_found(vm))?;
-        let s = v.snaps.get(snapshot).ok_or_else(|| not_found(snapshot))?;
-        let d = v.disks.get(disk).ok_or_else(|| not_found("disk"))?;
+        let v = vms.get(vm).ok_or_else(|| not_found(NotFoundKind::Vm, vm))?;
+        let s = v
+            .snaps
+            .get(snapshot)
+            .ok_or_else(|| not_found(NotFoundKind::Snapshot, snapshot))?;
+        let d = v
+            .disks
+            .get(disk)
+            .ok_or_else(|| not_found(NotFoundKind::Disk, &disk.to_string()))?;
         let cap = s.images[disk].len() as u64;
         if start >= cap {
             return Err(VadpError::OffsetOutOfRange { start, capacity: cap });
@@ -149,11 +162,15 @@ impl DataProtection for MemHost {
             let (sess, seq) = change_id
                 .split_once('/')
                 .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
-                .ok_or_else(|| VadpError::MalformedChangeId(change_id.into()))?;
+                .ok_or_else(|| VadpError::MalformedChangeId {
+                    change_id: change_id.into(),
+                    reason: "expected <session>/<sequence>".into(),
+                })?;
             if sess != v.session {
-                return Err(VadpError::TrackingReset(format!(
-                    "change ID {change_id} predates a reset"
-                )));
+                return Err(VadpError::TrackingReset {
+                    change_id: change_id.into(),
+                    reason: "it predates a reset".into(),
+                });
             }
             seq
         };
@@ -183,7 +200,10 @@ impl DataProtection for MemHost {
 
     fn disk_capacity(&self, vm: &str, snapshot: &str, disk: usize) -> Result<u64, VadpError> {
         let vms = self.vms.lock().unwrap();
-        let s = vms[vm].snaps.get(snapshot).ok_or_else(|| not_found(snapshot))?;
+        let s = vms[vm]
+            .snaps
+            .get(snapshot)
+            .ok_or_else(|| not_found(NotFoundKind::Snapshot, snapshot))?;
         Ok(s.images[disk].len() as u64)
     }
 
@@ -203,10 +223,13 @@ impl DataProtection for MemHost {
             .unwrap()
             .is_some_and(|f| offset + buf.len() as u64 > f)
         {
-            return Err(VadpError::Host("injected read error".into()));
+            return Err(VadpError::host("injected read error"));
         }
         let vms = self.vms.lock().unwrap();
-        let s = vms[vm].snaps.get(snapshot).ok_or_else(|| not_found(snapshot))?;
+        let s = vms[vm]
+            .snaps
+            .get(snapshot)
+            .ok_or_else(|| not_found(NotFoundKind::Snapshot, snapshot))?;
         buf.copy_from_slice(&s.images[disk][offset as usize..offset as usize + buf.len()]);
         *self.bytes_read.lock().unwrap() += buf.len() as u64;
         Ok(())
@@ -214,9 +237,9 @@ impl DataProtection for MemHost {
 
     fn create_snapshot(&self, vm: &str, name: &str) -> Result<SnapshotInfo, VadpError> {
         let mut vms = self.vms.lock().unwrap();
-        let v = vms.get_mut(vm).ok_or_else(|| not_found(vm))?;
+        let v = vms.get_mut(vm).ok_or_else(|| not_found(NotFoundKind::Vm, vm))?;
         if v.snaps.contains_key(name) {
-            return Err(VadpError::Host(format!("snapshot {name} exists")));
+            return Err(VadpError::host(format!("snapshot {name} exists")));
         }
         v.seq += 1;
         let images: Vec<Vec<u8>> = v.disks.iter().map(|d| d.data.clone()).collect();
@@ -244,8 +267,10 @@ impl DataProtection for MemHost {
 
     fn remove_snapshot(&self, vm: &str, name: &str) -> Result<(), VadpError> {
         let mut vms = self.vms.lock().unwrap();
-        let v = vms.get_mut(vm).ok_or_else(|| not_found(vm))?;
-        v.snaps.remove(name).ok_or_else(|| not_found(name))?;
+        let v = vms.get_mut(vm).ok_or_else(|| not_found(NotFoundKind::Vm, vm))?;
+        v.snaps
+            .remove(name)
+            .ok_or_else(|| not_found(NotFoundKind::Snapshot, name))?;
         self.removed.lock().unwrap().push(name.into());
         Ok(())
     }
@@ -335,6 +360,54 @@ fn full_then_incrementals_restore_every_point_and_read_only_changes() {
     assert_eq!(list.len(), 7);
     assert!(list.iter().all(|p| p.disks.iter().all(|d| d.change_id.is_some())));
     assert!(verify(&repo, &()).unwrap().ok);
+}
+
+/// A full and an incremental backup whose changed areas take the host's pages of 3 areas
+/// by the hundred: both restore byte for byte. A pager that stopped early would leave
+/// most of the disk out of both.
+#[test]
+fn backups_whose_changed_areas_span_hundreds_of_pages_restore_identically() {
+    let (dir, repo) = repo();
+    let host = MemHost::default();
+    let (cap, g) = (16 * M, 4 * K);
+    host.add_vm("a", &[(cap, g)]);
+    // Every other block: 2048 areas that do not touch.
+    for b in (0..cap / g).step_by(2) {
+        host.fill("a", 0, b * g + 7, 512, 1);
+    }
+    let full = run(&host, "a", &repo);
+    let pages_full = *host.pages.lock().unwrap();
+    // Every third block, new bytes: 1366 areas, a third of them in blocks left zero so far.
+    for b in (0..cap / g).step_by(3) {
+        host.fill("a", 0, b * g + 1000, 100, 2);
+    }
+    let inc = run(&host, "a", &repo);
+    let pages_inc = *host.pages.lock().unwrap() - pages_full;
+    assert_eq!(
+        (full.kind.as_str(), inc.kind.as_str()),
+        ("full", "incremental"),
+        "{}",
+        inc.reason
+    );
+    assert_eq!((full.changed_areas, inc.changed_areas), (2048, 1366));
+    assert_eq!(
+        (full.changed_bytes, inc.changed_bytes),
+        (2048 * g, 1366 * g),
+        "every changed block, whole"
+    );
+    assert!(
+        pages_full >= 2048 / 3 && pages_inc >= 1366 / 3,
+        "{pages_full} and {pages_inc} pages"
+    );
+    for p in [&full, &inc] {
+        let image = &host.taken("a", &snap_of(&p.point))[0];
+        assert!(
+            restored(&repo, &p.point, 0, dir.path()) == *image,
+            "point {} ({}) restores differently",
+            p.point,
+            p.kind
+        );
+    }
 }
 
 #[test]

@@ -4,6 +4,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+/// The size parser of every size option ([`workloads::size`]'s grammar).
+pub use workloads::parse_size;
+
 /// `--quick`, `--json`, `--threads`, `--dir`.
 #[derive(Debug, Clone, Args)]
 pub struct Common {
@@ -46,40 +49,5 @@ impl Common {
             anyhow::bail!("--threads needs one or more counts of at least 1");
         }
         Ok(())
-    }
-}
-
-/// Parses a size with an optional binary suffix (`512`, `4K`, `64G`, `2T`), for size options.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(digits);
-    let num: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 4K, 64G, 2T)"))?;
-    let shift = match unit.to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KIB" => 10,
-        "M" | "MIB" => 20,
-        "G" | "GIB" => 30,
-        "T" | "TIB" => 40,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use K, M, G or T)")),
-    };
-    num.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse_with_binary_suffixes() {
-        assert_eq!(parse_size("512"), Ok(512));
-        assert_eq!(parse_size("4K"), Ok(4096));
-        assert_eq!(parse_size("64g"), Ok(64 << 30));
-        assert_eq!(parse_size("2T"), Ok(2 << 40));
-        assert!(parse_size("2X").is_err());
-        assert!(parse_size("T").is_err());
-        assert!(parse_size("99999999999T").is_err());
     }
 }

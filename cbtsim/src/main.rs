@@ -1,5 +1,19 @@
 //! `cbtsim`: the command line of the simulated host. Thin: it parses
 //! arguments, calls one library function per command and prints the result.
+//! Sizes follow `workloads::size` (`64K`, `64KiB`, `2T`); long commands draw
+//! one kind of progress bar (`cli::progress`) on a terminal.
+//!
+//! # Example
+//! ```text
+//! $ export CBTSIM_DATASTORE=/tmp/ds
+//! $ cbtsim vm create web01 --disk 64M --disk 2T
+//! created VM web01 with 2 disk(s): 64 MiB, 2 TiB (granularity 64 KiB, CBT on, powered on)
+//! $ cbtsim snapshot create web01 s1 --json
+//! $ cbtsim disk write web01 0 1M 64KiB
+//! $ cbtsim snapshot create web01 s2
+//! $ cbtsim query web01 --snapshot s2 --since <disk 0's change ID of s1>
+//! $ cbtsim backup run web01 --repo /tmp/repo
+//! ```
 
 mod cli;
 
@@ -30,15 +44,15 @@ enum Cmd {
     Restore(cli::backup::RestoreArgs),
     /// Create, list and configure VMs.
     #[command(subcommand)]
-    Vm(cli::host::VmCmd),
+    Vm(cli::vm::VmCmd),
     /// Guest I/O on a VM's disk: write, read, unmap, extend.
     #[command(subcommand)]
-    Disk(cli::host::DiskCmd),
+    Disk(cli::disk::DiskCmd),
     /// Create, list, remove and revert to snapshots.
     #[command(subcommand)]
-    Snapshot(cli::host::SnapshotCmd),
+    Snapshot(cli::snapshot::SnapshotCmd),
     /// The changed areas of a snapshot's disk since a change ID (QueryChangedDiskAreas, paged).
-    Query(cli::host::QueryArgs),
+    Query(cli::query::QueryArgs),
     /// A torture test: random lifecycle operations under concurrent writes, checked.
     Verify(cli::verify::VerifyArgs),
     /// Replay a block I/O trace into a fresh VM and report the changed areas.
@@ -63,10 +77,10 @@ fn main() -> ExitCode {
         Cmd::Demo(a) => cli::demo::run(a),
         Cmd::Backup(c) => cli::backup::run(&ctx, c),
         Cmd::Restore(a) => cli::backup::restore(&ctx, a),
-        Cmd::Vm(c) => cli::host::vm(&ctx, c),
-        Cmd::Disk(c) => cli::host::disk(&ctx, c),
-        Cmd::Snapshot(c) => cli::host::snapshot(&ctx, c),
-        Cmd::Query(a) => cli::host::query(&ctx, a),
+        Cmd::Vm(c) => cli::vm::run(&ctx, c),
+        Cmd::Disk(c) => cli::disk::run(&ctx, c),
+        Cmd::Snapshot(c) => cli::snapshot::run(&ctx, c),
+        Cmd::Query(a) => cli::query::run(&ctx, a),
         Cmd::Verify(a) => cli::verify::run(a),
         Cmd::Replay(a) => cli::workload::replay(a),
         Cmd::Run(a) => cli::workload::run(&ctx, a),

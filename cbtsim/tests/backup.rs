@@ -313,6 +313,43 @@ fn tracking_resets_between_backups_force_a_full_backup_with_the_reason() {
     }
 }
 
+/// On the simulated host answering 5 areas per query page: a full and an incremental
+/// backup of thousands of areas each restore identically (each backup's pager must go to
+/// the disk's end, hundreds of pages).
+#[test]
+fn backups_of_thousands_of_areas_in_pages_of_five_restore_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = Host::open(&dir.path().join("ds")).unwrap();
+    let repo = Repository::create_or_open(&dir.path().join("repo")).unwrap();
+    let (cap, g) = (16 * M, 4 * K);
+    let vm = host.create_vm("a", &[spec(cap, g)]).unwrap();
+    vm.set_max_areas(5);
+    let rec = Recorder::new(&host);
+    let mut buf = [0u8; 512];
+    let mut reports = Vec::new();
+    // Every other block, then every third block: 2048 and 1366 areas that do not touch.
+    for (seed, every) in [(1, 2), (2, 3)] {
+        for b in (0..cap / g).step_by(every) {
+            fill_pattern(seed, b * g + 7, &mut buf);
+            vm.write(0, b * g + 7, &buf).unwrap();
+        }
+        reports.push(backup_vm(&rec, "a", &repo, &BackupOptions::default(), &()).unwrap());
+    }
+    let (full, inc) = (&reports[0], &reports[1]);
+    assert_eq!((full.kind.as_str(), inc.kind.as_str()), ("full", "incremental"));
+    assert_eq!((full.changed_areas, inc.changed_areas), (2048, 1366));
+    assert_eq!((full.changed_bytes, inc.changed_bytes), (2048 * g, 1366 * g));
+    for r in [full, inc] {
+        assert_eq!(
+            restored_hash(&repo, &r.point, 0, dir.path()),
+            rec.image("a", &r.point)[0],
+            "point {} ({})",
+            r.point,
+            r.kind
+        );
+    }
+}
+
 fn cbtsim(ds: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_cbtsim"))
         .arg("--datastore")

@@ -96,7 +96,7 @@ fn every_format_replays_to_the_same_exact_answer() {
     let dir = tempfile::tempdir().unwrap();
     for (format, content) in same_ops_in_every_format() {
         let path = write_file(dir.path(), &format!("t.{format}"), &content);
-        let r = replay_trace(&path, format, &opts(K64), &mut |_| {}).unwrap_or_else(|e| panic!("{format}: {e}"));
+        let r = replay_trace(&path, format, &opts(K64), &()).unwrap_or_else(|e| panic!("{format}: {e}"));
         // 64 KiB blocks 0 and 1 (the write across 65536), 31 (the sector at 2 MiB - 512),
         // 160 (10 MiB); the disk is the smallest multiple of 64 KiB covering the trace.
         assert_eq!(
@@ -129,13 +129,13 @@ fn discards_are_changes_and_devices_can_be_picked() {
     );
     let mut o = opts(4096);
     o.device = Some("8,0".into());
-    let r = replay_trace(&trace, TraceFormat::Blkparse, &o, &mut |_| {}).unwrap();
+    let r = replay_trace(&trace, TraceFormat::Blkparse, &o, &()).unwrap();
     assert_eq!(r.changed_areas, vec![(0, 4096), (128 << 10, 128 << 10)]);
     assert_eq!((r.writes, r.discards, r.flushes), (1, 1, 1));
     assert_eq!(r.disk_size, 256 << 10, "device 8,16's write at 2 MiB is not replayed");
     o.device = Some("8,16".into());
     o.disk_size = Some(4 << 20);
-    let r = replay_trace(&trace, TraceFormat::Blkparse, &o, &mut |_| {}).unwrap();
+    let r = replay_trace(&trace, TraceFormat::Blkparse, &o, &()).unwrap();
     assert_eq!(r.changed_areas, vec![(2 << 20, 4096)]);
     assert_eq!(r.disk_size, 4 << 20);
 }
@@ -148,13 +148,13 @@ fn a_bad_line_names_file_line_and_field_or_is_skipped_under_the_flag() {
         "bad.csv",
         b"version,time,op,size,lbn\n1,0.5,2a,4096,0\n1,0.6,2a,40x6,8\n1,0.7,2a,512,16\n",
     );
-    let e = replay_trace(&trace, TraceFormat::CloudphysicsCsv, &opts(4096), &mut |_| {}).unwrap_err();
+    let e = replay_trace(&trace, TraceFormat::CloudphysicsCsv, &opts(4096), &()).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, ReplayError::Trace(_)));
     assert!(msg.contains("bad.csv:3: field 'size'"), "{msg}");
     let mut o = opts(4096);
     o.skip_bad = true;
-    let r = replay_trace(&trace, TraceFormat::CloudphysicsCsv, &o, &mut |_| {}).unwrap();
+    let r = replay_trace(&trace, TraceFormat::CloudphysicsCsv, &o, &()).unwrap();
     assert_eq!(r.skipped_lines, 1);
     assert_eq!(r.changed_areas, vec![(0, 4096), (8192, 4096)]);
 }
@@ -165,7 +165,7 @@ fn a_record_past_a_given_disk_size_is_an_error() {
     let trace = write_file(dir.path(), "a.csv", b"3,W,0,4096,1\n3,W,1048576,4096,2\n");
     let mut o = opts(K64);
     o.disk_size = Some(1 << 20);
-    let e = replay_trace(&trace, TraceFormat::Alibaba, &o, &mut |_| {}).unwrap_err();
+    let e = replay_trace(&trace, TraceFormat::Alibaba, &o, &()).unwrap_err();
     assert!(
         e.to_string()
             .contains("record 2 (write of 4096 bytes at offset 1048576)"),
@@ -241,7 +241,7 @@ fn cloudphysics_trace_replays_to_its_unique_blocks() {
         );
         return;
     }
-    let r = replay_trace(&path, TraceFormat::Vscsi, &opts(4096), &mut |_| {}).unwrap();
+    let r = replay_trace(&path, TraceFormat::Vscsi, &opts(4096), &()).unwrap();
     assert_eq!(r.writes, 66_898);
     assert_eq!(r.reads, 46_974);
     assert_eq!(r.changed_bytes, 208_696 * 4096);

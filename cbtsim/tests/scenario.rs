@@ -58,7 +58,7 @@ fn the_teaching_scenario_runs_clean() {
     // the tracker sees.
     s.vms[0].plan.apply_flush = false;
     let (_dir, host) = host();
-    let r = run(&s, host.root(), &()).unwrap();
+    let r = run(&s, host.root(), &|_| &()).unwrap();
     assert_eq!(r.counts.ops, 20_000);
     assert_eq!(r.missed_blocks, 0);
     assert_eq!(r.epochs_checked, 4);
@@ -98,7 +98,7 @@ fn a_host_of_vms_with_several_disks_and_threads_misses_nothing() {
     assert_eq!(s.vms.len(), 3);
     assert_eq!(s.threads(), 2 + 2 + 3);
     let (_dir, host) = host();
-    let r = run(&s, host.root(), &()).unwrap();
+    let r = run(&s, host.root(), &|_| &()).unwrap();
     assert_eq!(r.vm_count, 3);
     assert_eq!(r.counts.ops, 3 * 6000);
     assert_eq!(r.missed_blocks, 0);
@@ -137,7 +137,7 @@ fn a_timed_scenario_stops_on_time() {
     .unwrap();
     assert!(matches!(s.vms[0].plan.limit, Limit::Time(_)));
     let (_dir, host) = host();
-    let r = run(&s, host.root(), &()).unwrap();
+    let r = run(&s, host.root(), &|_| &()).unwrap();
     assert!(r.counts.ops > 0);
     assert!(r.elapsed_s >= 0.5 && r.elapsed_s < 30.0, "{}", r.elapsed_s);
     assert_eq!(r.missed_blocks, 0);
@@ -152,7 +152,7 @@ fn a_vm_name_taken_in_the_datastore_fails_cleanly() {
         "s.toml",
     )
     .unwrap();
-    let e = run(&s, host.root(), &()).unwrap_err();
+    let e = run(&s, host.root(), &|_| &()).unwrap_err();
     assert!(matches!(e, ScenarioError::Sim(_)), "{e}");
 }
 
@@ -235,7 +235,7 @@ fn scheduled_backups_restore_to_the_disks_exactly() {
     "#;
     let s = Scenario::parse(text, "b.toml").unwrap();
     let (_dir, host) = host();
-    let r = run(&s, host.root(), &()).unwrap();
+    let r = run(&s, host.root(), &|_| &()).unwrap();
     assert_eq!(r.missed_blocks, 0);
     for v in &r.vms {
         assert_eq!(v.backups.len(), 3, "{}: a backup after ops 2000, 4000, 6000", v.vm);

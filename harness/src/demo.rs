@@ -6,6 +6,7 @@ use std::path::Path;
 use backup::{backup_vm, restore_to_file, verify, BackupOptions, Repository};
 use tracker::Granularity;
 use vadp::{changed_areas, DiskArea};
+use workloads::{format_size, human, SizeStyle};
 
 use sim::{DiskSpec, Host};
 
@@ -48,15 +49,6 @@ fn fill(tag: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| pattern(tag, i)).collect()
 }
 
-fn human(bytes: u64) -> String {
-    match bytes {
-        b if b >= GIB && b % GIB == 0 => format!("{} GiB", b / GIB),
-        b if b >= MIB => format!("{:.1} MiB", b as f64 / MIB as f64),
-        b if b >= 1024 => format!("{:.1} KiB", b as f64 / 1024.0),
-        b => format!("{b} B"),
-    }
-}
-
 /// Runs the walk-through in `dir`, narrating to `out`.
 pub fn run(dir: &Path, out: &mut dyn Write) -> Result<DemoReport, HarnessError> {
     let say = |out: &mut dyn Write, s: String| {
@@ -76,7 +68,7 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<DemoReport, HarnessError> 
         out,
         format!(
             "   VM \"demo-vm\" with one thin {} disk (sparse: nothing is allocated yet)",
-            human(disk_size)
+            format_size(disk_size, SizeStyle::Exact)
         ),
     );
     vadp::DataProtection::enable_change_tracking(&host, "demo-vm")?;
@@ -259,7 +251,7 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<DemoReport, HarnessError> 
         checked += len;
     }
     let ok = verify(&repo, &())?.ok;
-    say(out, format!("13. Restored point {} to a sparse {} image and checked {} against what the guest wrote: identical; repository verify: {}", inc.point, human(size), human(checked), if ok { "ok" } else { "FAILED" }));
+    say(out, format!("13. Restored point {} to a sparse {} image and checked {} against what the guest wrote: identical; repository verify: {}", inc.point, format_size(size, SizeStyle::Exact), human(checked), if ok { "ok" } else { "FAILED" }));
     if !ok {
         return Err(HarnessError::Check {
             path: dir.join("repo"),

@@ -23,12 +23,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use backup::Progress;
 use serde::Serialize;
 use tracker::{Granularity, MAX_CAPACITY};
 use vadp::VadpError;
-use workloads::{check_report, fill_pattern, IoOp, ShadowDisk, ShadowError, TraceError, TraceFormat, TraceReader};
+use workloads::{check_report, IoOp, ShadowDisk, ShadowError, TraceError, TraceFormat, TraceReader};
 
-use crate::drive::push_area;
+use crate::apply::{apply_op, changed_areas};
 use sim::{DiskSpec, Host, SimError};
 
 /// How to replay a trace.
@@ -177,13 +178,28 @@ pub fn covering_size(end: u64, granularity: Granularity) -> Result<u64, ReplayEr
     size.ok_or(ReplayError::TooLarge { end })
 }
 
-/// Replays a trace file (see the module docs). `progress` is called now and then with
-/// the number of records replayed so far.
+/// Replays a trace file (see the module docs). `progress` gets one phase, in records
+/// replayed (the total is not known), advanced every [`PROGRESS_BATCH`] records.
 pub fn replay_trace(
     path: &Path,
     format: TraceFormat,
     opts: &ReplayOptions,
-    progress: &mut dyn FnMut(u64),
+    progress: &dyn Progress,
+) -> Result<ReplayReport, ReplayError> {
+    progress.begin("replay", None);
+    let r = replay_trace_file(path, format, opts, progress);
+    progress.end();
+    r
+}
+
+/// Records replayed between two calls of [`Progress::advance`].
+pub const PROGRESS_BATCH: u64 = 4096;
+
+fn replay_trace_file(
+    path: &Path,
+    format: TraceFormat,
+    opts: &ReplayOptions,
+    progress: &dyn Progress,
 ) -> Result<ReplayReport, ReplayError> {
     let started = Instant::now();
     let disk_size = match opts.disk_size {
@@ -195,13 +211,13 @@ pub fn replay_trace(
     let mut n = 0u64;
     let ops = (&mut reader).map(|rec| {
         n += 1;
-        if n & 4095 == 0 {
-            progress(n);
+        if n.is_multiple_of(PROGRESS_BATCH) {
+            progress.advance(PROGRESS_BATCH);
         }
         rec.map(|r| r.to_op(n))
     });
     let mut report = replay(ops, "record", disk_size, opts)?;
-    progress(n);
+    progress.advance(n % PROGRESS_BATCH);
     report.skipped_lines = reader.skipped();
     report.ignored_records = reader.ignored();
     report.scan_seconds = scan_seconds;
@@ -220,9 +236,6 @@ pub fn replay_ops(
     r.seconds = started.elapsed().as_secs_f64();
     Ok(r)
 }
-
-/// Largest piece a long write is applied in (the buffer's size).
-const CHUNK: u64 = 8 << 20;
 
 fn replay(
     ops: impl Iterator<Item = Result<IoOp, TraceError>>,
@@ -302,41 +315,33 @@ fn replay(
             }
         }
         match op {
-            IoOp::Write { offset, len, seed } => {
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(CHUNK);
-                    buf.resize(n as usize, 0);
-                    fill_pattern(seed, offset + done, &mut buf);
-                    vm.write(0, offset + done, &buf)?;
-                    done += n;
-                }
-                shadow.write(offset, len, seed)?;
+            // Counted, not replayed.
+            IoOp::Read { .. } => {
+                r.reads += 1;
+                continue;
+            }
+            IoOp::Flush => {
+                r.flushes += 1;
+                continue;
+            }
+            IoOp::Write { len, .. } => {
                 r.writes += 1;
                 r.bytes_written += len;
             }
-            IoOp::Unmap { offset, len } => {
-                vm.unmap(0, offset, len)?;
-                shadow.unmap(offset, len)?;
+            IoOp::Unmap { len, .. } => {
                 r.discards += 1;
                 r.bytes_discarded += len;
             }
-            IoOp::Read { .. } => r.reads += 1,
-            IoOp::Flush => r.flushes += 1,
-            IoOp::Extend { new_size } => {
-                vm.extend_disk(0, new_size)?;
-                shadow.extend(new_size)?;
-            }
+            IoOp::Extend { .. } => {}
         }
+        apply_op(&vm, 0, &op, &mut buf)?;
+        shadow.apply(&op)?;
     }
     r.replay_seconds = t.elapsed().as_secs_f64();
     let last = shadow.checkpoint();
     vm.create_snapshot("after")?;
     let t = Instant::now();
-    for area in vadp::changed_areas(&host, "replay", "after", 0, &change_id) {
-        let a = area?;
-        push_area(&mut r.changed_areas, a.start, a.length);
-    }
+    r.changed_areas = changed_areas(&vm, "after", 0, &change_id)?.areas;
     r.query_seconds = t.elapsed().as_secs_f64();
     r.changed_bytes = r.changed_areas.iter().map(|a| a.1).sum();
     let truth = shadow.changed_bytes_exact(first, last)?;

@@ -274,7 +274,7 @@ fn a_trace_replay_matches_qemu() {
     for g in [64 * KIB, 4 * KIB] {
         let mut o = opts(g);
         o.device = Some("src1_1".into());
-        let r = replay_trace(Path::new(&path), TraceFormat::Msr, &o, &mut |_| {}).unwrap();
+        let r = replay_trace(Path::new(&path), TraceFormat::Msr, &o, &()).unwrap();
         assert_eq!(r.writes, writes.len() as u64);
         let qemu = qemu_dirty(r.disk_size, g, &writes);
         assert_eq!(r.changed_areas, qemu, "trace replay, granularity {g}: cbtsim vs QEMU");

@@ -1,7 +1,10 @@
 //! The `verify` torture test as a library: reproducible single-threaded,
 //! exercising every lifecycle operation, clean under concurrent writers.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use harness::verify::{run, VerifyConfig, VerifyReport};
+use harness::Progress;
 use tracker::Granularity;
 
 fn config(threads: usize, seed: u64) -> VerifyConfig {
@@ -29,8 +32,8 @@ fn assert_passed(r: &VerifyReport) {
 
 #[test]
 fn single_threaded_runs_are_reproducible_from_the_seed() {
-    let a = run(&config(0, 9), &mut |_| {}).unwrap();
-    let b = run(&config(1, 9), &mut |_| {}).unwrap(); // one thread is inline too
+    let a = run(&config(0, 9), &()).unwrap();
+    let b = run(&config(1, 9), &()).unwrap(); // one thread is inline too
     assert_passed(&a);
     let key = |r: &VerifyReport| {
         (
@@ -48,27 +51,44 @@ fn single_threaded_runs_are_reproducible_from_the_seed() {
         )
     };
     assert_eq!(key(&a), key(&b));
-    let c = run(&config(0, 10), &mut |_| {}).unwrap();
+    let c = run(&config(0, 10), &()).unwrap();
     assert_passed(&c);
     assert_ne!(key(&a), key(&c), "another seed, another run");
 }
 
 #[test]
 fn every_lifecycle_operation_and_expected_error_is_exercised() {
-    let mut calls = 0;
+    /// What a run reports as its progress.
+    #[derive(Default)]
+    struct Count {
+        total: AtomicU64,
+        advanced: AtomicU64,
+        notes: AtomicU64,
+    }
+    impl Progress for Count {
+        fn begin(&self, _label: &str, total: Option<u64>) {
+            self.total.store(total.unwrap_or(0), Ordering::Relaxed);
+        }
+        fn advance(&self, n: u64) {
+            self.advanced.fetch_add(n, Ordering::Relaxed);
+        }
+        fn note(&self, _note: &str) {
+            self.notes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let count = Count::default();
     let r = run(
         &VerifyConfig {
             ops: Some(400),
             ..config(0, 3)
         },
-        &mut |p| {
-            calls += 1;
-            assert!(p.fraction <= 1.0);
-        },
+        &count,
     )
     .unwrap();
     assert_passed(&r);
-    assert_eq!(calls, 400, "progress after every operation");
+    assert_eq!(count.notes.into_inner(), 400, "progress after every operation");
+    let (advanced, total) = (count.advanced.into_inner(), count.total.into_inner());
+    assert!(advanced <= total && total > 0, "{advanced} of {total}");
     for op in [
         "create",
         "remove_newest",
@@ -112,7 +132,7 @@ fn concurrent_writers_and_lifecycle_find_nothing() {
             disk_size: 8 << 20,
             ..VerifyConfig::default()
         },
-        &mut |_| {},
+        &(),
     )
     .unwrap();
     assert_passed(&r);
@@ -131,6 +151,31 @@ fn bad_configurations_are_refused() {
             disk_size,
             ..config(0, 1)
         };
-        assert!(run(&cfg, &mut |_| {}).is_err(), "disk size {disk_size}");
+        assert!(run(&cfg, &()).is_err(), "disk size {disk_size}");
     }
+}
+
+/// With two areas per page on a 16 MiB disk tracked at 4 KiB, most answers take many
+/// pages: every check then depends on the pager going to the disk's end.
+#[test]
+fn answers_that_span_many_pages_are_paged_and_checked() {
+    let r = run(
+        &VerifyConfig {
+            ops: Some(100),
+            max_areas: 2,
+            disk_size: 16 << 20,
+            granularity: Granularity::new(4096).unwrap(),
+            ..config(0, 4)
+        },
+        &(),
+    )
+    .unwrap();
+    assert_passed(&r);
+    assert!(
+        r.multi_page_answers * 2 > r.checks && r.query_pages > 10 * r.checks,
+        "{} checks, {} of them over several pages, {} pages in all",
+        r.checks,
+        r.multi_page_answers,
+        r.query_pages
+    );
 }

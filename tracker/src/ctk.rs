@@ -90,6 +90,10 @@ pub(crate) struct Header {
     pub last_closed: u64,
     pub folded: u64,
     pub session_start: u64,
+    /// Marks of the epochs up to and including this one may be incomplete:
+    /// tracking state was damaged while this epoch was open. A revert to a
+    /// point before it cannot know all it changes back.
+    pub marks_lost_through: u64,
     pub active: u64,
     /// The closed epoch whose frozen bitmap (the inactive one) is not yet
     /// written to its epoch file; 0 if none.
@@ -117,7 +121,8 @@ const O_PENDING: usize = 88;
 const O_SESSION: usize = 96;
 const O_NPAST: usize = 112;
 const O_NPINS: usize = 116;
-const O_PAST: usize = 120; // 17 bytes each
+const O_LOST: usize = 120;
+const O_PAST: usize = 128; // 17 bytes each
 const O_PINS: usize = O_PAST + MAX_PAST_SESSIONS * 17; // 12 bytes each
 const O_SUM: usize = SLOT_BYTES - 8;
 const _: () = assert!(O_PINS + MAX_PINS * 12 <= O_SUM);
@@ -151,6 +156,7 @@ impl Header {
         put64(out, O_SSTART, self.session_start);
         put64(out, O_ACTIVE, self.active);
         put64(out, O_PENDING, self.pending);
+        put64(out, O_LOST, self.marks_lost_through);
         out[O_SESSION..O_SESSION + 16].copy_from_slice(self.session.as_bytes());
         put32(out, O_NPAST, self.past.len() as u32);
         put32(out, O_NPINS, self.pins.len() as u32);
@@ -227,6 +233,7 @@ impl Header {
             session_start: get64(b, O_SSTART),
             active: get64(b, O_ACTIVE),
             pending: get64(b, O_PENDING),
+            marks_lost_through: get64(b, O_LOST),
             session: uuid_at(O_SESSION),
             past,
             pins,
@@ -239,6 +246,7 @@ impl Header {
             || h.folded > h.last_closed
             || h.pending > h.last_closed
             || (h.pending != 0 && h.pending <= h.folded)
+            || h.marks_lost_through > h.cur_epoch
         {
             return Err("inconsistent epoch counters".into());
         }
@@ -312,6 +320,7 @@ mod tests {
             last_closed: 8,
             folded: 6,
             session_start: 3,
+            marks_lost_through: 2,
             active: 1,
             pending: 8,
             session: Uuid::new_v4(),

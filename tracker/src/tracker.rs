@@ -217,6 +217,8 @@ impl Tracker {
             last_closed: first_epoch - 1,
             folded: first_epoch - 1,
             session_start: first_epoch,
+            // A recreated file knows nothing of the epochs before it.
+            marks_lost_through: if recreated { first_epoch } else { 0 },
             active: 0,
             pending: 0,
             session: Uuid::new_v4(),
@@ -284,6 +286,7 @@ impl Tracker {
                     reset_session(&mut c.h, ResetReason::Corrupt);
                     c.h.allocation_unknown = true;
                     c.h.folded = c.h.last_closed;
+                    c.h.marks_lost_through = c.h.cur_epoch;
                     c.unfolded.clear();
                     let (have, _) = epochs::list(path);
                     for e in have {
@@ -518,11 +521,12 @@ impl Tracker {
     /// correctly. **The caller must have quiesced every writer.** Marking
     /// again is harmless, so a host may repeat it after a crash.
     ///
-    /// If `seq` is older than the fold horizon (only after tracking state was
-    /// damaged: a live snapshot otherwise pins it), the epochs after it are
-    /// lost and what the revert changes back is not known: a new session
-    /// starts, so earlier change IDs fail with `TrackingReset` instead of
-    /// answering incompletely.
+    /// If `seq` is older than the fold horizon, or than the epoch that was
+    /// open when damaged state reset tracking (only after damage: a live
+    /// snapshot otherwise pins it, and a killed process loses no marks), the
+    /// marks of the epochs after it are lost and what the revert changes back
+    /// is not known: a new session starts, so earlier change IDs fail with
+    /// `TrackingReset` instead of answering incompletely.
     pub fn rewind_to(&self, seq: u64) -> Result<(), QueryError> {
         let mut c = self.cold.lock();
         if seq > c.h.last_closed {
@@ -537,8 +541,8 @@ impl Tracker {
         for bits in c.unfolded.range(seq + 1..).map(|(_, b)| b) {
             bits.for_each_word(|w, m| active.or_leaf_word(w as usize, m));
         }
-        if seq < c.h.folded {
-            reset_session(&mut c.h, ResetReason::Unclean);
+        if seq < c.h.folded || seq < c.h.marks_lost_through {
+            reset_session(&mut c.h, ResetReason::Corrupt);
             let _ = c.write_header(false);
         }
         Ok(())

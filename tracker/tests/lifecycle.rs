@@ -249,6 +249,61 @@ fn rewind_marks_what_the_revert_changed_back() {
 }
 
 #[test]
+fn rewind_to_the_last_point_before_a_kill_is_exact() {
+    // A killed process loses no mark: the epoch open at the kill kept its
+    // marks in the mapping, so a revert to the last snapshot before the kill
+    // marks everything it changes back, in the same session.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.ctk");
+    let t = Tracker::create(&p, GIB, Granularity::DEFAULT).unwrap();
+    let s1 = t.close_epoch().unwrap(); // the snapshot reverted to later
+    t.mark(3 * 65536, 1); // written before the kill
+    kill(t);
+    let t = Tracker::open(&p).unwrap();
+    t.mark(0, 1);
+    let s2 = t.close_epoch().unwrap();
+    let id2 = t.change_id(s2).unwrap();
+    t.rewind_to(s1).unwrap(); // changes blocks 0 and 3 back
+    let s3 = t.close_epoch().unwrap();
+    assert_eq!(
+        areas(&t, Since::Change(id2), s3, GIB),
+        vec![(0, 65536), (3 * 65536, 65536)]
+    );
+}
+
+#[test]
+fn rewind_to_a_point_before_damaged_state_starts_a_new_session() {
+    // Damaged state loses the marks of the epochs it held, so a revert to a
+    // snapshot from before the damage cannot know all it changes back, even
+    // the last one, exactly at the fold horizon the reset set.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.ctk");
+    let t = Tracker::create(&p, GIB, Granularity::DEFAULT).unwrap();
+    let s1 = t.close_epoch().unwrap();
+    t.mark(3 * 65536, 1);
+    let s2 = t.close_epoch().unwrap(); // pinned behind s1: in its epoch file
+    t.settle();
+    t.close().unwrap();
+    std::fs::remove_file(dir.path().join(format!("d.ctk.e{s2}"))).unwrap();
+    let t = Tracker::open(&p).unwrap();
+    t.mark(0, 1);
+    let s3 = t.close_epoch().unwrap();
+    let id3 = t.change_id(s3).expect("the new session issues change IDs");
+    t.rewind_to(s2).unwrap();
+    let s4 = t.close_epoch().unwrap();
+    let err = t.changed_areas(Since::Change(id3), s4, GIB, 0, 10).unwrap_err();
+    assert!(matches!(err, QueryError::TrackingReset { .. }), "{err}");
+    // A point after the reset reverts within the session, and survives a clean close.
+    let id4 = t.change_id(s4).unwrap();
+    t.mark(7 * 65536, 1);
+    t.close().unwrap();
+    let t = Tracker::open(&p).unwrap();
+    t.rewind_to(s4).unwrap();
+    let s5 = t.close_epoch().unwrap();
+    assert_eq!(areas(&t, Since::Change(id4), s5, GIB), vec![(7 * 65536, 65536)]);
+}
+
+#[test]
 fn extend_keeps_change_ids_and_reports_writes_past_the_old_end() {
     let dir = tempfile::tempdir().unwrap();
     let old = 128 * GIB;

@@ -23,6 +23,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::dist::{Distribution, Sampler};
 use crate::error::WorkloadError;
 use crate::op::{derive_seed, IoOp};
+use crate::size::{format_size, parse_size, SizeStyle};
 
 /// The sector size: every offset and length a generator makes is a multiple of it.
 pub const SECTOR: u64 = 512;
@@ -44,31 +45,6 @@ impl<W: Workload + ?Sized> Workload for Box<W> {
     }
 }
 
-/// Parses a size such as `512`, `4k`, `64K`, `1m`, `2MiB` (units of 1024, as fio's `bs`).
-pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(digits);
-    let num: u64 = num.parse().ok()?;
-    let shift = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        _ => return None,
-    };
-    num.checked_mul(1 << shift)
-}
-
-fn format_size(size: u64) -> String {
-    match size {
-        s if s >= 1 << 30 && s % (1 << 30) == 0 => format!("{}g", s >> 30),
-        s if s >= 1 << 20 && s % (1 << 20) == 0 => format!("{}m", s >> 20),
-        s if s >= 1 << 10 && s % (1 << 10) == 0 => format!("{}k", s >> 10),
-        s => s.to_string(),
-    }
-}
-
 /// A mix of block sizes with percentages, like fio's `bssplit` (`"4k/50:8k/30:64k/20"`).
 ///
 /// Entries without a percentage share what the others leave equally (`"4k/50:8k:16k"` is
@@ -82,7 +58,7 @@ pub struct SizeMix {
 impl SizeMix {
     /// Every op of `size` bytes (a multiple of 512).
     pub fn fixed(size: u64) -> Result<Self, WorkloadError> {
-        format_size(size).parse()
+        format_size(size, SizeStyle::Short).parse()
     }
 
     /// The `(size, percent)` pairs.
@@ -130,7 +106,7 @@ impl FromStr for SizeMix {
                 None => (item, None),
             };
             let size =
-                parse_size(size_s).ok_or_else(|| bad(format!("size {size_s:?} is not a size like 512, 4k or 1m")))?;
+                parse_size(size_s).map_err(|_| bad(format!("size {size_s:?} is not a size like 512, 4k or 1m")))?;
             if size == 0 || size % SECTOR != 0 {
                 return Err(bad(format!("size {size_s:?} is not a non-zero multiple of 512 bytes")));
             }
@@ -175,7 +151,9 @@ impl fmt::Display for SizeMix {
             if i > 0 {
                 write!(f, ":")?;
             }
-            write!(f, "{}/{pct}", format_size(size))?;
+            // fio writes its sizes in lower case.
+            let size = format_size(size, SizeStyle::Short).to_ascii_lowercase();
+            write!(f, "{size}/{pct}")?;
         }
         Ok(())
     }
@@ -614,16 +592,5 @@ mod tests {
             ..base
         })
         .contains("align_offset"));
-    }
-
-    #[test]
-    fn parse_size_units() {
-        assert_eq!(parse_size("512"), Some(512));
-        assert_eq!(parse_size("4k"), Some(4096));
-        assert_eq!(parse_size("64KiB"), Some(65536));
-        assert_eq!(parse_size("2M"), Some(2 << 20));
-        assert_eq!(parse_size("1g"), Some(1 << 30));
-        assert_eq!(parse_size("k"), None);
-        assert_eq!(parse_size("4t"), None);
     }
 }

@@ -14,6 +14,9 @@
 //! - [`TraceReader`] streams public block traces ([`TraceFormat`]: MSR Cambridge,
 //!   CloudPhysics vscsi and CSV, blkparse, fio iolog, Alibaba, Tencent CBS) as
 //!   [`TraceRecord`]s.
+//! - [`size`] reads and writes byte sizes (`64K`, `2TiB`; `1.5 GiB`): the one size
+//!   grammar and printer of the workspace, used by the command line, the scenarios and the
+//!   benchmarks too.
 //! - [`ShadowDisk`] records what each byte should hold and what changed between
 //!   checkpoints; [`check_report`] compares a tracker's changed areas with that truth.
 //!
@@ -56,12 +59,14 @@ mod gen;
 mod op;
 mod profiles;
 mod shadow;
+pub mod size;
 mod trace;
 
 pub use dist::{Distribution, Sampler, Zone};
 pub use error::WorkloadError;
-pub use gen::{parse_size, Generator, GeneratorConfig, SizeMix, Workload, SECTOR};
+pub use gen::{Generator, GeneratorConfig, SizeMix, Workload, SECTOR};
 pub use op::{fill_pattern, IoOp};
 pub use profiles::{profile, profiles, ProfileInfo, MIN_DISK_SIZE};
 pub use shadow::{check_report, CheckpointId, ShadowDisk, ShadowError, Verdict};
+pub use size::{format_size, human, parse_size, SizeError, SizeStyle};
 pub use trace::{TraceError, TraceFormat, TraceOpKind, TraceReader, TraceRecord};

@@ -1,14 +1,14 @@
 //! `cbtsim backup run|list|verify|prune` and `cbtsim restore`: the backup
 //! client of `vadp::backup` over this host.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
-use backup::{self, BackupOptions, Compression, Progress, Repository};
+use backup::{self, BackupOptions, Compression, Repository};
 use clap::{Args, Subcommand, ValueEnum};
-use parking_lot::Mutex;
+use workloads::human;
 
+use super::progress::Bar;
 use super::Ctx;
 
 /// `cbtsim backup ...`
@@ -101,51 +101,9 @@ pub struct RestoreArgs {
 }
 
 /// A progress bar with MB/s on stderr, only when it is a terminal.
-#[derive(Debug, Default)]
-struct Bar(Mutex<Option<indicatif::ProgressBar>>);
-
-impl Progress for Bar {
-    fn begin(&self, label: &str, total: u64) {
-        if !std::io::stderr().is_terminal() {
-            return;
-        }
-        let pb = indicatif::ProgressBar::new(total);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg:20} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        pb.set_message(label.to_owned());
-        *self.0.lock() = Some(pb);
-    }
-
-    fn advance(&self, bytes: u64) {
-        if let Some(pb) = &*self.0.lock() {
-            pb.inc(bytes);
-        }
-    }
-
-    fn end(&self) {
-        if let Some(pb) = self.0.lock().take() {
-            pb.finish_and_clear();
-        }
-    }
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+fn bar() -> Bar {
+    const TEMPLATE: &str = "{prefix:20} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}";
+    Bar::stderr(TEMPLATE, TEMPLATE)
 }
 
 fn mb_per_s(bytes: u64, secs: f64) -> f64 {
@@ -170,7 +128,7 @@ pub fn run(ctx: &Ctx, cmd: &BackupCmd) -> anyhow::Result<()> {
                     CompressionArg::None => Compression::None,
                 },
             };
-            let r = backup::backup_vm(&host, &a.vm, &repo, &opts, &Bar::default())
+            let r = backup::backup_vm(&host, &a.vm, &repo, &opts, &bar())
                 .with_context(|| format!("backup of VM {} failed", a.vm))?;
             if a.json {
                 println!("{}", serde_json::to_string(&r)?);
@@ -214,7 +172,7 @@ pub fn run(ctx: &Ctx, cmd: &BackupCmd) -> anyhow::Result<()> {
             }
         }
         BackupCmd::Verify { repo, json } => {
-            let r = backup::verify(&open_repo(repo)?, &Bar::default())?;
+            let r = backup::verify(&open_repo(repo)?, &bar())?;
             if *json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -271,7 +229,7 @@ pub fn run(ctx: &Ctx, cmd: &BackupCmd) -> anyhow::Result<()> {
 /// Runs `cbtsim restore ...`.
 pub fn restore(ctx: &Ctx, a: &RestoreArgs) -> anyhow::Result<()> {
     let repo = open_repo(&a.repo)?;
-    let bar = Bar::default();
+    let bar = bar();
     let r = match (&a.to, &a.to_vm, a.disk) {
         (Some(to), None, Some(disk)) => backup::restore_to_file(&repo, &a.point, disk, to, &bar)
             .with_context(|| format!("restore of point {} disk {disk} to {} failed", a.point, to.display()))?,

@@ -1,16 +1,28 @@
 //! Command handlers of the `cbtsim` binary: argument structs, output
 //! formatting, and one library call each. No tracking logic lives here.
+//!
+//! `vm`, `disk`, `snapshot` and `query` drive the host step by step, in the manner of
+//! govc or vim-cmd. Every handler validates all of its input before it changes anything,
+//! so an error leaves the datastore as it was. Sizes and offsets are parsed by the
+//! handlers (with [`workloads::parse_size`], not by clap) so that a malformed one gives
+//! the same one-line error as any other failure.
 
 pub mod backup;
 pub mod demo;
-pub mod host;
+pub mod disk;
+pub mod progress;
+pub mod query;
+pub mod snapshot;
 pub mod verify;
+pub mod vm;
 pub mod workload;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use anyhow::{bail, Context as _};
-use sim::Host;
+use anyhow::{bail, ensure, Context as _};
+use sim::{Host, Vm};
+use workloads::{format_size, parse_size, SizeStyle};
 
 /// What every command gets from the top-level arguments.
 #[derive(Debug, Clone)]
@@ -29,42 +41,31 @@ impl Ctx {
     }
 }
 
-/// Parses a size with an optional binary suffix: `512`, `64K`, `2T`, `1.5G` is refused.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                'B' => 1,
-                _ => return Err(format!("invalid size {s:?}: unknown suffix {c:?} (use K, M, G or T)")),
-            };
-            (&t[..i], m)
-        }
-        _ => (t, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: expected a whole number with an optional K/M/G/T suffix"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("invalid size {s:?}: too large"))
+/// Parses a size argument, naming it in the error.
+fn size_arg(what: &str, s: &str) -> anyhow::Result<u64> {
+    parse_size(s).map_err(|e| anyhow::anyhow!("invalid {what}: {e}"))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
+fn disk_arg(s: &str) -> anyhow::Result<usize> {
+    s.trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid DISK {s:?}: expected a disk index (0, 1, ...)"))
+}
 
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("512"), Ok(512));
-        assert_eq!(parse_size("64K"), Ok(65536));
-        assert_eq!(parse_size("2t"), Ok(2 << 40));
-        assert!(parse_size("1.5G").is_err());
-        assert!(parse_size("12Q").unwrap_err().contains("suffix"));
-        assert!(parse_size("").is_err());
-        assert!(parse_size("99999999999T").is_err());
+/// A capacity or granularity, exactly (`1536 MiB`, `100000256 bytes`).
+fn exact(bytes: u64) -> String {
+    format_size(bytes, SizeStyle::Exact)
+}
+
+/// Opens the datastore, which must exist (only `vm create` makes one).
+fn existing_host(ctx: &Ctx) -> anyhow::Result<Host> {
+    if let Some(dir) = &ctx.datastore {
+        ensure!(dir.is_dir(), "datastore {} does not exist", dir.display());
     }
+    ctx.host()
+}
+
+/// Opens VM `name` of the datastore, which must exist.
+fn existing_vm(ctx: &Ctx, name: &str) -> anyhow::Result<Arc<Vm>> {
+    Ok(existing_host(ctx)?.vm(name)?)
 }

@@ -1,13 +1,11 @@
 //! `cbtsim verify`: runs [`harness::verify::run`] and prints its report.
 
-use std::io::IsTerminal;
-
+use super::progress::Bar;
+use super::size_arg;
 use anyhow::{bail, Context as _};
 use clap::Args;
 use harness::verify::{VerifyConfig, VerifyReport};
 use tracker::Granularity;
-
-use super::parse_size;
 
 /// Arguments of `cbtsim verify`.
 #[derive(Debug, Args)]
@@ -37,8 +35,8 @@ pub struct VerifyArgs {
 
 /// Runs `cbtsim verify`.
 pub fn run(a: &VerifyArgs) -> anyhow::Result<()> {
-    let disk_size = parse_size(&a.disk_size).map_err(|e| anyhow::anyhow!("invalid --disk-size: {e}"))?;
-    let g = parse_size(&a.granularity).map_err(|e| anyhow::anyhow!("invalid --granularity: {e}"))?;
+    let disk_size = size_arg("--disk-size", &a.disk_size)?;
+    let g = size_arg("--granularity", &a.granularity)?;
     let granularity = Granularity::new(g).with_context(|| format!("invalid --granularity {:?}", a.granularity))?;
     if let Some(s) = a.seconds {
         if !(s.is_finite() && s >= 0.0) {
@@ -62,24 +60,8 @@ pub fn run(a: &VerifyArgs) -> anyhow::Result<()> {
         granularity,
         ..VerifyConfig::default()
     };
-    let pb = if std::io::stderr().is_terminal() {
-        let pb = indicatif::ProgressBar::new(1000);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template("{elapsed_precise} {bar:30} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        pb
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    let report = harness::verify::run(&cfg, &mut |p| {
-        pb.set_position((p.fraction * 1000.0) as u64);
-        pb.set_message(format!(
-            "{} ops, {} checks, {} writes, {} violations",
-            p.ops, p.checks, p.writes, p.violations
-        ));
-    })?;
-    pb.finish_and_clear();
+    const TEMPLATE: &str = "{elapsed_precise} {bar:30} {msg}";
+    let report = harness::verify::run(&cfg, &Bar::stderr(TEMPLATE, TEMPLATE))?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

@@ -6,14 +6,15 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand};
-use harness::drive::{self, DiskLoad, DrivePlan, DriveReport, EpochReport, Limit};
+use harness::drive::{self, DiskLoad, DrivePlan, DriveReport, Limit, OpCounts};
 use harness::replay::{self, ReplayOptions, ReplayReport};
-use harness::scenario::{self, Scenario, ScenarioProgress, ScenarioReport};
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use harness::scenario::{self, Scenario, ScenarioReport};
+use indicatif::{MultiProgress, ProgressDrawTarget};
 use tracker::Granularity;
-use workloads::TraceFormat;
+use workloads::{human, parse_size, TraceFormat};
 
-use super::{parse_size, Ctx};
+use super::progress::Bar;
+use super::Ctx;
 
 /// Arguments of `cbtsim replay`.
 #[derive(Debug, Args)]
@@ -107,22 +108,23 @@ pub enum WorkloadsCmd {
     },
 }
 
-fn human(bytes: u64) -> String {
-    const UNITS: [(&str, u32); 4] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
-    for (u, s) in UNITS {
-        if bytes >= 1 << s {
-            return format!("{:.1} {u}", bytes as f64 / (1u64 << s) as f64);
-        }
-    }
-    format!("{bytes} B")
+/// `N writes SIZE, N reads SIZE, N unmaps SIZE, N flushes, N extends`.
+fn op_kinds(c: &OpCounts) -> String {
+    format!(
+        "{} writes {}, {} reads {}, {} unmaps {}, {} flushes, {} extends",
+        c.writes,
+        human(c.bytes_written),
+        c.reads,
+        human(c.bytes_read),
+        c.unmaps,
+        human(c.bytes_unmapped),
+        c.flushes,
+        c.extends
+    )
 }
 
 fn pct(share: f64) -> String {
     format!("{:.3}%", share * 100.0)
-}
-
-fn style(template: &str) -> ProgressStyle {
-    ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar())
 }
 
 /// Runs `cbtsim replay`.
@@ -136,17 +138,9 @@ pub fn replay(a: &ReplayArgs) -> anyhow::Result<()> {
         skip_bad: a.skip_bad,
         workdir: None,
     };
-    let pb = if std::io::stderr().is_terminal() {
-        let pb = ProgressBar::new_spinner();
-        pb.set_style(style("{spinner} {elapsed_precise} {pos} records replayed"));
-        pb.enable_steady_tick(Duration::from_millis(200));
-        pb
-    } else {
-        ProgressBar::hidden()
-    };
-    let r = replay::replay_trace(&a.trace, a.format, &opts, &mut |n| pb.set_position(n));
-    pb.finish_and_clear();
-    let r = r?;
+    const SPINNER: &str = "{spinner} {elapsed_precise} {pos} records replayed";
+    let bar = Bar::stderr(SPINNER, SPINNER).ticking(Duration::from_millis(200));
+    let r = replay::replay_trace(&a.trace, a.format, &opts, &bar)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
@@ -204,64 +198,17 @@ fn print_replay(a: &ReplayArgs, r: &ReplayReport) {
     );
 }
 
-/// Progress bars of a scenario: one per VM, on stderr.
-struct Bars {
-    bars: Vec<ProgressBar>,
-}
-
-impl ScenarioProgress for Bars {
-    fn ops(&self, vm: usize, n: u64) {
-        self.bars[vm].inc(n);
-    }
-    fn epoch(&self, vm: usize, _disk: usize, e: &EpochReport) {
-        self.bars[vm].set_message(format!(
-            "epoch {}: {} changed, missed {}",
-            e.epoch,
-            human(e.check.changed_bytes),
-            e.check.missed_blocks
-        ));
-    }
-    fn done(&self, vm: usize) {
-        self.bars[vm].finish();
-    }
-}
-
-fn bars(s: &Scenario) -> (Option<MultiProgress>, Bars) {
+/// Progress bars of a scenario: one per VM, on stderr, while it is a terminal.
+fn bars(s: &Scenario) -> (Option<MultiProgress>, Vec<Bar>) {
     if !std::io::stderr().is_terminal() {
-        return (
-            None,
-            Bars {
-                bars: s.vms.iter().map(|_| ProgressBar::hidden()).collect(),
-            },
-        );
+        return (None, s.vms.iter().map(|_| Bar::hidden()).collect());
     }
     let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
     let width = s.vms.iter().map(|v| v.name.len()).max().unwrap_or(4);
-    let bars = s
-        .vms
-        .iter()
-        .map(|v| {
-            let pb = match v.plan.limit {
-                Limit::Ops(n) => {
-                    let pb = mp.add(ProgressBar::new(n));
-                    pb.set_style(style(&format!(
-                        "{{prefix:{width}}} {{bar:30}} {{pos}}/{{len}} ops {{per_sec}} {{msg}}"
-                    )));
-                    pb
-                }
-                Limit::Time(_) => {
-                    let pb = mp.add(ProgressBar::new_spinner());
-                    pb.set_style(style(&format!(
-                        "{{prefix:{width}}} {{spinner}} {{elapsed}} {{pos}} ops {{per_sec}} {{msg}}"
-                    )));
-                    pb
-                }
-            };
-            pb.set_prefix(v.name.clone());
-            pb
-        })
-        .collect();
-    (Some(mp), Bars { bars })
+    let known = format!("{{prefix:{width}}} {{bar:30}} {{pos}}/{{len}} ops {{per_sec}} {{msg}}");
+    let unknown = format!("{{prefix:{width}}} {{spinner}} {{elapsed}} {{pos}} ops {{per_sec}} {{msg}}");
+    let bars = s.vms.iter().map(|_| Bar::in_multi(&mp, &known, &unknown)).collect();
+    (Some(mp), bars)
 }
 
 /// Runs `cbtsim run`.
@@ -275,8 +222,8 @@ pub fn run(ctx: &Ctx, a: &RunArgs) -> anyhow::Result<()> {
             tmp.path().to_owned()
         }
     };
-    let (mp, progress) = bars(&s);
-    let r = scenario::run(&s, &dir, &progress);
+    let (mp, bars) = bars(&s);
+    let r = scenario::run(&s, &dir, &|i| &bars[i]);
     if let Some(mp) = mp {
         let _ = mp.clear();
     }
@@ -309,19 +256,7 @@ fn print_scenario(s: &Scenario, r: &ScenarioReport) {
     if !s.description.is_empty() {
         println!("  {}", s.description);
     }
-    println!(
-        "  {} ops ({:.0}/s): {} writes {}, {} reads {}, {} unmaps {}, {} flushes, {} extends",
-        r.counts.ops,
-        r.ops_per_s,
-        r.counts.writes,
-        human(r.counts.bytes_written),
-        r.counts.reads,
-        human(r.counts.bytes_read),
-        r.counts.unmaps,
-        human(r.counts.bytes_unmapped),
-        r.counts.flushes,
-        r.counts.extends
-    );
+    println!("  {} ops ({:.0}/s): {}", r.counts.ops, r.ops_per_s, op_kinds(&r.counts));
     let l = &r.write_latency;
     println!(
         "  write latency p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us",
@@ -436,25 +371,8 @@ pub fn guest(ctx: &Ctx, cmd: &GuestCmd) -> anyhow::Result<()> {
         snapshot_prefix: "cbtsim-guest-run".into(),
         backup_every: None,
     };
-    let pb = if std::io::stderr().is_terminal() {
-        let pb = match limit {
-            Limit::Ops(n) => ProgressBar::new(n),
-            Limit::Time(_) => ProgressBar::new_spinner(),
-        };
-        pb.set_style(style("{elapsed_precise} {bar:30} {pos} ops {per_sec}"));
-        pb
-    } else {
-        ProgressBar::hidden()
-    };
-    struct P(ProgressBar);
-    impl drive::Progress for P {
-        fn ops(&self, n: u64) {
-            self.0.inc(n);
-        }
-    }
-    let p = P(pb);
-    let r = drive::drive(&vm, &plan, &p);
-    p.0.finish_and_clear();
+    const TEMPLATE: &str = "{elapsed_precise} {bar:30} {pos} ops {per_sec}";
+    let r = drive::drive(&vm, &plan, &Bar::stderr(TEMPLATE, TEMPLATE));
     let r = r.with_context(|| format!("guest run on VM {:?} failed", a.vm))?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
@@ -463,18 +381,7 @@ pub fn guest(ctx: &Ctx, cmd: &GuestCmd) -> anyhow::Result<()> {
             "VM {}: profile {} on disk {}, {} threads, {:.2} s, {:.0} ops/s",
             r.vm, a.profile, a.disk, a.threads, r.elapsed_s, r.ops_per_s
         );
-        println!(
-            "  {} ops: {} writes {}, {} reads {}, {} unmaps {}, {} flushes, {} extends",
-            r.counts.ops,
-            r.counts.writes,
-            human(r.counts.bytes_written),
-            r.counts.reads,
-            human(r.counts.bytes_read),
-            r.counts.unmaps,
-            human(r.counts.bytes_unmapped),
-            r.counts.flushes,
-            r.counts.extends
-        );
+        println!("  {} ops: {}", r.counts.ops, op_kinds(&r.counts));
         print_vm(&r, true);
     }
     if r.missed_blocks > 0 {

@@ -1,0 +1,128 @@
+//! `cbtsim vm`: create, list, change tracking on or off, power on or off.
+
+use anyhow::Context as _;
+use clap::{Subcommand, ValueEnum};
+use sim::DiskSpec;
+use tracker::Granularity;
+
+use super::{exact, existing_host, existing_vm, size_arg, Ctx};
+
+/// `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    /// Turn it on.
+    On,
+    /// Turn it off.
+    Off,
+}
+
+impl OnOff {
+    fn on(self) -> bool {
+        self == Self::On
+    }
+}
+
+/// `cbtsim vm ...`
+#[derive(Debug, Subcommand)]
+pub enum VmCmd {
+    /// Create a VM (CBT on, powered on).
+    Create {
+        /// The VM's name.
+        vm: String,
+        /// A disk's size (K/M/G/T suffixes); repeat for more disks.
+        #[arg(long = "disk", value_name = "SIZE", required = true)]
+        disks: Vec<String>,
+        /// Tracking granularity of every disk.
+        #[arg(long, value_name = "SIZE", default_value = "64K")]
+        granularity: String,
+    },
+    /// List the VMs of the datastore.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Turn change tracking on or off (off then on starts a new tracking session).
+    Cbt {
+        /// The VM.
+        vm: String,
+        /// `on` or `off`.
+        state: OnOff,
+    },
+    /// Power the VM on or off.
+    Power {
+        /// The VM.
+        vm: String,
+        /// `on` or `off`.
+        state: OnOff,
+    },
+}
+
+/// Runs `cbtsim vm ...`.
+pub fn run(ctx: &Ctx, cmd: &VmCmd) -> anyhow::Result<()> {
+    match cmd {
+        VmCmd::Create { vm, disks, granularity } => {
+            sim::check_name(vm)?;
+            let g = size_arg("--granularity", granularity)?;
+            let g = Granularity::new(g).with_context(|| format!("invalid --granularity {granularity:?}"))?;
+            let specs = disks
+                .iter()
+                .map(|d| {
+                    Ok(DiskSpec {
+                        capacity: size_arg("--disk", d)?,
+                        granularity: g,
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let host = ctx.host()?;
+            let v = host.create_vm(vm, &specs)?;
+            let sizes: Vec<String> = specs.iter().map(|s| exact(s.capacity)).collect();
+            println!(
+                "created VM {} with {} disk(s): {} (granularity {}, CBT on, powered on)",
+                v.name(),
+                specs.len(),
+                sizes.join(", "),
+                exact(g.bytes())
+            );
+        }
+        VmCmd::List { json } => {
+            let host = existing_host(ctx)?;
+            let vms = host.list()?;
+            if *json {
+                println!("{}", serde_json::to_string(&vms)?);
+            } else if vms.is_empty() {
+                println!("no VMs");
+            } else {
+                for v in &vms {
+                    let disks: Vec<String> = v.disks.iter().map(|&c| exact(c)).collect();
+                    println!(
+                        "{}  power {}  cbt {}  disks [{}]  snapshots [{}]",
+                        v.name,
+                        if v.powered_on { "on" } else { "off" },
+                        if v.cbt { "on" } else { "off" },
+                        disks.join(", "),
+                        v.snapshots.join(", ")
+                    );
+                }
+            }
+        }
+        VmCmd::Cbt { vm, state } => {
+            let v = existing_vm(ctx, vm)?;
+            let was = v.cbt();
+            v.set_cbt(state.on())?;
+            let msg = match (was, state.on()) {
+                (true, true) => "was already on",
+                (false, false) => "was already off",
+                (false, true) => "is on (a new tracking session: earlier change IDs are no longer valid)",
+                (true, false) => "is off (change IDs issued so far are no longer valid)",
+            };
+            println!("change tracking of VM {vm} {msg}");
+        }
+        VmCmd::Power { vm, state } => {
+            let v = existing_vm(ctx, vm)?;
+            v.set_power(state.on())?;
+            println!("VM {vm} is powered {}", if state.on() { "on" } else { "off" });
+        }
+    }
+    Ok(())
+}
