@@ -181,7 +181,10 @@ impl Header {
         if page.len() < HEADER_BYTES as usize {
             return Err("the header page is short".into());
         }
-        let slots = [Self::decode(&page[..SLOT_BYTES]), Self::decode(&page[SLOT_BYTES..2 * SLOT_BYTES])];
+        let slots = [
+            Self::decode(&page[..SLOT_BYTES]),
+            Self::decode(&page[SLOT_BYTES..2 * SLOT_BYTES]),
+        ];
         match slots {
             [Ok(a), Ok(b)] => Ok(if a.generation >= b.generation { a } else { b }),
             [Ok(a), Err(_)] => Ok(a),

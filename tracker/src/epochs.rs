@@ -116,8 +116,14 @@ pub(crate) fn load(ctk: &Path, folded: u64, last_closed: u64, pending: u64) -> O
 }
 
 fn split(ctk: &Path) -> (&Path, String) {
-    let dir = ctk.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = ctk.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = ctk
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = ctk
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     (dir, name)
 }
 
@@ -151,7 +157,11 @@ mod tests {
         assert_eq!(read(&ctk, 3), None);
         // Loading drops what is outside the range and needs every epoch inside it.
         assert_eq!(load(&ctk, 3, 4, 0).map(|m| m.len()), Some(1));
-        assert_eq!(list(&ctk).0, vec![4], "3 (folded) and 5 (past the last closed) are gone");
+        assert_eq!(
+            list(&ctk).0,
+            vec![4],
+            "3 (folded) and 5 (past the last closed) are gone"
+        );
         assert_eq!(load(&ctk, 2, 4, 0), None, "epoch 3 is missing");
         assert!(load(&ctk, 2, 4, 3).is_some(), "epoch 3 is still in the frozen bitmap");
     }

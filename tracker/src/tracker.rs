@@ -165,7 +165,12 @@ impl Tracker {
     /// session answer [`QueryError::TrackingReset`]. Until the host calls
     /// [`seed_allocation`](Self::seed_allocation), `*` answers the whole disk.
     /// The damaged file is kept as `<file>.damaged`.
-    pub fn recreate(path: &Path, capacity: u64, granularity: Granularity, next_epoch: u64) -> Result<Self, TrackerError> {
+    pub fn recreate(
+        path: &Path,
+        capacity: u64,
+        granularity: Granularity,
+        next_epoch: u64,
+    ) -> Result<Self, TrackerError> {
         let mut aside = path.as_os_str().to_owned();
         aside.push(".damaged");
         if path.exists() {
@@ -535,8 +540,7 @@ impl Tracker {
         let active = &self.bitmaps[self.active.load(Ordering::Relaxed)];
         if c.h.pending > seq {
             // Epochs in the frozen bitmap changed back too.
-            self.bitmaps[1 - self.active.load(Ordering::Relaxed)]
-                .for_each_word(0, |w, m| active.or_leaf_word(w, m));
+            self.bitmaps[1 - self.active.load(Ordering::Relaxed)].for_each_word(0, |w, m| active.or_leaf_word(w, m));
         }
         for bits in c.unfolded.range(seq + 1..).map(|(_, b)| b) {
             bits.for_each_word(|w, m| active.or_leaf_word(w as usize, m));
@@ -996,7 +1000,11 @@ mod crash_tests {
         t.unpin(e3);
         t.settle();
         assert_eq!(areas(&t, Since::Change(ids[2]), e4), vec![b(9)], "{point}");
-        assert_eq!(areas(&t, Since::Change(ids[0]), e4), vec![b(0), b(3), b(7), b(9)], "{point}");
+        assert_eq!(
+            areas(&t, Since::Change(ids[0]), e4),
+            vec![b(0), b(3), b(7), b(9)],
+            "{point}"
+        );
     }
 
     #[test]

@@ -72,7 +72,10 @@ fn a_killed_process_resumes_the_same_session_exactly() {
     assert_eq!(t.change_id(e1), Some(id1), "the same session");
     assert_eq!(t.pins(), vec![e1, e2], "pins survive");
     assert_eq!(areas(&t, Since::Change(id1), e2, 64 * GIB), vec![(GIB, 65536)]);
-    assert_eq!(areas(&t, Since::Allocated, e2, 64 * GIB), vec![(0, 65536), (GIB, 65536)]);
+    assert_eq!(
+        areas(&t, Since::Allocated, e2, 64 * GIB),
+        vec![(0, 65536), (GIB, 65536)]
+    );
     // The open epoch kept its marks too.
     let e3 = t.close_epoch().unwrap();
     assert_eq!(
@@ -279,7 +282,7 @@ fn rewind_to_a_point_before_damaged_state_starts_a_new_session() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("d.ctk");
     let t = Tracker::create(&p, GIB, Granularity::DEFAULT).unwrap();
-    let s1 = t.close_epoch().unwrap();
+    t.close_epoch().unwrap(); // pins what follows in its epoch file
     t.mark(3 * 65536, 1);
     let s2 = t.close_epoch().unwrap(); // pinned behind s1: in its epoch file
     t.settle();

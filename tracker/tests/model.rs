@@ -8,7 +8,10 @@ use tracker::{Granularity, QueryError, Since, Tracker};
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { off: u64, len: u64 },
+    Write {
+        off: u64,
+        len: u64,
+    },
     Snapshot,
     Remove(usize),
     Settle,
