@@ -4,6 +4,7 @@
 pub mod backup;
 pub mod demo;
 pub mod host;
+pub mod serve;
 pub mod verify;
 pub mod workload;
 
