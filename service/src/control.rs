@@ -223,6 +223,7 @@ type Conns = Mutex<HashMap<u64, (UnixStream, Option<JoinHandle<()>>)>>;
 #[derive(Debug)]
 pub struct ControlServer {
     path: PathBuf,
+    listener: Arc<UnixListener>,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
     conns: Arc<Conns>,
@@ -238,16 +239,17 @@ impl ControlServer {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let listener = UnixListener::bind(path)?;
+        let listener = Arc::new(UnixListener::bind(path)?);
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         let stop = Arc::new(AtomicBool::new(false));
         let conns: Arc<Conns> = Arc::new(Mutex::new(HashMap::new()));
-        let (s, c) = (stop.clone(), conns.clone());
+        let (l, s, c) = (listener.clone(), stop.clone(), conns.clone());
         let accept = std::thread::Builder::new()
             .name("control-accept".into())
-            .spawn(move || accept_loop(&listener, &service, &s, &c))?;
+            .spawn(move || accept_loop(&l, &service, &s, &c))?;
         Ok(ControlServer {
             path: path.to_owned(),
+            listener,
             stop,
             accept: Some(accept),
             conns,
@@ -270,7 +272,9 @@ impl ControlServer {
             return;
         };
         self.stop.store(true, Ordering::SeqCst);
-        let _ = UnixStream::connect(&self.path); // wakes the accept
+        // Shutting a listening socket down wakes its blocked accept with an
+        // error (Linux), whether or not the socket file is still there.
+        let _ = rustix::net::shutdown(&*self.listener, rustix::net::Shutdown::Both);
         let _ = accept.join();
         let conns: Vec<_> = self.conns.lock().drain().collect();
         for (_, (stream, _)) in &conns {
@@ -298,6 +302,8 @@ fn accept_loop(listener: &UnixListener, service: &Arc<Service>, stop: &AtomicBoo
             return;
         }
         let Ok(stream) = stream else {
+            // EMFILE and the like: do not spin.
+            std::thread::sleep(Duration::from_millis(10));
             continue;
         };
         let Ok(cutter) = stream.try_clone() else {

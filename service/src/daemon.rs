@@ -275,9 +275,7 @@ impl Daemon {
     /// Stops everything (see the module docs) and closes the VMs. Returns a
     /// warning if something still held the host when it was closed.
     pub fn shutdown(mut self) -> Option<String> {
-        let Some(service) = self.service.take() else {
-            return None;
-        };
+        let service = self.service.take()?;
         service.shut_down();
         if let Some(h) = self.http.take() {
             h.shutdown();
