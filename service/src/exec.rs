@@ -220,13 +220,12 @@ impl Service {
     }
 
     fn info(&self, v: &Vm) -> VmInfo {
-        let cfg = v.config();
         VmInfo {
-            name: cfg.name,
-            powered_on: cfg.powered_on,
-            cbt: cfg.cbt,
-            disks: cfg.disks.iter().map(|d| d.capacity).collect(),
-            snapshots: cfg.snapshots.into_iter().map(|s| s.name).collect(),
+            name: v.name().to_owned(),
+            powered_on: v.powered_on(),
+            cbt: v.cbt(),
+            disks: (0..v.disk_count()).filter_map(|d| v.capacity(d).ok()).collect(),
+            snapshots: v.snapshots().into_iter().map(|s| s.name).collect(),
         }
     }
 

@@ -354,6 +354,29 @@ fn snapshot_exports_answer_what_the_query_answers() {
         .collect();
     assert_eq!(data, query(&svc, "a", "s2", "*").unwrap());
     assert!(!holes.is_empty());
+    // Block status of a range in the middle: the query's areas clipped to it.
+    let ctx = format!("{QEMU_DIRTY_BITMAP}{c1}");
+    for (off, len) in [
+        (MIB + 100, 5000),
+        (MIB + 65536 * 2 + 1, 11 * MIB),
+        (12 * MIB + 4095, 2),
+        (15 * MIB, MIB),
+    ] {
+        let mut ext = Vec::new();
+        s2.block_status(&ctx, off, len, &mut ext).unwrap();
+        assert_eq!(ext.iter().map(|e| e.length).sum::<u64>(), len, "covers {off}+{len}");
+        let mut pos = off;
+        for e in ext {
+            // Every byte of the extent (sampled at 512-byte steps and its
+            // last byte) has the extent's flag.
+            let end = pos + e.length;
+            for at in (pos..end).step_by(512).chain([end - 1]) {
+                let dirty_here = dirty.iter().any(|a| a.start <= at && at < a.end());
+                assert_eq!(e.flags == 1, dirty_here, "at {at}");
+            }
+            pos = end;
+        }
+    }
     // Accepted: change IDs the query accepts. Refused: malformed, `*`, newer
     // than the snapshot, foreign.
     assert!(s2.has_meta_context(&format!("{QEMU_DIRTY_BITMAP}{c1}")));
