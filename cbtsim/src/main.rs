@@ -65,6 +65,8 @@ enum Cmd {
     /// The named workload profiles.
     #[command(subcommand)]
     Workloads(cli::workload::WorkloadsCmd),
+    /// Run the host as a service: HTTPS, NBD exports of the disks and snapshots, a control socket.
+    Serve(cli::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -86,6 +88,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => cli::workload::run(&ctx, a),
         Cmd::Guest(c) => cli::workload::guest(&ctx, c),
         Cmd::Workloads(c) => cli::workload::workloads(c),
+        Cmd::Serve(a) => cli::serve::run(&ctx, a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

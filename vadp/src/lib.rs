@@ -337,6 +337,14 @@ impl<H: DataProtection + ?Sized> ChangedAreas<'_, H> {
         self.pages
     }
 
+    /// Starts paging at byte `offset` instead of 0 (an NBD block-status
+    /// request asks about a range in the middle of the disk). The windows
+    /// are checked the same way; an offset at or past the end yields nothing.
+    pub fn starting_at(mut self, offset: u64) -> Self {
+        self.next = offset;
+        self
+    }
+
     fn fetch(&mut self) -> Result<bool, VadpError> {
         let capacity = match self.capacity {
             Some(c) => c,

@@ -12,6 +12,7 @@ pub mod demo;
 pub mod disk;
 pub mod progress;
 pub mod query;
+pub mod serve;
 pub mod snapshot;
 pub mod verify;
 pub mod vm;
