@@ -221,7 +221,7 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<DemoReport, HarnessError> 
     let inc = backup_vm(&host, "demo-vm", &repo, &opts, &())?;
     say(out, format!("12. The guest writes 8 KiB at 10 GiB and 70,000 bytes at 20 GiB + 1; incremental point {}: read {} (= the changed areas, {}), stored {}", inc.point, human(inc.bytes_read), human(inc.changed_bytes), human(inc.bytes_stored)));
     let image = dir.join("restored-disk0.img");
-    restore_to_file(&repo, &inc.point, 0, &image, &())?;
+    restore_to_file(&repo, &inc.point, 0, &image, true, &())?;
     let mut checked = 0u64;
     let file = std::fs::File::open(&image).map_err(|source| HarnessError::Io {
         path: image.clone(),
