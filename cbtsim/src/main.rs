@@ -51,6 +51,8 @@ enum Cmd {
     /// Create, list, remove and revert to snapshots.
     #[command(subcommand)]
     Snapshot(cli::snapshot::SnapshotCmd),
+    /// Mount a restore point's disks read-only as image files (FUSE), without restoring them.
+    Mount(cli::mount::MountArgs),
     /// The changed areas of a snapshot's disk since a change ID (QueryChangedDiskAreas, paged).
     Query(cli::query::QueryArgs),
     /// A torture test: random lifecycle operations under concurrent writes, checked.
@@ -81,6 +83,7 @@ fn main() -> ExitCode {
         Cmd::Disk(c) => cli::disk::run(&ctx, c),
         Cmd::Snapshot(c) => cli::snapshot::run(&ctx, c),
         Cmd::Query(a) => cli::query::run(&ctx, a),
+        Cmd::Mount(a) => cli::mount::run(a),
         Cmd::Verify(a) => cli::verify::run(a),
         Cmd::Replay(a) => cli::workload::replay(a),
         Cmd::Run(a) => cli::workload::run(&ctx, a),

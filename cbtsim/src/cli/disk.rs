@@ -1,6 +1,6 @@
 //! `cbtsim disk`: guest writes, reads (of the live disk or a snapshot), unmaps and extends.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::PathBuf;
 
 use anyhow::{ensure, Context as _};
@@ -129,6 +129,27 @@ fn in_chunks(len: u64, mut f: impl FnMut(u64, usize) -> anyhow::Result<()>) -> a
     Ok(())
 }
 
+/// Writes `data` at `at` of `f`, leaving a hole where a 4 KiB block of it is all zeros.
+fn write_sparse(f: &std::fs::File, at: u64, data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const BLOCK: usize = 4096;
+    let mut i = 0;
+    while i < data.len() {
+        // A run of non-zero blocks, written at once.
+        let start = i;
+        while i < data.len() && data[i..(i + BLOCK).min(data.len())].iter().any(|&b| b != 0) {
+            i = (i + BLOCK).min(data.len());
+        }
+        if i > start {
+            f.write_all_at(&data[start..i], at + start as u64)?;
+        }
+        while i < data.len() && data[i..(i + BLOCK).min(data.len())].iter().all(|&b| b == 0) {
+            i = (i + BLOCK).min(data.len());
+        }
+    }
+    Ok(())
+}
+
 /// Runs `cbtsim disk ...`.
 pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
     match cmd {
@@ -189,7 +210,7 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
                 Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
                 _ => PathBuf::from("."),
             };
-            let mut tmp = tempfile::Builder::new()
+            let tmp = tempfile::Builder::new()
                 .prefix(".cbtsim-read")
                 .tempfile_in(&dir)
                 .with_context(|| format!("cannot create a file in {}", dir.display()))?;
@@ -199,9 +220,12 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
                     Some(s) => v.read_snapshot(s, d, off + done, &mut buf[..n])?,
                     None => v.read(d, off + done, &mut buf[..n])?,
                 }
-                tmp.write_all(&buf[..n])
-                    .with_context(|| format!("cannot write {}", out.display()))
+                write_sparse(tmp.as_file(), done, &buf[..n]).with_context(|| format!("cannot write {}", out.display()))
             })?;
+            // Holes up to the end: the zeros of the range are never written.
+            tmp.as_file()
+                .set_len(len)
+                .with_context(|| format!("cannot write {}", out.display()))?;
             tmp.as_file()
                 .sync_all()
                 .with_context(|| format!("cannot write {}", out.display()))?;

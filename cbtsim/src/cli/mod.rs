@@ -10,6 +10,7 @@
 pub mod backup;
 pub mod demo;
 pub mod disk;
+pub mod mount;
 pub mod progress;
 pub mod query;
 pub mod snapshot;
