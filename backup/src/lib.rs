@@ -263,6 +263,12 @@ pub trait Progress: Sync {
     fn note(&self, _note: &str) {}
     /// The phase is over.
     fn end(&self) {}
+    /// Whether the operation should stop (the user pressed Ctrl-C). Operations that
+    /// may run long ask between steps and stop with an error that says so, after
+    /// cleaning up what they made.
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 impl Progress for () {}

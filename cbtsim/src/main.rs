@@ -26,7 +26,8 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "cbtsim", version, about)]
 struct Cli {
-    /// The datastore directory holding the VMs.
+    /// The datastore directory holding the VMs. `replay`, `verify` and `demo` make their
+    /// temporary datastore inside it (and remove it when they end).
     #[arg(long, global = true, env = "CBTSIM_DATASTORE", value_name = "DIR")]
     datastore: Option<PathBuf>,
     #[command(subcommand)]
@@ -74,9 +75,8 @@ fn main() -> ExitCode {
     let ctx = cli::Ctx {
         datastore: args.datastore,
     };
-    let _ = &ctx;
     let result = match &args.cmd {
-        Cmd::Demo(a) => cli::demo::run(a),
+        Cmd::Demo(a) => cli::demo::run(&ctx, a),
         Cmd::Backup(c) => cli::backup::run(&ctx, c),
         Cmd::Restore(a) => cli::backup::restore(&ctx, a),
         Cmd::Vm(c) => cli::vm::run(&ctx, c),
@@ -84,8 +84,8 @@ fn main() -> ExitCode {
         Cmd::Snapshot(c) => cli::snapshot::run(&ctx, c),
         Cmd::Query(a) => cli::query::run(&ctx, a),
         Cmd::Mount(a) => cli::mount::run(a),
-        Cmd::Verify(a) => cli::verify::run(a),
-        Cmd::Replay(a) => cli::workload::replay(a),
+        Cmd::Verify(a) => cli::verify::run(&ctx, a),
+        Cmd::Replay(a) => cli::workload::replay(&ctx, a),
         Cmd::Run(a) => cli::workload::run(&ctx, a),
         Cmd::Guest(c) => cli::workload::guest(&ctx, c),
         Cmd::Workloads(c) => cli::workload::workloads(c),

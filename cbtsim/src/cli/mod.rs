@@ -42,6 +42,44 @@ impl Ctx {
     }
 }
 
+/// Most vCPU or writer threads a command runs (a scenario: per VM, all its disks together).
+pub const MAX_THREADS: u64 = 256;
+/// The longest run, in seconds (a day).
+pub const MAX_SECONDS: f64 = 86_400.0;
+
+/// Checks `--threads`, `--ops` and `--seconds` with the bounds that `guest run`, `verify`
+/// and scenario files share: 1 to 256 threads, at least 1 op, more than 0 and at most
+/// 86400 seconds.
+fn check_run_limits(threads: u64, ops: Option<u64>, seconds: Option<f64>) -> anyhow::Result<()> {
+    if !(1..=MAX_THREADS).contains(&threads) {
+        bail!("invalid --threads {threads}: give 1 to {MAX_THREADS}");
+    }
+    if ops == Some(0) {
+        bail!("invalid --ops 0: give at least 1");
+    }
+    if let Some(s) = seconds {
+        if !(s > 0.0 && s <= MAX_SECONDS) {
+            bail!("invalid --seconds {s}: give more than 0 and at most {MAX_SECONDS}");
+        }
+    }
+    Ok(())
+}
+
+/// "1 byte", "2 bytes".
+fn bytes_word(n: u64) -> String {
+    if n == 1 {
+        "1 byte".to_owned()
+    } else {
+        format!("{n} bytes")
+    }
+}
+
+/// Prints `value` as one line of JSON.
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(value)?);
+    Ok(())
+}
+
 /// Parses a size argument, naming it in the error.
 fn size_arg(what: &str, s: &str) -> anyhow::Result<u64> {
     parse_size(s).map_err(|e| anyhow::anyhow!("invalid {what}: {e}"))
@@ -56,6 +94,18 @@ fn disk_arg(s: &str) -> anyhow::Result<usize> {
 /// A capacity or granularity, exactly (`1536 MiB`, `100000256 bytes`).
 fn exact(bytes: u64) -> String {
     format_size(bytes, SizeStyle::Exact)
+}
+
+/// Where `replay`, `verify` and `demo` make their temporary datastore: inside
+/// `--datastore` when given (which must exist), else `None` (the default place).
+fn scratch_dir(ctx: &Ctx) -> anyhow::Result<Option<PathBuf>> {
+    match &ctx.datastore {
+        Some(d) => {
+            ensure!(d.is_dir(), "--datastore {} is not a directory", d.display());
+            Ok(Some(d.clone()))
+        }
+        None => Ok(None),
+    }
 }
 
 /// Opens the datastore, which must exist (only `vm create` makes one).

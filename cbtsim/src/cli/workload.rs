@@ -13,8 +13,8 @@ use indicatif::{MultiProgress, ProgressDrawTarget};
 use tracker::Granularity;
 use workloads::{human, parse_size, TraceFormat};
 
-use super::progress::Bar;
-use super::Ctx;
+use super::progress::{catch_interrupts, Bar};
+use super::{check_run_limits, scratch_dir, Ctx};
 
 /// Arguments of `cbtsim replay`.
 #[derive(Debug, Args)]
@@ -76,7 +76,7 @@ pub struct GuestRunArgs {
     /// Run for this many seconds instead.
     #[arg(long)]
     pub seconds: Option<f64>,
-    /// vCPU threads.
+    /// vCPU threads, 1 to 256.
     #[arg(long, default_value_t = 1)]
     pub threads: u32,
     /// The workload's seed.
@@ -127,8 +127,9 @@ fn pct(share: f64) -> String {
     format!("{:.3}%", share * 100.0)
 }
 
-/// Runs `cbtsim replay`.
-pub fn replay(a: &ReplayArgs) -> anyhow::Result<()> {
+/// Runs `cbtsim replay`. Its temporary datastore is made in `--datastore` when given
+/// (else the temporary directory) and removed at the end, on Ctrl-C too.
+pub fn replay(ctx: &Ctx, a: &ReplayArgs) -> anyhow::Result<()> {
     let granularity =
         Granularity::new(a.granularity).with_context(|| format!("invalid --granularity {}", a.granularity))?;
     let opts = ReplayOptions {
@@ -136,10 +137,11 @@ pub fn replay(a: &ReplayArgs) -> anyhow::Result<()> {
         granularity,
         device: a.device.clone(),
         skip_bad: a.skip_bad,
-        workdir: None,
+        workdir: scratch_dir(ctx)?,
     };
     const SPINNER: &str = "{spinner} {elapsed_precise} {pos} records replayed";
     let bar = Bar::stderr(SPINNER, SPINNER).ticking(Duration::from_millis(200));
+    catch_interrupts()?;
     let r = replay::replay_trace(&a.trace, a.format, &opts, &bar)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
@@ -343,17 +345,11 @@ pub fn guest(ctx: &Ctx, cmd: &GuestCmd) -> anyhow::Result<()> {
     let GuestCmd::Run(a) = cmd;
     let host = ctx.host()?;
     let vm = host.vm(&a.vm)?;
+    check_run_limits(u64::from(a.threads), a.ops, a.seconds)?;
     let limit = match (a.ops, a.seconds) {
-        (_, Some(s)) if !(s > 0.0 && s <= 86_400.0) => {
-            bail!("invalid --seconds {s}: give more than 0 and at most 86400")
-        }
         (_, Some(s)) => Limit::Time(Duration::from_secs_f64(s)),
-        (Some(0), None) => bail!("invalid --ops 0: give at least 1"),
         (n, None) => Limit::Ops(n.unwrap_or(10_000)),
     };
-    if a.threads == 0 || a.threads > 256 {
-        bail!("invalid --threads {}: give 1 to 256", a.threads);
-    }
     if a.snapshot_every == Some(0) {
         bail!("invalid --snapshot-every 0: give at least 1");
     }
