@@ -8,10 +8,10 @@
 //! $ export CBTSIM_DATASTORE=/tmp/ds
 //! $ cbtsim vm create web01 --disk 64M --disk 2T
 //! created VM web01 with 2 disk(s): 64 MiB, 2 TiB (granularity 64 KiB, CBT on, powered on)
-//! $ cbtsim snapshot create web01 s1 --json
+//! $ S1=$(cbtsim snapshot create web01 s1 --json | jq -r '.disks[0].change_id')
 //! $ cbtsim disk write web01 0 1M 64KiB
 //! $ cbtsim snapshot create web01 s2
-//! $ cbtsim query web01 --snapshot s2 --since <disk 0's change ID of s1>
+//! $ cbtsim query web01 --snapshot s2 --since "$S1"
 //! $ cbtsim backup run web01 --repo /tmp/repo
 //! ```
 

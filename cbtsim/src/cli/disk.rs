@@ -9,7 +9,7 @@ use clap::Subcommand;
 use sim::{SimError, Vm};
 
 use super::progress::Bar;
-use super::{disk_arg, exact, existing_vm, size_arg, Ctx};
+use super::{bytes_word, disk_arg, exact, existing_vm, print_json, size_arg, Ctx};
 
 /// Bytes per chunk when writing or reading large ranges.
 const CHUNK: u64 = 4 << 20;
@@ -35,6 +35,17 @@ pub enum DiskCmd {
         /// Write LENGTH bytes read from this file.
         #[arg(long, value_name = "FILE")]
         from: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a VM's disks: capacity, granularity, layers, allocated bytes, current change ID.
+    List {
+        /// The VM.
+        vm: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Read a range of the live disk, or of a snapshot, into a file.
     Read {
@@ -52,6 +63,9 @@ pub enum DiskCmd {
         /// Read the disk as it was at this snapshot.
         #[arg(long, value_name = "SNAP")]
         snapshot: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// A guest unmap (TRIM): the range reads as zeros and counts as changed.
     Unmap {
@@ -63,6 +77,9 @@ pub enum DiskCmd {
         offset: String,
         /// Bytes to unmap.
         length: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Grow a disk while the VM runs (disks never shrink).
     Extend {
@@ -72,7 +89,29 @@ pub enum DiskCmd {
         disk: String,
         /// The new size.
         new_size: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
+}
+
+/// `disk write|unmap|read|extend --json`.
+#[derive(Debug, serde::Serialize)]
+struct IoOut<'a> {
+    vm: &'a str,
+    disk: usize,
+    /// What was done: write, unmap, read, extend.
+    op: &'static str,
+    offset: u64,
+    length: u64,
+    /// Where `read` wrote the bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    out: Option<String>,
+    /// The snapshot `read` read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshot: Option<&'a str>,
+    /// The disk's capacity after the command.
+    capacity: u64,
 }
 
 fn byte_arg(s: &str) -> anyhow::Result<u8> {
@@ -160,6 +199,7 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
             length,
             pattern,
             from,
+            json,
         } => {
             let (d, off, len) = range_args(disk, offset, length)?;
             let byte = pattern.as_deref().map(byte_arg).transpose()?.unwrap_or(DEFAULT_PATTERN);
@@ -189,7 +229,19 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
                 }
                 Ok(v.write(d, off + done, &buf[..n])?)
             })?;
-            println!("wrote {len} bytes at offset {off} of disk {d} of VM {vm}");
+            if *json {
+                return print_json(&IoOut {
+                    vm,
+                    disk: d,
+                    op: "write",
+                    offset: off,
+                    length: len,
+                    out: None,
+                    snapshot: None,
+                    capacity: cap,
+                });
+            }
+            println!("wrote {} at offset {off} of disk {d} of VM {vm}", bytes_word(len));
         }
         DiskCmd::Read {
             vm,
@@ -198,6 +250,7 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
             length,
             out,
             snapshot,
+            json,
         } => {
             let (d, off, len) = range_args(disk, offset, length)?;
             let v = existing_vm(ctx, vm)?;
@@ -232,11 +285,24 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
             tmp.persist(out)
                 .map_err(|e| e.error)
                 .with_context(|| format!("cannot write {}", out.display()))?;
+            if *json {
+                return print_json(&IoOut {
+                    vm,
+                    disk: d,
+                    op: "read",
+                    offset: off,
+                    length: len,
+                    out: Some(out.display().to_string()),
+                    snapshot: snapshot.as_deref(),
+                    capacity: cap,
+                });
+            }
             let at = snapshot
                 .as_ref()
                 .map_or_else(|| "the live disk".to_owned(), |s| format!("snapshot {s}"));
             println!(
-                "read {len} bytes at offset {off} of disk {d} ({at}) into {}",
+                "read {} at offset {off} of disk {d} ({at}) into {}",
+                bytes_word(len),
                 out.display()
             );
         }
@@ -245,18 +311,56 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
             disk,
             offset,
             length,
+            json,
         } => {
             let (d, off, len) = range_args(disk, offset, length)?;
             let v = existing_vm(ctx, vm)?;
             v.unmap(d, off, len)?;
-            println!("unmapped {len} bytes at offset {off} of disk {d} of VM {vm}");
+            if *json {
+                return print_json(&IoOut {
+                    vm,
+                    disk: d,
+                    op: "unmap",
+                    offset: off,
+                    length: len,
+                    out: None,
+                    snapshot: None,
+                    capacity: v.capacity(d)?,
+                });
+            }
+            println!("unmapped {} at offset {off} of disk {d} of VM {vm}", bytes_word(len));
         }
-        DiskCmd::Extend { vm, disk, new_size } => {
+        DiskCmd::Extend {
+            vm,
+            disk,
+            new_size,
+            json,
+        } => {
             let d = disk_arg(disk)?;
             let size = size_arg("NEWSIZE", new_size)?;
             let v = existing_vm(ctx, vm)?;
+            let old = v.capacity(d)?;
             v.extend_disk(d, size)?;
+            if *json {
+                return print_json(&IoOut {
+                    vm,
+                    disk: d,
+                    op: "extend",
+                    offset: old,
+                    length: size - old,
+                    out: None,
+                    snapshot: None,
+                    capacity: size,
+                });
+            }
             println!("disk {d} of VM {vm} is now {}", exact(size));
+        }
+        DiskCmd::List { vm, json } => {
+            let info = super::inspect::vm_info(&*existing_vm(ctx, vm)?)?;
+            if *json {
+                return print_json(&info.disks);
+            }
+            super::inspect::print_disks(&info.disks);
         }
     }
     Ok(())

@@ -10,6 +10,7 @@
 pub mod backup;
 pub mod demo;
 pub mod disk;
+pub mod inspect;
 pub mod mount;
 pub mod progress;
 pub mod query;
@@ -77,6 +78,18 @@ fn bytes_word(n: u64) -> String {
 /// Prints `value` as one line of JSON.
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string(value)?);
+    Ok(())
+}
+
+/// The size rule of `vm create` and scenario files: a whole number of 512-byte sectors
+/// from 1 MiB (what the workload profiles need) to 64 TiB.
+fn check_disk_size(n: u64) -> anyhow::Result<()> {
+    let min = workloads::MIN_DISK_SIZE;
+    let max = tracker::MAX_CAPACITY;
+    ensure!(
+        n >= min && n.is_multiple_of(512) && n <= max,
+        "a disk is a multiple of 512 bytes from {min} (1 MiB) to {max} (64 TiB), found {n}"
+    );
     Ok(())
 }
 

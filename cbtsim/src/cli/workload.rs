@@ -48,7 +48,9 @@ fn parse_format(s: &str) -> Result<TraceFormat, String> {
 /// Arguments of `cbtsim run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The scenario file (TOML; see scenarios/ for examples).
+    /// The scenario file (TOML), or the name of a built-in one: teaching, databases,
+    /// edge-cases, host-32, profiles-1m, vdi-morning (the files of scenarios/, built
+    /// into the binary, so `cbtsim run teaching` works from any directory).
     pub scenario: PathBuf,
     /// Print one JSON document.
     #[arg(long)]
@@ -213,9 +215,49 @@ fn bars(s: &Scenario) -> (Option<MultiProgress>, Vec<Bar>) {
     (Some(mp), bars)
 }
 
+/// The scenarios of the repository's scenarios/ directory, built in.
+const BUILT_IN: [(&str, &str); 6] = [
+    ("teaching", include_str!("../../../scenarios/teaching.toml")),
+    ("databases", include_str!("../../../scenarios/databases.toml")),
+    ("edge-cases", include_str!("../../../scenarios/edge-cases.toml")),
+    ("host-32", include_str!("../../../scenarios/host-32.toml")),
+    ("profiles-1m", include_str!("../../../scenarios/profiles-1m.toml")),
+    ("vdi-morning", include_str!("../../../scenarios/vdi-morning.toml")),
+];
+
+/// The scenario at `path`, or the built-in one it names (`teaching`, `teaching.toml` or
+/// `scenarios/teaching.toml` where no such file exists).
+fn load_scenario(path: &std::path::Path) -> anyhow::Result<Scenario> {
+    if path.exists() {
+        return Ok(Scenario::load(path)?);
+    }
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+    let under_scenarios = path
+        .parent()
+        .is_none_or(|p| p.as_os_str().is_empty() || p.ends_with("scenarios"));
+    let ext_ok = path.extension().is_none_or(|e| e == "toml");
+    match BUILT_IN.iter().find(|(name, _)| *name == stem) {
+        Some((name, text)) if under_scenarios && ext_ok => {
+            let mut s = Scenario::parse(text, &format!("{name}.toml (built in)"))?;
+            if s.name.is_empty() {
+                s.name = (*name).to_owned();
+            }
+            Ok(s)
+        }
+        _ => {
+            let names: Vec<&str> = BUILT_IN.iter().map(|(n, _)| *n).collect();
+            bail!(
+                "no scenario file {} and no built-in scenario of that name (built in: {})",
+                path.display(),
+                names.join(", ")
+            )
+        }
+    }
+}
+
 /// Runs `cbtsim run`.
 pub fn run(ctx: &Ctx, a: &RunArgs) -> anyhow::Result<()> {
-    let s = Scenario::load(&a.scenario)?;
+    let s = load_scenario(&a.scenario)?;
     let tmp;
     let dir = match &ctx.datastore {
         Some(d) => d.clone(),
