@@ -213,7 +213,7 @@ pub enum BackupError {
         snapshot: String,
         /// The host's answer.
         #[source]
-        source: VadpError,
+        source: Box<VadpError>,
     },
     /// A restore to a new VM failed after the VM was created.
     #[error("restore into VM {vm:?} failed after the VM was created; it is partly written")]

@@ -102,7 +102,7 @@ pub fn backup_vm<H: DataProtection + ?Sized>(
     repo.clean_tmp()?;
     if let Some(p) = repo.read_pending(vm)? {
         match host.remove_snapshot(vm, &p.snapshot) {
-            Ok(()) | Err(VadpError::NotFound(_)) => {}
+            Ok(()) | Err(VadpError::NotFound { .. }) => {}
             Err(e) => {
                 return Err(BackupError::host(format!(
                     "removing snapshot {:?} of VM {vm} left by an interrupted backup",
@@ -147,7 +147,7 @@ pub fn backup_vm<H: DataProtection + ?Sized>(
         (Ok(report), Err(source)) => Err(BackupError::SnapshotNotRemoved {
             point: report.point,
             snapshot: snap,
-            source,
+            source: Box::new(source),
         }),
         (Err(e), Ok(())) => {
             // A stale record only names a snapshot that no longer exists.

@@ -10,7 +10,8 @@ use backup::{
     Compression, PointImage, PrunePolicy, Repository,
 };
 use vadp::{
-    DataProtection, DiskArea, DiskChangeInfo, RestoreDisk, RestoreTarget, SnapshotDisk, SnapshotInfo, VadpError,
+    DataProtection, DiskArea, DiskChangeInfo, NotFoundKind, RestoreDisk, RestoreTarget, SnapshotDisk, SnapshotInfo,
+    VadpError,
 };
 
 const K: u64 = 1024;
@@ -124,8 +125,11 @@ impl MemHost {
     }
 }
 
-fn not_found(what: &str) -> VadpError {
-    VadpError::NotFound(what.into())
+fn not_found(what: NotFoundKind, name: &str) -> VadpError {
+    VadpError::NotFound {
+        what,
+        name: name.into(),
+    }
 }
 
 impl DataProtection for MemHost {
@@ -139,9 +143,15 @@ impl DataProtection for MemHost {
     ) -> Result<DiskChangeInfo, VadpError> {
         *self.pages.lock().unwrap() += 1;
         let vms = self.vms.lock().unwrap();
-        let v = vms.get(vm).ok_or_else(|| not_found(vm))?;
-        let s = v.snaps.get(snapshot).ok_or_else(|| not_found(snapshot))?;
-        let d = v.disks.get(disk).ok_or_else(|| not_found("disk"))?;
+        let v = vms.get(vm).ok_or_else(|| not_found(NotFoundKind::Vm, vm))?;
+        let s = v
+            .snaps
+            .get(snapshot)
+            .ok_or_else(|| not_found(NotFoundKind::Snapshot, snapshot))?;
+        let d = v
+            .disks
+            .get(disk)
+            .ok_or_else(|| not_found(NotFoundKind::Disk, &disk.to_string()))?;
         let cap = s.images[disk].len() as u64;
         if start >= cap {
             return Err(VadpError::OffsetOutOfRange { start, capacity: cap });
@@ -153,11 +163,15 @@ impl DataProtection for MemHost {
             let (sess, seq) = change_id
                 .split_once('/')
                 .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
-                .ok_or_else(|| VadpError::MalformedChangeId(change_id.into()))?;
+                .ok_or_else(|| VadpError::MalformedChangeId {
+                    change_id: change_id.into(),
+                    reason: "expected <session>/<sequence>".into(),
+                })?;
             if sess != v.session {
-                return Err(VadpError::TrackingReset(format!(
-                    "change ID {change_id} predates a reset"
-                )));
+                return Err(VadpError::TrackingReset {
+                    change_id: change_id.into(),
+                    reason: "it predates a reset".into(),
+                });
             }
             seq
         };
@@ -187,7 +201,10 @@ impl DataProtection for MemHost {
 
     fn disk_capacity(&self, vm: &str, snapshot: &str, disk: usize) -> Result<u64, VadpError> {
         let vms = self.vms.lock().unwrap();
-        let s = vms[vm].snaps.get(snapshot).ok_or_else(|| not_found(snapshot))?;
+        let s = vms[vm]
+            .snaps
+            .get(snapshot)
+            .ok_or_else(|| not_found(NotFoundKind::Snapshot, snapshot))?;
         Ok(s.images[disk].len() as u64)
     }
 
@@ -207,10 +224,13 @@ impl DataProtection for MemHost {
             .unwrap()
             .is_some_and(|f| offset + buf.len() as u64 > f)
         {
-            return Err(VadpError::Host("injected read error".into()));
+            return Err(VadpError::host("injected read error"));
         }
         let vms = self.vms.lock().unwrap();
-        let s = vms[vm].snaps.get(snapshot).ok_or_else(|| not_found(snapshot))?;
+        let s = vms[vm]
+            .snaps
+            .get(snapshot)
+            .ok_or_else(|| not_found(NotFoundKind::Snapshot, snapshot))?;
         buf.copy_from_slice(&s.images[disk][offset as usize..offset as usize + buf.len()]);
         *self.bytes_read.lock().unwrap() += buf.len() as u64;
         Ok(())
@@ -218,9 +238,9 @@ impl DataProtection for MemHost {
 
     fn create_snapshot(&self, vm: &str, name: &str) -> Result<SnapshotInfo, VadpError> {
         let mut vms = self.vms.lock().unwrap();
-        let v = vms.get_mut(vm).ok_or_else(|| not_found(vm))?;
+        let v = vms.get_mut(vm).ok_or_else(|| not_found(NotFoundKind::Vm, vm))?;
         if v.snaps.contains_key(name) {
-            return Err(VadpError::Host(format!("snapshot {name} exists")));
+            return Err(VadpError::host(format!("snapshot {name} exists")));
         }
         v.seq += 1;
         let images: Vec<Vec<u8>> = v.disks.iter().map(|d| d.data.clone()).collect();
@@ -248,8 +268,10 @@ impl DataProtection for MemHost {
 
     fn remove_snapshot(&self, vm: &str, name: &str) -> Result<(), VadpError> {
         let mut vms = self.vms.lock().unwrap();
-        let v = vms.get_mut(vm).ok_or_else(|| not_found(vm))?;
-        v.snaps.remove(name).ok_or_else(|| not_found(name))?;
+        let v = vms.get_mut(vm).ok_or_else(|| not_found(NotFoundKind::Vm, vm))?;
+        v.snaps
+            .remove(name)
+            .ok_or_else(|| not_found(NotFoundKind::Snapshot, name))?;
         self.removed.lock().unwrap().push(name.into());
         Ok(())
     }

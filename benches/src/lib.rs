@@ -2,9 +2,10 @@
 //! `retained`, `query`, `memory`); `benches/README.md` states each scenario,
 //! its parameters, the method and the latest figures.
 //!
-//! * [`disk`]: the data path every write-path benchmark uses: a memory-mapped
-//!   sparse file, written with a plain copy after a tracker marks the write.
-//!   The same path with `()` as the tracker is "tracking off".
+//! * The data path every write-path benchmark uses is `sim`'s own:
+//!   [`sim::Vm::write_with`] runs the real write path (I/O gate, checks, mark,
+//!   copy into the disk's memory-mapped sparse extent) marking the tracker
+//!   under test; with `()` it is "tracking off" ([`writepath::BenchVm`]).
 //! * [`baselines`]: the trackers ours is compared with, as `MarkDirty`
 //!   implementations: a bitmap behind a mutex (QEMU's dirty-bitmap mutex), a
 //!   bitmap per retained change ID all set on every write (libvirt checkpoints
@@ -19,19 +20,17 @@
 //!
 //! # Example
 //! ```
-//! use benches::disk::{BenchDisk, DataFile};
+//! use benches::writepath::BenchVm;
 //!
-//! let data = DataFile::create(&std::env::temp_dir(), 1 << 20)?;
-//! let off = BenchDisk::new(&data, &());         // tracking off: same path, no-op tracker
-//! off.write(4096, &[1u8; 4096]);
+//! let bench = BenchVm::create(&std::env::temp_dir(), 1 << 30, 64 << 10)?;
+//! bench.vm.write_with(&(), 0, 4096, &[1u8; 4096])?; // tracking off: the same path, no-op marker
 //! let stats = benches::stats::median(&mut [3.0, 1.0, 2.0]);
 //! assert_eq!(stats, 2.0);
-//! # Ok::<(), std::io::Error>(())
+//! # Ok::<(), anyhow::Error>(())
 //! ```
 
 pub mod baselines;
 pub mod cli;
-pub mod disk;
 pub mod pool;
 pub mod report;
 pub mod rng;

@@ -2,6 +2,12 @@
 //! streams (4 KiB random, 64 KiB sequential, the workload profiles' writes)
 //! and an interleaved run of several trackers over the same streams.
 //!
+//! Every write goes through `sim`'s real write path, [`Vm::write_with`]: the
+//! I/O gate, the range checks, the mark, the copy into the disk's sparse
+//! memory-mapped extent. The variants differ only in what is marked: `()`
+//! (tracking off, the mark compiles to nothing), our tracker, or a baseline.
+//! `Vm::write` is the same generic code with the disk's own `Tracker`.
+//!
 //! Every round replays each thread's same pre-generated stream, after the
 //! variant's [`reset`](crate::variant::Variant::reset) (a fresh epoch), so
 //! every round of every variant does exactly the same writes, first touches
@@ -9,19 +15,24 @@
 //! a large last-level cache, so every round starts with cold caches: a
 //! baseline that clears its whole bitmap would otherwise start with the
 //! bitmap hot in cache, which a real write path, between snapshots hours
-//! apart, never has. One untimed warm-up round per variant comes first (page
-//! faults of fresh mappings). One write in `sample_every` is timed into a
-//! latency histogram.
+//! apart, never has. One untimed warm-up round per variant comes first: it
+//! faults in the disk pages the streams touch (every round writes the same
+//! ones), so page faults stay out of the timed rounds. One write in
+//! `sample_every` is timed into a latency histogram.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
+use anyhow::Context;
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
-use tracker::MarkDirty;
+use sim::{DiskSpec, Host, SimError, Vm};
+use tempfile::TempDir;
+use tracker::{Granularity, MarkDirty};
 use workloads::IoOp;
 
-use crate::disk::{BenchDisk, DataFile};
 use crate::rng::SplitMix64;
 use crate::stats::{latency_histogram, median, quantile, ratios};
 use crate::variant::Variant;
@@ -67,25 +78,61 @@ pub fn bytes_of(ops: &[Write]) -> u64 {
     ops.iter().map(|&(_, l)| u64::from(l)).sum()
 }
 
-/// Replays `ops` on `disk`; every `every`-th write is timed into `hist`.
+/// A VM with one disk in a temporary datastore: what the write-path
+/// benchmarks write to.
+#[derive(Debug)]
+pub struct BenchVm {
+    /// The VM; disk 0 is the one written.
+    pub vm: Arc<Vm>,
+    _host: Host,
+    _dir: TempDir,
+}
+
+impl BenchVm {
+    /// A VM with one sparse disk of `capacity` bytes (its own tracker at
+    /// `granularity` is not what the benchmarks mark) in a new temporary
+    /// directory under `dir`.
+    pub fn create(dir: &Path, capacity: u64, granularity: u64) -> anyhow::Result<Self> {
+        let tmp = tempfile::Builder::new()
+            .prefix("cbt-bench-vm-")
+            .tempdir_in(dir)
+            .with_context(|| format!("cannot create a temporary directory in {}", dir.display()))?;
+        let host = Host::open(tmp.path())?;
+        let spec = DiskSpec {
+            capacity,
+            granularity: Granularity::new(granularity)?,
+        };
+        let vm = host.create_vm("bench", &[spec])?;
+        Ok(Self {
+            vm,
+            _host: host,
+            _dir: tmp,
+        })
+    }
+}
+
+/// Replays `ops` on disk 0 of `vm` through the real write path, marking
+/// `tracker`; every `every`-th write is timed into `hist`.
 #[inline(never)]
 pub fn replay<T: MarkDirty + ?Sized>(
-    disk: &BenchDisk<'_, T>,
+    vm: &Vm,
+    tracker: &T,
     ops: &[Write],
     src: &[u8],
     every: usize,
     hist: &mut Histogram<u64>,
-) {
+) -> Result<(), SimError> {
     for (i, &(off, len)) in ops.iter().enumerate() {
         let buf = &src[..len as usize];
         if i % every == 0 {
             let t0 = Instant::now();
-            disk.write(off, buf);
+            vm.write_with(tracker, 0, off, buf)?;
             let _ = hist.record((t0.elapsed().as_nanos() as u64).max(1));
         } else {
-            disk.write(off, buf);
+            vm.write_with(tracker, 0, off, buf)?;
         }
     }
+    Ok(())
 }
 
 /// What one variant measured.
@@ -124,10 +171,11 @@ pub struct Summary {
 }
 
 /// Runs `rounds` interleaved rounds of every variant; thread `t` replays
-/// `streams[t]`. Writes copy from `src` (at least as long as the longest write).
+/// `streams[t]` on disk 0 of `vm` (at least as large as every stream's
+/// offsets). Writes copy from `src` (at least as long as the longest write).
 pub fn measure(
     variants: &[Variant],
-    data: &DataFile,
+    vm: &Vm,
     streams: &[Vec<Write>],
     src: &[u8],
     rounds: usize,
@@ -139,19 +187,27 @@ pub fn measure(
     let mut scrub = Scrubber::new();
     let mut reset = |v: usize| {
         if let Err(e) = variants[v].reset() {
-            failed.lock().get_or_insert(e);
+            failed
+                .lock()
+                .get_or_insert(e.context("resetting a tracker between rounds failed"));
         }
         scrub.scrub();
     };
     let work = |t: usize, v: usize| {
         let mut h = latency_histogram();
-        crate::with_tracker!(&variants[v], |tr| replay(
-            &BenchDisk::new(data, tr),
+        let r = crate::with_tracker!(&variants[v], |tr| replay(
+            vm,
+            tr,
             &streams[t],
             src,
             sample_every.max(1),
             &mut h
         ));
+        if let Err(e) = r {
+            failed
+                .lock()
+                .get_or_insert(anyhow::Error::new(e).context("a benchmark write failed"));
+        }
         // Relaxed: set by the coordinator before the barrier that starts the round.
         if recording.load(Ordering::Relaxed) {
             hists[v].lock().add(&h).expect("same histogram bounds");
@@ -161,7 +217,7 @@ pub fn measure(
     recording.store(true, Ordering::Relaxed);
     let t = crate::pool::interleaved(streams.len(), variants.len(), rounds, &mut reset, work);
     if let Some(e) = failed.into_inner() {
-        return Err(e.context("resetting a tracker between rounds failed"));
+        return Err(e);
     }
     Ok(t.wall
         .into_iter()
@@ -266,10 +322,11 @@ mod tests {
 
     #[test]
     fn measure_runs_every_variant_and_marks() {
-        let data = DataFile::create(&std::env::temp_dir(), 1 << 20).unwrap();
+        let bench = BenchVm::create(&std::env::temp_dir(), 1 << 30, 65536).unwrap();
         let variants = vec![Variant::Off, Variant::Locked(LockedBitmap::new(1 << 30, 65536))];
         let streams = vec![random_4k(1 << 30, 100, 1), random_4k(1 << 30, 100, 2)];
-        let m = measure(&variants, &data, &streams, &source(4096), 3, 4).unwrap();
+        let src = source(4096);
+        let m = measure(&variants, &bench.vm, &streams, &src, 3, 4).unwrap();
         assert_eq!(m.len(), 2);
         assert!(m
             .iter()
@@ -282,5 +339,16 @@ mod tests {
         let s = summarise(&m, 1, 0, 1, 2 * 100 * 4096, 200);
         assert!(s.ratio > 0.0 && s.mib_s > 0.0 && s.cpu_ratio > 0.0 && s.cpu_ns_per_write > 0.0);
         assert_eq!(s.vs_ref, 1.0);
+        // The data went through the VM (whose own tracker saw none of it).
+        let mut buf = vec![0u8; 4096];
+        let (off, _) = streams[0][0];
+        bench.vm.read(0, off, &mut buf).unwrap();
+        assert_eq!(buf, src);
+        bench.vm.create_snapshot("s").unwrap();
+        let all = bench.vm.query_changed_disk_areas("s", 0, 0, "*").unwrap();
+        assert!(all.changed_area.is_empty(), "{all:?}");
+        // A stream past the disk's end is an error, not a silent skip.
+        let past = vec![vec![(1u64 << 30, 4096u32)]];
+        assert!(measure(&variants, &bench.vm, &past, &src, 1, 1).is_err());
     }
 }

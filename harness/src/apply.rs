@@ -2,16 +2,16 @@
 //! the harness (drive, replay, the torture verifier) does, written once.
 //!
 //! # Design
-//! The harness holds a [`Vm`], not a host, so [`changed_areas`] wraps the VM in a small
-//! [`DataProtection`] adapter and lets [`vadp::changed_areas`] page it: the same checked
+//! The harness holds a [`Vm`], not a host; a VM answers the data-protection API for its
+//! own name, so [`changed_areas`] lets [`vadp::changed_areas`] page it: the same checked
 //! pager a backup application uses, so a short or out-of-order page is an error here too.
-//! The adapter counts the pages, which lets the torture verifier show that its answers
+//! The pager counts its pages, which lets the torture verifier show that its answers
 //! really spanned many.
 
 use std::time::{Duration, Instant};
 
 use sim::{SimError, Vm};
-use vadp::{DataProtection, DiskChangeInfo, SnapshotInfo, VadpError};
+use vadp::VadpError;
 use workloads::{fill_pattern, IoOp};
 
 /// Largest piece a long write or read is applied in (what `buf` grows to at most).
@@ -78,84 +78,19 @@ pub struct Paged {
 
 /// Every changed area of `disk` of snapshot `snapshot` of `vm` since `change_id`, paged
 /// to the end of the disk by the checked pager [`vadp::changed_areas`] (each page's window
-/// is checked, so a host that answers short gives an error, never a short answer).
+/// is checked, so a host that answers short gives an error, never a short answer). The VM
+/// answers the data-protection API for its own name.
 pub fn changed_areas(vm: &Vm, snapshot: &str, disk: usize, change_id: &str) -> Result<Paged, VadpError> {
-    let host = OneVm {
-        vm,
-        pages: Default::default(),
-    };
+    let mut pager = vadp::changed_areas(vm, vm.name(), snapshot, disk, change_id);
     let mut areas = Vec::new();
-    for a in vadp::changed_areas(&host, vm.name(), snapshot, disk, change_id) {
+    for a in pager.by_ref() {
         let a = a?;
         push_area(&mut areas, a.start, a.length);
     }
     Ok(Paged {
         areas,
-        pages: host.pages.get(),
+        pages: pager.pages(),
     })
-}
-
-/// One VM as a [`DataProtection`] host (for the pager), counting its query calls.
-struct OneVm<'a> {
-    vm: &'a Vm,
-    pages: std::cell::Cell<u64>,
-}
-
-impl OneVm<'_> {
-    fn vm(&self, name: &str) -> Result<&Vm, VadpError> {
-        if name == self.vm.name() {
-            Ok(self.vm)
-        } else {
-            Err(VadpError::NotFound(format!("no VM named {name:?}")))
-        }
-    }
-}
-
-impl DataProtection for OneVm<'_> {
-    fn query_changed_disk_areas(
-        &self,
-        vm: &str,
-        snapshot: &str,
-        disk: usize,
-        start_offset: u64,
-        change_id: &str,
-    ) -> Result<DiskChangeInfo, VadpError> {
-        self.pages.set(self.pages.get() + 1);
-        Ok(self
-            .vm(vm)?
-            .query_changed_disk_areas(snapshot, disk, start_offset, change_id)?)
-    }
-
-    fn disk_capacity(&self, vm: &str, snapshot: &str, disk: usize) -> Result<u64, VadpError> {
-        Ok(self.vm(vm)?.snapshot_capacity(snapshot, disk)?)
-    }
-
-    fn read_snapshot(
-        &self,
-        vm: &str,
-        snapshot: &str,
-        disk: usize,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<(), VadpError> {
-        Ok(self.vm(vm)?.read_snapshot(snapshot, disk, offset, buf)?)
-    }
-
-    fn create_snapshot(&self, vm: &str, name: &str) -> Result<SnapshotInfo, VadpError> {
-        Ok(self.vm(vm)?.create_snapshot(name)?)
-    }
-
-    fn remove_snapshot(&self, vm: &str, name: &str) -> Result<(), VadpError> {
-        Ok(self.vm(vm)?.remove_snapshot(name)?)
-    }
-
-    fn enable_change_tracking(&self, vm: &str) -> Result<(), VadpError> {
-        let vm = self.vm(vm)?;
-        if !vm.cbt() {
-            vm.set_cbt(true)?;
-        }
-        Ok(())
-    }
 }
 
 /// Appends `(start, len)` to sorted areas, merging it with the last when they touch.

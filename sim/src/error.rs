@@ -104,26 +104,86 @@ pub enum SimError {
     },
 }
 
+/// Typed all the way: each error the API names becomes its variant, with its
+/// data; everything else is [`VadpError::Host`](vadp::VadpError::Host) with
+/// this error (and its `io::Error`, if any) kept as the source.
 impl From<SimError> for vadp::VadpError {
     fn from(e: SimError) -> Self {
-        use vadp::VadpError as V;
-        let msg = e.to_string();
+        use vadp::{NotFoundKind, VadpError as V};
         match e {
-            SimError::NoSuchVm(_) | SimError::NoSuchDisk { .. } | SimError::NoSuchSnapshot { .. } => V::NotFound(msg),
-            SimError::ChangeId(_) => V::MalformedChangeId(msg),
+            SimError::NoSuchVm(name) => V::NotFound {
+                what: NotFoundKind::Vm,
+                name,
+            },
+            SimError::NoSuchSnapshot { name, .. } => V::NotFound {
+                what: NotFoundKind::Snapshot,
+                name,
+            },
+            SimError::NoSuchDisk { disk, .. } => V::NotFound {
+                what: NotFoundKind::Disk,
+                name: disk.to_string(),
+            },
+            SimError::ChangeId(p) => V::MalformedChangeId {
+                change_id: p.input,
+                reason: p.reason.to_owned(),
+            },
             SimError::Vadp(v) => v,
             SimError::Query(q) => match q {
                 QueryError::TrackingDisabled => V::TrackingDisabled,
-                QueryError::TrackingReset { .. } => V::TrackingReset(msg),
-                QueryError::ForeignChangeId(_) => V::ForeignChangeId(msg),
-                QueryError::ChangeIdAfterSnapshot { .. } => V::ChangeIdAfterSnapshot(msg),
+                QueryError::TrackingReset { change_id, reason } => V::TrackingReset {
+                    change_id: change_id.to_string(),
+                    reason,
+                },
+                QueryError::ForeignChangeId(id) => V::ForeignChangeId {
+                    change_id: id.to_string(),
+                },
+                QueryError::ChangeIdAfterSnapshot { change_id, at } => V::ChangeIdAfterSnapshot {
+                    change_id: change_id.to_string(),
+                    at,
+                },
                 QueryError::OffsetOutOfRange { start, capacity } => V::OffsetOutOfRange { start, capacity },
-                _ => V::Host(msg),
+                q => V::Host(Box::new(SimError::Query(q))),
             },
             SimError::OutOfRange {
                 offset, len, capacity, ..
             } => V::ReadOutOfRange { offset, len, capacity },
-            _ => V::Host(msg),
+            e => V::Host(Box::new(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vadp::{ErrorKind, NotFoundKind, VadpError};
+
+    #[test]
+    fn errors_keep_their_kind_data_and_source() {
+        let v = VadpError::from(SimError::NoSuchSnapshot {
+            vm: "web".into(),
+            name: "s1".into(),
+        });
+        assert!(matches!(
+            &v,
+            VadpError::NotFound { what: NotFoundKind::Snapshot, name } if name == "s1"
+        ));
+        let id: tracker::ChangeId = "52dec081-0000-4000-8000-000000000001/7".parse().unwrap();
+        let v = VadpError::from(SimError::Query(QueryError::ChangeIdAfterSnapshot {
+            change_id: id,
+            at: 3,
+        }));
+        assert!(matches!(&v, VadpError::ChangeIdAfterSnapshot { change_id, at: 3 } if *change_id == id.to_string()));
+        assert!(v.needs_full_backup());
+        let v = VadpError::from(SimError::ChangeId("x/1".parse::<tracker::ChangeId>().unwrap_err()));
+        assert!(matches!(&v, VadpError::MalformedChangeId { change_id, .. } if change_id == "x/1"));
+        // An I/O error stays the source, under the host's own error.
+        let v = VadpError::from(SimError::Io {
+            path: "/ds/vm/disk0/L0.0000.ext".into(),
+            source: io::Error::other("disk on fire"),
+        });
+        assert_eq!(v.kind(), ErrorKind::Host);
+        assert!(v.to_string().contains("L0.0000.ext"), "{v}");
+        let source = std::error::Error::source(&v).expect("the io::Error is the source");
+        assert!(source.downcast_ref::<io::Error>().is_some());
     }
 }

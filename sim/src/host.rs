@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use vadp::{DataProtection, DiskChangeInfo, SnapshotInfo, VadpError};
 
 use crate::config::VmConfig;
 use crate::error::SimError;
@@ -113,51 +112,5 @@ impl Host {
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
-    }
-}
-
-impl DataProtection for Host {
-    fn query_changed_disk_areas(
-        &self,
-        vm: &str,
-        snapshot: &str,
-        disk: usize,
-        start_offset: u64,
-        change_id: &str,
-    ) -> Result<DiskChangeInfo, VadpError> {
-        Ok(self
-            .vm(vm)?
-            .query_changed_disk_areas(snapshot, disk, start_offset, change_id)?)
-    }
-
-    fn disk_capacity(&self, vm: &str, snapshot: &str, disk: usize) -> Result<u64, VadpError> {
-        Ok(self.vm(vm)?.snapshot_capacity(snapshot, disk)?)
-    }
-
-    fn read_snapshot(
-        &self,
-        vm: &str,
-        snapshot: &str,
-        disk: usize,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<(), VadpError> {
-        Ok(self.vm(vm)?.read_snapshot(snapshot, disk, offset, buf)?)
-    }
-
-    fn create_snapshot(&self, vm: &str, name: &str) -> Result<SnapshotInfo, VadpError> {
-        Ok(self.vm(vm)?.create_snapshot(name)?)
-    }
-
-    fn remove_snapshot(&self, vm: &str, name: &str) -> Result<(), VadpError> {
-        Ok(self.vm(vm)?.remove_snapshot(name)?)
-    }
-
-    fn enable_change_tracking(&self, vm: &str) -> Result<(), VadpError> {
-        let vm = self.vm(vm)?;
-        if !vm.cbt() {
-            vm.set_cbt(true)?;
-        }
-        Ok(())
     }
 }

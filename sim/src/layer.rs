@@ -50,6 +50,11 @@ pub(crate) struct Layer {
     pub(crate) id: u64,
     dir: PathBuf,
     extents: Box<[OnceLock<Extent>]>,
+    /// Extent files that existed when the layer was opened. Extents are
+    /// created only through this `Layer` (the process holds the VM's lock,
+    /// and one VM opens each layer once), which maps each one it creates, so
+    /// a read of a never-written extent never asks the file system.
+    on_disk: Box<[bool]>,
     create: Mutex<()>,
     grains: Option<GrainMap>,
 }
@@ -103,10 +108,24 @@ impl Layer {
             }
         };
         let extents = (0..EXTENTS).map(|_| OnceLock::new()).collect();
+        let mut on_disk = vec![false; EXTENTS].into_boxed_slice();
+        let prefix = format!("L{id}.");
+        for entry in std::fs::read_dir(dir).map_err(io_err(dir))?.flatten() {
+            let name = entry.file_name();
+            let k = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|n| n.strip_suffix(".ext"))
+                .and_then(|n| n.parse::<usize>().ok());
+            if let Some(k) = k.filter(|&k| k < EXTENTS) {
+                on_disk[k] = true;
+            }
+        }
         Ok(Self {
             id,
             dir: dir.to_owned(),
             extents,
+            on_disk,
             create: Mutex::new(()),
             grains,
         })
@@ -121,8 +140,7 @@ impl Layer {
         if let Some(e) = self.extents[k].get() {
             return Ok(Some(e));
         }
-        let path = self.extent_path(k);
-        if !path.exists() {
+        if !self.on_disk[k] {
             return Ok(None);
         }
         self.extent_mut(k).map(Some)
@@ -190,6 +208,11 @@ impl Layer {
             let k = (offset / EXTENT_BYTES) as usize;
             let within = offset % EXTENT_BYTES;
             let n = (len - done).min(EXTENT_BYTES - within);
+            fault_point!(crate::fault::Point::ExtentWrite {
+                layer: self.id,
+                offset,
+                len: n
+            });
             match src {
                 Src::Bytes(b) => self
                     .extent_mut(k)?
@@ -291,9 +314,8 @@ impl Layer {
     /// Deletes this layer's files (after it left every chain).
     pub(crate) fn delete_files(&self) {
         for k in 0..EXTENTS {
-            let p = self.extent_path(k);
-            if self.extents[k].get().is_some() || p.exists() {
-                let _ = std::fs::remove_file(p);
+            if self.extents[k].get().is_some() || self.on_disk[k] {
+                let _ = std::fs::remove_file(self.extent_path(k));
             }
         }
         let _ = std::fs::remove_file(self.dir.join(format!("L{}.map", self.id)));
@@ -303,7 +325,7 @@ impl Layer {
     pub(crate) fn allocated_bytes(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
         let mut n = 0;
-        for k in 0..EXTENTS {
+        for k in (0..EXTENTS).filter(|&k| self.extents[k].get().is_some() || self.on_disk[k]) {
             if let Ok(m) = std::fs::metadata(self.extent_path(k)) {
                 n += m.blocks() * 512;
             }
@@ -336,4 +358,46 @@ pub(crate) fn read_chain(chain: &[std::sync::Arc<Layer>], offset: u64, buf: &mut
         pos += n;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn extents_written_before_are_found_at_open_and_others_read_as_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let l = Layer::open(dir.path(), 3, None).unwrap();
+            l.write_raw(7, 3, Src::Bytes(&[1, 2, 3])).unwrap();
+            l.write_raw(2 * EXTENT_BYTES + 5, 2, Src::Bytes(&[4, 5])).unwrap();
+            l.flush().unwrap();
+        }
+        // Another layer's files and stray names are not this layer's extents.
+        std::fs::write(dir.path().join("L31.0001.ext"), b"").unwrap();
+        std::fs::write(dir.path().join("L3.x.ext"), b"").unwrap();
+        let l = Layer::open(dir.path(), 3, None).unwrap();
+        let mut buf = [9u8; 3];
+        l.read_raw(7, &mut buf).unwrap();
+        assert_eq!(buf, [1, 2, 3]);
+        l.read_raw(2 * EXTENT_BYTES + 5, &mut buf[..2]).unwrap();
+        assert_eq!(buf[..2], [4, 5]);
+        l.read_raw(EXTENT_BYTES + 5, &mut buf).unwrap();
+        assert_eq!(buf, [0; 3], "a never-written extent reads as zeros");
+        assert!(!dir.path().join("L3.0001.ext").exists(), "reading it created nothing");
+        // An unmap of a never-written extent creates nothing either.
+        l.write_raw(EXTENT_BYTES, 4096, Src::Zero).unwrap();
+        assert!(!dir.path().join("L3.0001.ext").exists());
+        l.delete_files();
+        assert_eq!(files(dir.path()), ["L3.x.ext", "L31.0001.ext"]);
+    }
 }

@@ -7,7 +7,12 @@
 //! (copy-on-write when a snapshot exists) and marks the change tracker
 //! (the `tracker` crate): lock-free, no allocation. Snapshots stun I/O for an
 //! O(1) epoch switch, consolidation and revert keep tracking exact, and the
-//! host answers the `vadp` data-protection API.
+//! host and each VM answer the `vadp` data-protection API, so callers page
+//! changed areas with the checked `vadp::changed_areas`.
+//!
+//! Features: `bench` adds `Vm::write_with` (the write path marking another
+//! `tracker::MarkDirty`, for the benchmarks); `fault-injection` adds the
+//! `fault` module's pause and failure points (only sim's own tests use it).
 //!
 //! # Example
 //! ```
@@ -32,11 +37,23 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+/// A pause or fault point (see `fault`): expands to nothing unless the
+/// `fault-injection` feature is on.
+macro_rules! fault_point {
+    ($point:expr) => {
+        #[cfg(feature = "fault-injection")]
+        $crate::fault::hit($point)?;
+    };
+}
+
 mod config;
 mod error;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 mod host;
 mod layer;
 mod mmap;
+mod protection;
 mod restore_target;
 mod vm;
 

@@ -4,15 +4,14 @@
 use tracker::Granularity;
 use vadp::{RestoreDisk, RestoreTarget, VadpError};
 
-use crate::{DiskSpec, Host};
+use crate::{DiskSpec, Host, SimError};
 
 impl RestoreTarget for Host {
     fn create_vm(&self, name: &str, disks: &[RestoreDisk]) -> Result<(), VadpError> {
         let specs = disks
             .iter()
             .map(|d| {
-                let granularity = Granularity::new(d.granularity)
-                    .map_err(|e| VadpError::Host(format!("granularity {}: {e}", d.granularity)))?;
+                let granularity = Granularity::new(d.granularity).map_err(SimError::Tracker)?;
                 Ok(DiskSpec {
                     capacity: d.capacity,
                     granularity,

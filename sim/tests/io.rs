@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 use sim::SimError;
-use vadp::VadpError;
+use vadp::{NotFoundKind, VadpError};
 
 #[test]
 fn unaligned_writes_last_byte_and_odd_sized_disk() {
@@ -106,11 +106,32 @@ fn bad_change_ids_get_typed_errors() {
     let sb = b.create_snapshot("s").unwrap();
     let foreign = sb.disks[0].change_id.clone().unwrap();
     let e = vadp::DataProtection::query_changed_disk_areas(&host, "a", "s", 0, 0, &foreign).unwrap_err();
-    assert!(matches!(e, VadpError::ForeignChangeId(_)), "{e}");
+    assert!(
+        matches!(&e, VadpError::ForeignChangeId { change_id } if *change_id == foreign),
+        "{e}"
+    );
     let e = vadp::DataProtection::query_changed_disk_areas(&host, "a", "s", 0, 0, "52 de c0/81").unwrap_err();
-    assert!(matches!(e, VadpError::MalformedChangeId(_)), "{e}");
+    assert!(
+        matches!(&e, VadpError::MalformedChangeId { change_id, .. } if change_id == "52 de c0/81"),
+        "{e}"
+    );
     let e = vadp::DataProtection::query_changed_disk_areas(&host, "a", "nope", 0, 0, "*").unwrap_err();
-    assert!(matches!(e, VadpError::NotFound(_)), "{e}");
+    assert!(
+        matches!(&e, VadpError::NotFound { what: NotFoundKind::Snapshot, name } if name == "nope"),
+        "{e}"
+    );
+    assert_eq!(e.kind(), vadp::ErrorKind::NotFound);
+    let e = vadp::DataProtection::query_changed_disk_areas(&host, "zz", "s", 0, 0, "*").unwrap_err();
+    assert!(
+        matches!(&e, VadpError::NotFound { what: NotFoundKind::Vm, name } if name == "zz"),
+        "{e}"
+    );
+    // A VM answers for its own name only.
+    let e = vadp::DataProtection::disk_capacity(&*a, "b", "s", 0).unwrap_err();
+    assert!(
+        matches!(&e, VadpError::NotFound { what: NotFoundKind::Vm, name } if name == "b"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -143,4 +164,49 @@ fn du(p: &std::path::Path) -> u64 {
         n += if m.is_dir() { du(&e.path()) } else { m.blocks() * 512 };
     }
     n
+}
+
+/// Records every mark.
+#[derive(Default)]
+struct Log(parking_lot::Mutex<Vec<(u64, u64)>>);
+
+impl tracker::MarkDirty for Log {
+    fn mark(&self, offset: u64, len: u64) {
+        self.0.lock().push((offset, len));
+    }
+}
+
+#[test]
+fn write_with_runs_the_write_path_with_another_marker() {
+    let (_d, host) = host();
+    let cap = 4 * MIB;
+    let vm = host.create_vm("vm", &[spec(cap, 64 * KIB)]).unwrap();
+    let s0 = vm.create_snapshot("s0").unwrap();
+    let cid = s0.disks[0].change_id.clone().unwrap();
+    // Tracking off: the data lands (through the delta), nothing is tracked.
+    vm.write_with(&(), 0, MIB, &[3; 5000]).unwrap();
+    // Another marker sees exactly the writes the path accepts.
+    let log = Log::default();
+    vm.write_with(&log, 0, 2 * MIB + 7, &[4; 100]).unwrap();
+    assert!(matches!(
+        vm.write_with(&log, 0, cap - 10, &[1; 11]),
+        Err(SimError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        vm.write_with(&log, 1, 0, &[1]),
+        Err(SimError::NoSuchDisk { .. })
+    ));
+    vm.set_power(false).unwrap();
+    assert!(matches!(vm.write_with(&log, 0, 0, &[1]), Err(SimError::PoweredOff(_))));
+    vm.set_power(true).unwrap();
+    assert_eq!(*log.0.lock(), vec![(2 * MIB + 7, 100)]);
+    vm.create_snapshot("s1").unwrap();
+    let mut buf = vec![0u8; 5000];
+    vm.read_snapshot("s1", 0, MIB, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 3), "the untracked write landed");
+    assert_eq!(
+        areas(&vm, "s1", 0, &cid),
+        vec![],
+        "the disk's tracker saw neither write"
+    );
 }

@@ -22,6 +22,11 @@ pub(crate) const VERSION: u32 = 1;
 pub(crate) const HEADER_BYTES: u64 = 4096;
 pub(crate) const MAX_PAST_SESSIONS: usize = 32;
 
+/// Where `marks_lost_through` lives: after the largest list of past
+/// sessions (104 + 32 * 17 bytes), 8-aligned. Files written before the field
+/// existed hold 0 there: nothing lost.
+const MARKS_LOST_AT: usize = 656;
+
 pub(crate) const STATE_OPEN: u32 = 1;
 pub(crate) const STATE_CLEAN: u32 = 2;
 
@@ -69,6 +74,10 @@ pub(crate) struct Header {
     pub last_closed: u64,
     pub folded: u64,
     pub session_start: u64,
+    /// Marks of the epochs up to and including this one may be incomplete:
+    /// tracking was reset (an unclean close, damaged state) while this epoch
+    /// was open. A revert to a point before it cannot know what it changes back.
+    pub marks_lost_through: u64,
     pub active: u64,
     pub session: Uuid,
     pub past: Vec<(Uuid, ResetReason)>,
@@ -100,6 +109,7 @@ impl Header {
             out[at..at + 16].copy_from_slice(u.as_bytes());
             out[at + 16] = *r as u8;
         }
+        put64(out, MARKS_LOST_AT, self.marks_lost_through);
     }
 
     pub(crate) fn decode(b: &[u8]) -> Result<Self, String> {
@@ -132,6 +142,7 @@ impl Header {
             last_closed: get64(b, 48),
             folded: get64(b, 56),
             session_start: get64(b, 64),
+            marks_lost_through: get64(b, MARKS_LOST_AT),
             active: get64(b, 72),
             session: uuid_at(80),
             past,
@@ -139,7 +150,11 @@ impl Header {
         if !(9..=30).contains(&h.granularity_shift) {
             return Err(format!("granularity 2^{} is out of range", h.granularity_shift));
         }
-        if h.active > 1 || h.last_closed >= h.cur_epoch || h.folded > h.last_closed {
+        if h.active > 1
+            || h.last_closed >= h.cur_epoch
+            || h.folded > h.last_closed
+            || h.marks_lost_through > h.cur_epoch
+        {
             return Err("inconsistent epoch counters".into());
         }
         Ok(h)
@@ -204,6 +219,7 @@ mod tests {
             last_closed: 8,
             folded: 7,
             session_start: 3,
+            marks_lost_through: 2,
             active: 1,
             session: Uuid::new_v4(),
             past: vec![
@@ -220,6 +236,9 @@ mod tests {
         let mut bad = page.clone();
         bad[8] = 99;
         assert!(Header::decode(&bad).unwrap_err().contains("version"));
+        let mut bad = page.clone();
+        bad[MARKS_LOST_AT..MARKS_LOST_AT + 8].copy_from_slice(&10u64.to_le_bytes());
+        assert!(Header::decode(&bad).is_err(), "marks lost after the open epoch");
         let mut bad = page;
         bad[48..56].copy_from_slice(&100u64.to_le_bytes());
         assert!(Header::decode(&bad).is_err());

@@ -179,6 +179,7 @@ impl Tracker {
             last_closed: 0,
             folded: 0,
             session_start: 1,
+            marks_lost_through: 0,
             active: 0,
             session: Uuid::new_v4(),
             past: Vec::new(),
@@ -234,6 +235,10 @@ impl Tracker {
                 // Epochs after the fold horizon are lost: nothing older than
                 // the new session may be asked for any more.
                 h.folded = h.last_closed;
+                // And the open epoch may have lost marks (those not yet in
+                // the file): a revert to any point before it cannot know all
+                // it changes back.
+                h.marks_lost_through = h.cur_epoch;
                 (BTreeMap::new(), BTreeMap::new())
             }
         };
@@ -440,9 +445,10 @@ impl Tracker {
     /// epoch. Change IDs issued after `seq` stay valid and keep answering
     /// correctly. **The caller must have quiesced every writer.**
     ///
-    /// If `seq` is older than the fold horizon (only after an unclean close
-    /// reset tracking: a live snapshot otherwise pins it), the epochs after it
-    /// are lost and what the revert changes back is not known: a new session
+    /// If `seq` is older than the fold horizon or than the epoch that was open
+    /// when an unclean close reset tracking (a live snapshot otherwise pins
+    /// it), marks of the epochs after it are lost and what the revert changes
+    /// back is not known: a new session
     /// starts, so earlier change IDs fail with `TrackingReset` instead of
     /// answering incompletely.
     pub fn rewind_to(&self, seq: u64) -> Result<(), QueryError> {
@@ -455,7 +461,11 @@ impl Tracker {
         for bits in c.unfolded.range(seq + 1..).map(|(_, b)| b) {
             bits.for_each_word(|w, m| active.or_leaf_word(w as usize, m));
         }
-        if seq < c.h.folded {
+        // The revert changes back every block written after `seq`: known
+        // only if the epochs after it are unfolded and none lost marks at a
+        // reset (`marks_lost_through` is the epoch open at the reset, so a
+        // revert to the last snapshot before a crash needs a new session too).
+        if seq < c.h.folded || seq < c.h.marks_lost_through {
             reset_session(&mut c.h, ResetReason::Unclean);
             let _ = c.write_header();
         }

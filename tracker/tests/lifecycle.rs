@@ -161,6 +161,38 @@ fn rewind_marks_what_the_revert_changed_back() {
 }
 
 #[test]
+fn rewind_to_the_last_point_before_an_unclean_close_starts_a_new_session() {
+    // The epoch open at the crash may have lost marks, so a revert to the
+    // last snapshot before it cannot know everything it changes back, even
+    // though that snapshot is exactly at the fold horizon the reset set.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.ctk");
+    let t = Tracker::create(&p, GIB, Granularity::DEFAULT).unwrap();
+    let s1 = t.close_epoch().unwrap(); // the snapshot reverted to later
+    t.mark(3 * 65536, 1); // may not reach the file before the crash
+    t.abandon();
+    drop(t);
+    let t = Tracker::open(&p).unwrap();
+    t.pin(s1);
+    t.mark(0, 1);
+    let s2 = t.close_epoch().unwrap();
+    let id2 = t.change_id(s2).expect("the new session issues change IDs");
+    t.rewind_to(s1).unwrap();
+    let s3 = t.close_epoch().unwrap();
+    let err = t.changed_areas(Since::Change(id2), s3, GIB, 0, 10).unwrap_err();
+    assert!(matches!(err, QueryError::TrackingReset { .. }), "{err}");
+    // A point after the reset reverts within the session, and survives a clean close.
+    let id3 = t.change_id(s3).unwrap();
+    t.mark(7 * 65536, 1);
+    t.close().unwrap();
+    let t = Tracker::open(&p).unwrap();
+    t.pin(s3);
+    t.rewind_to(s3).unwrap();
+    let s4 = t.close_epoch().unwrap();
+    assert_eq!(areas(&t, Since::Change(id3), s4, GIB), vec![(7 * 65536, 65536)]);
+}
+
+#[test]
 fn extend_keeps_change_ids_and_reports_writes_past_the_old_end() {
     let dir = tempfile::tempdir().unwrap();
     let old = 128 * GIB;

@@ -91,22 +91,53 @@ pub struct SnapshotInfo {
     pub disks: Vec<SnapshotDisk>,
 }
 
-/// Why a data-protection call failed. Callers match on the variant.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a data-protection call failed.
+///
+/// Each variant carries what it is about (which change ID, which snapshot);
+/// [`kind`](Self::kind) gives a stable [`ErrorKind`] to match on. Anything
+/// else the host reports is [`Host`](Self::Host), which keeps the host's own
+/// error (and its `io::Error`, if any) as the source.
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum VadpError {
+    /// No such VM, snapshot or disk.
+    #[error("no {what} named {name:?}")]
+    NotFound {
+        /// What was looked for.
+        what: NotFoundKind,
+        /// Its name (a disk's index for a disk).
+        name: String,
+    },
     /// The change ID is not of the form `<uuid>/<sequence>` nor `*`.
-    #[error("{0}")]
-    MalformedChangeId(String),
+    #[error("malformed change ID {change_id:?}: {reason}")]
+    MalformedChangeId {
+        /// What was given.
+        change_id: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The change ID predates a tracking reset: the caller needs a full backup.
-    #[error("{0}")]
-    TrackingReset(String),
+    #[error("change ID {change_id} is from before a tracking reset ({reason}); a full backup is needed")]
+    TrackingReset {
+        /// The rejected change ID.
+        change_id: String,
+        /// Why tracking was reset.
+        reason: String,
+    },
     /// The change ID was not issued for this disk.
-    #[error("{0}")]
-    ForeignChangeId(String),
+    #[error("change ID {change_id} was not issued for this disk")]
+    ForeignChangeId {
+        /// The rejected change ID.
+        change_id: String,
+    },
     /// The change ID is newer than the snapshot queried.
-    #[error("{0}")]
-    ChangeIdAfterSnapshot(String),
+    #[error("change ID {change_id} is newer than the snapshot being queried (sequence {at})")]
+    ChangeIdAfterSnapshot {
+        /// The rejected change ID.
+        change_id: String,
+        /// The snapshot's sequence.
+        at: u64,
+    },
     /// Change tracking is off.
     #[error("change tracking is not enabled on this disk")]
     TrackingDisabled,
@@ -128,26 +159,95 @@ pub enum VadpError {
         /// The disk's size.
         capacity: u64,
     },
-    /// No such VM, snapshot or disk.
-    #[error("{0}")]
-    NotFound(String),
     /// The host broke a paging rule (an empty or out-of-order window).
-    #[error("the host returned an invalid page: {0}")]
-    BadPage(String),
-    /// Anything else the host reports.
-    #[error("{0}")]
-    Host(String),
+    #[error("the host returned an invalid page: {reason}")]
+    BadPage {
+        /// Which rule, and where.
+        reason: String,
+    },
+    /// Anything else the host reports, with the host's own error as the source.
+    #[error(transparent)]
+    Host(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// What a [`VadpError::NotFound`] looked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum NotFoundKind {
+    /// A VM.
+    Vm,
+    /// A snapshot.
+    Snapshot,
+    /// A disk.
+    Disk,
+}
+
+impl std::fmt::Display for NotFoundKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Vm => "VM",
+            Self::Snapshot => "snapshot",
+            Self::Disk => "disk",
+        })
+    }
+}
+
+/// The kind of a [`VadpError`]: stable, for callers to match on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// [`VadpError::NotFound`].
+    NotFound,
+    /// [`VadpError::MalformedChangeId`].
+    MalformedChangeId,
+    /// [`VadpError::TrackingReset`].
+    TrackingReset,
+    /// [`VadpError::ForeignChangeId`].
+    ForeignChangeId,
+    /// [`VadpError::ChangeIdAfterSnapshot`].
+    ChangeIdAfterSnapshot,
+    /// [`VadpError::TrackingDisabled`].
+    TrackingDisabled,
+    /// [`VadpError::OffsetOutOfRange`].
+    OffsetOutOfRange,
+    /// [`VadpError::ReadOutOfRange`].
+    ReadOutOfRange,
+    /// [`VadpError::BadPage`].
+    BadPage,
+    /// [`VadpError::Host`].
+    Host,
 }
 
 impl VadpError {
+    /// A host error with only a message (for hosts without an error type of their own).
+    pub fn host(message: impl Into<String>) -> Self {
+        Self::Host(message.into().into())
+    }
+
+    /// The kind of error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::NotFound { .. } => ErrorKind::NotFound,
+            Self::MalformedChangeId { .. } => ErrorKind::MalformedChangeId,
+            Self::TrackingReset { .. } => ErrorKind::TrackingReset,
+            Self::ForeignChangeId { .. } => ErrorKind::ForeignChangeId,
+            Self::ChangeIdAfterSnapshot { .. } => ErrorKind::ChangeIdAfterSnapshot,
+            Self::TrackingDisabled => ErrorKind::TrackingDisabled,
+            Self::OffsetOutOfRange { .. } => ErrorKind::OffsetOutOfRange,
+            Self::ReadOutOfRange { .. } => ErrorKind::ReadOutOfRange,
+            Self::BadPage { .. } => ErrorKind::BadPage,
+            Self::Host(_) => ErrorKind::Host,
+        }
+    }
+
     /// Whether the right reaction is a full backup (the change ID is no good).
     pub fn needs_full_backup(&self) -> bool {
         matches!(
-            self,
-            Self::TrackingReset(_)
-                | Self::ForeignChangeId(_)
-                | Self::MalformedChangeId(_)
-                | Self::ChangeIdAfterSnapshot(_)
+            self.kind(),
+            ErrorKind::TrackingReset
+                | ErrorKind::ForeignChangeId
+                | ErrorKind::MalformedChangeId
+                | ErrorKind::ChangeIdAfterSnapshot
         )
     }
 }
@@ -212,6 +312,7 @@ pub fn changed_areas<'a, H: DataProtection + ?Sized>(
         capacity: None,
         page: Vec::new().into_iter(),
         done: false,
+        pages: 0,
     }
 }
 
@@ -227,9 +328,15 @@ pub struct ChangedAreas<'a, H: ?Sized> {
     capacity: Option<u64>,
     page: std::vec::IntoIter<DiskArea>,
     done: bool,
+    pages: u64,
 }
 
 impl<H: DataProtection + ?Sized> ChangedAreas<'_, H> {
+    /// `QueryChangedDiskAreas` calls made so far (how many pages the answer took).
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
     fn fetch(&mut self) -> Result<bool, VadpError> {
         let capacity = match self.capacity {
             Some(c) => c,
@@ -242,11 +349,12 @@ impl<H: DataProtection + ?Sized> ChangedAreas<'_, H> {
         if self.next >= capacity {
             return Ok(false);
         }
+        self.pages += 1;
         let info = self
             .host
             .query_changed_disk_areas(self.vm, self.snapshot, self.disk, self.next, self.change_id)?;
         let end = info.start_offset.checked_add(info.length).filter(|&e| e <= capacity);
-        let bad = |why: String| Err(VadpError::BadPage(why));
+        let bad = |reason: String| Err(VadpError::BadPage { reason });
         if info.start_offset != self.next {
             return bad(format!(
                 "window starts at {} but {} was asked",
@@ -317,4 +425,110 @@ pub struct RestoreDisk {
     pub capacity: u64,
     /// Tracking granularity in bytes.
     pub granularity: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host answering from a script of pages (by start offset) on a disk of 100 bytes.
+    struct Scripted(Vec<DiskChangeInfo>);
+
+    impl DataProtection for Scripted {
+        fn query_changed_disk_areas(
+            &self,
+            _vm: &str,
+            _snapshot: &str,
+            _disk: usize,
+            start: u64,
+            _change_id: &str,
+        ) -> Result<DiskChangeInfo, VadpError> {
+            match self.0.iter().find(|p| p.start_offset == start) {
+                Some(p) => Ok(p.clone()),
+                None => self
+                    .0
+                    .first()
+                    .cloned()
+                    .ok_or(VadpError::OffsetOutOfRange { start, capacity: 100 }),
+            }
+        }
+        fn disk_capacity(&self, _: &str, _: &str, _: usize) -> Result<u64, VadpError> {
+            Ok(100)
+        }
+        fn read_snapshot(&self, _: &str, _: &str, _: usize, _: u64, _: &mut [u8]) -> Result<(), VadpError> {
+            Ok(())
+        }
+        fn create_snapshot(&self, _: &str, _: &str) -> Result<SnapshotInfo, VadpError> {
+            Err(VadpError::host("not in this script"))
+        }
+        fn remove_snapshot(&self, _: &str, _: &str) -> Result<(), VadpError> {
+            Ok(())
+        }
+        fn enable_change_tracking(&self, _: &str) -> Result<(), VadpError> {
+            Ok(())
+        }
+    }
+
+    fn page(start_offset: u64, length: u64, areas: &[(u64, u64)]) -> DiskChangeInfo {
+        DiskChangeInfo {
+            start_offset,
+            length,
+            changed_area: areas
+                .iter()
+                .map(|&(start, length)| DiskArea { start, length })
+                .collect(),
+        }
+    }
+
+    fn run(pages: Vec<DiskChangeInfo>) -> Result<Vec<(u64, u64)>, VadpError> {
+        changed_areas(&Scripted(pages), "vm", "s", 0, "*")
+            .map(|a| a.map(|a| (a.start, a.length)))
+            .collect()
+    }
+
+    #[test]
+    fn pages_to_the_end_of_the_disk() {
+        let got = run(vec![
+            page(0, 30, &[(0, 10), (20, 10)]),
+            page(30, 40, &[(60, 10)]),
+            page(70, 30, &[]),
+        ]);
+        assert_eq!(got.unwrap(), vec![(0, 10), (20, 10), (60, 10)]);
+    }
+
+    #[test]
+    fn a_host_breaking_a_paging_rule_gets_bad_page() {
+        for (why, pages) in [
+            ("empty window", vec![page(0, 0, &[])]),
+            ("window past the end", vec![page(0, 101, &[])]),
+            ("window starting elsewhere", vec![page(0, 50, &[]), page(40, 60, &[])]),
+            ("area outside its window", vec![page(0, 50, &[(40, 20)])]),
+            ("unsorted areas", vec![page(0, 100, &[(50, 10), (10, 10)])]),
+            ("empty area", vec![page(0, 100, &[(50, 0)])]),
+        ] {
+            let e = run(pages).expect_err(why);
+            assert_eq!(e.kind(), ErrorKind::BadPage, "{why}: {e}");
+        }
+    }
+
+    #[test]
+    fn kinds_and_full_backup() {
+        let reset = VadpError::TrackingReset {
+            change_id: "u/3".into(),
+            reason: "the host did not shut down cleanly".into(),
+        };
+        assert_eq!(reset.kind(), ErrorKind::TrackingReset);
+        assert!(reset.needs_full_backup());
+        assert!(reset.to_string().contains("u/3") && reset.to_string().contains("full backup"));
+        let missing = VadpError::NotFound {
+            what: NotFoundKind::Snapshot,
+            name: "s9".into(),
+        };
+        assert_eq!(missing.to_string(), "no snapshot named \"s9\"");
+        assert!(!missing.needs_full_backup());
+        assert!(!VadpError::TrackingDisabled.needs_full_backup());
+        let io = VadpError::Host(Box::new(std::io::Error::other("disk on fire")));
+        assert_eq!(io.kind(), ErrorKind::Host);
+        assert_eq!(io.to_string(), "disk on fire");
+    }
 }

@@ -1,14 +1,13 @@
 //! `overhead`: write-path throughput with tracking off (`()`) and on (ours),
 //! and the baselines (QEMU-style locked bitmap, libvirt-style bitmap per
-//! change ID), A/B interleaved in one process. See `benches/README.md`.
+//! change ID), A/B interleaved in one process, every write through `sim`'s
+//! real write path (`Vm::write_with`). See `benches/README.md`.
 
-use anyhow::Context;
 use benches::baselines::{LockedBitmap, PerChangeIdBitmaps};
 use benches::cli::{parse_size, Common};
-use benches::disk::DataFile;
 use benches::report::{Report, Row};
 use benches::variant::{OwnedTracker, Variant};
-use benches::writepath::{bytes_of, measure, profile_writes, random_4k, sequential, source, summarise, Write};
+use benches::writepath::{bytes_of, measure, profile_writes, random_4k, sequential, source, summarise, BenchVm, Write};
 use benches::{human_size, MIB};
 use clap::Parser;
 
@@ -18,12 +17,9 @@ use clap::Parser;
 struct Opts {
     #[command(flatten)]
     common: Common,
-    /// Logical disk sizes the trackers see, comma separated: every case runs at each.
+    /// Disk sizes, comma separated: every case runs on a VM disk of each size.
     #[arg(long, value_parser = parse_size, value_delimiter = ',', default_value = "1G,1T")]
     disk_sizes: Vec<u64>,
-    /// Data window the copies land in [default: 1G, 256M with --quick].
-    #[arg(long, value_parser = parse_size)]
-    window: Option<u64>,
     /// Tracking granularity.
     #[arg(long, value_parser = parse_size, default_value = "64K")]
     granularity: u64,
@@ -78,7 +74,6 @@ fn main() -> anyhow::Result<()> {
     let quick = o.common.quick;
     let rounds = o.rounds.unwrap_or(if quick { 7 } else { 21 }).max(1);
     let round_bytes = o.round_bytes.unwrap_or(if quick { 16 * MIB } else { 64 * MIB });
-    let window = o.window.unwrap_or(if quick { 256 * MIB } else { 1024 * MIB });
     let cases: Vec<String> = if o.cases.is_empty() {
         [RANDOM, SEQ]
             .into_iter()
@@ -91,21 +86,17 @@ fn main() -> anyhow::Result<()> {
     let dir = o.common.mem_dir();
     let mut rep = Report::new("overhead", o.common.json);
     rep.note(&format!(
-        "overhead: disks {}, window {} in {}, granularity {}, {rounds} rounds of {} per thread, threads {:?}",
+        "overhead: VM disks {} in {}, granularity {}, {rounds} rounds of {} per thread, threads {:?}",
         o.disk_sizes
             .iter()
             .map(|&d| human_size(d))
             .collect::<Vec<_>>()
             .join(","),
-        human_size(window),
         dir.display(),
         human_size(o.granularity),
         human_size(round_bytes),
         o.common.threads
     ));
-    let data =
-        DataFile::create(&dir, window).with_context(|| format!("cannot map a data window in {}", dir.display()))?;
-    data.prefault();
     let g = o.granularity;
     let mut goals = Vec::new();
     rep.section(
@@ -124,13 +115,16 @@ fn main() -> anyhow::Result<()> {
         for case in &cases {
             let with_baselines = case == RANDOM || case == SEQ;
             let used = if with_baselines { &variants[..] } else { &variants[..2] };
+            // A fresh VM per case: the disk holds only the pages this case's
+            // streams touch (faulted in by the warm-up round).
+            let bench = BenchVm::create(&dir, cap, g)?;
             for &threads in &o.common.threads {
                 let s = streams(case, cap, threads, round_bytes)?;
                 let longest = s.iter().flatten().map(|&(_, l)| l as usize).max().unwrap_or(4096);
                 let src = source(longest);
                 let bytes: u64 = s.iter().map(|x| bytes_of(x)).sum();
                 let writes: u64 = s.iter().map(|x| x.len() as u64).sum();
-                let m = measure(used, &data, &s, &src, rounds, o.sample_every)?;
+                let m = measure(used, &bench.vm, &s, &src, rounds, o.sample_every)?;
                 for (i, v) in used.iter().enumerate() {
                     let sm = summarise(&m, i, 0, 1, bytes, writes);
                     let h = &m[i].hist;

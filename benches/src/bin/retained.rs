@@ -1,17 +1,16 @@
 //! `retained`: write-path and mark cost with 1, 8, 64 and 1024 change IDs
 //! retained (closed epochs kept pinned, as live snapshots keep them), A/B
-//! interleaved with tracking off. See `benches/README.md`.
+//! interleaved with tracking off; writes go through `sim`'s real write path.
+//! See `benches/README.md`.
 
 use std::hint::black_box;
 
-use anyhow::Context;
 use benches::cli::{parse_size, Common};
-use benches::disk::DataFile;
 use benches::pool::thread_cpu_time;
 use benches::report::{Report, Row};
 use benches::stats::{median, ratios};
 use benches::variant::{OwnedTracker, Variant};
-use benches::writepath::{bytes_of, measure, random_4k, source, summarise, Scrubber};
+use benches::writepath::{bytes_of, measure, random_4k, source, summarise, BenchVm, Scrubber};
 use benches::{human_size, MIB};
 use clap::Parser;
 use tracker::MarkDirty;
@@ -26,12 +25,9 @@ struct Opts {
     /// unfolded by pins, as live snapshots keep them.
     #[arg(long, value_delimiter = ',', default_value = "1,8,64,1024")]
     keep: Vec<usize>,
-    /// Logical disk size.
+    /// Disk size.
     #[arg(long, value_parser = parse_size, default_value = "1T")]
     disk_size: u64,
-    /// Data window [default: 1G, 256M with --quick].
-    #[arg(long, value_parser = parse_size)]
-    window: Option<u64>,
     /// Tracking granularity.
     #[arg(long, value_parser = parse_size, default_value = "64K")]
     granularity: u64,
@@ -63,16 +59,14 @@ fn main() -> anyhow::Result<()> {
     let quick = o.common.quick;
     let rounds = o.rounds.unwrap_or(if quick { 7 } else { 21 }).max(1);
     let round_bytes = o.round_bytes.unwrap_or(if quick { 16 * MIB } else { 64 * MIB });
-    let window = o.window.unwrap_or(if quick { 256 * MIB } else { 1024 * MIB });
     let (cap, g) = (o.disk_size, o.granularity);
     let dir = o.common.mem_dir();
     let mut rep = Report::new("retained", o.common.json);
     rep.note(&format!(
-        "retained: keep {:?}, disk {}, window {}, granularity {}, {rounds} rounds of {} per thread, \
+        "retained: keep {:?}, VM disk {}, granularity {}, {rounds} rounds of {} per thread, \
          {} writes per retained epoch, files in {}",
         o.keep,
         human_size(cap),
-        human_size(window),
         human_size(g),
         human_size(round_bytes),
         o.writes_per_epoch,
@@ -147,9 +141,7 @@ fn main() -> anyhow::Result<()> {
         "write path: random 4 KiB writes (cost_vs_first = CPU time per write / the first keep count's, \
          median of per-round ratios)",
     );
-    let data =
-        DataFile::create(&dir, window).with_context(|| format!("cannot map a data window in {}", dir.display()))?;
-    data.prefault();
+    let bench = BenchVm::create(&dir, cap, g)?;
     let src = source(4096);
     for &threads in &o.common.threads {
         let streams: Vec<_> = (0..threads)
@@ -157,7 +149,7 @@ fn main() -> anyhow::Result<()> {
             .collect();
         let bytes: u64 = streams.iter().map(|s| bytes_of(s)).sum();
         let writes: u64 = streams.iter().map(|s| s.len() as u64).sum();
-        let m = measure(&variants, &data, &streams, &src, rounds, 16)?;
+        let m = measure(&variants, &bench.vm, &streams, &src, rounds, 16)?;
         for v in 0..variants.len() {
             let sm = summarise(&m, v, 0, 1, bytes, writes);
             let h = &m[v].hist;

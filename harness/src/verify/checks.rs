@@ -158,13 +158,13 @@ impl Lifecycle<'_> {
                 }
             }
             (Expect::Disabled, Err(VadpError::TrackingDisabled)) => st.expected("tracking_disabled"),
-            (Expect::Reset { .. }, Err(VadpError::TrackingReset(_))) => st.expected("tracking_reset"),
-            (Expect::Reset { sessions_ago }, Err(VadpError::ForeignChangeId(_)))
+            (Expect::Reset { .. }, Err(VadpError::TrackingReset { .. })) => st.expected("tracking_reset"),
+            (Expect::Reset { sessions_ago }, Err(VadpError::ForeignChangeId { .. }))
                 if sessions_ago > REMEMBERED_SESSIONS =>
             {
                 st.expected("foreign_change_id")
             }
-            (Expect::AfterSnapshot, Err(VadpError::ChangeIdAfterSnapshot(_))) => {
+            (Expect::AfterSnapshot, Err(VadpError::ChangeIdAfterSnapshot { .. })) => {
                 st.expected("change_id_after_snapshot")
             }
             (e, Ok(areas)) => self.violation(format!(

@@ -22,17 +22,13 @@ pub fn host() -> (tempfile::TempDir, Host) {
     (dir, host)
 }
 
-/// Every changed area of a snapshot's disk, paging through the query.
+/// Every changed area of a snapshot's disk, paged by the checked pager
+/// ([`vadp::changed_areas`]) through the VM's own `DataProtection`.
 pub fn areas(vm: &Vm, snap: &str, disk: usize, since: &str) -> Vec<(u64, u64)> {
-    let cap = vm.snapshot_capacity(snap, disk).unwrap();
-    let mut out = Vec::new();
-    let mut start = 0;
-    while start < cap {
-        let p = vm.query_changed_disk_areas(snap, disk, start, since).unwrap();
-        out.extend(p.changed_area.iter().map(|a| (a.start, a.length)));
-        start += p.length;
-    }
-    out
+    vadp::changed_areas(vm, vm.name(), snap, disk, since)
+        .map(|a| a.map(|a| (a.start, a.length)))
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("changed areas at {snap} since {since}: {e}"))
 }
 
 /// Reads a whole snapshot disk.

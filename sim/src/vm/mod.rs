@@ -13,7 +13,15 @@
 //! The ordering invariant follows: a write holds the gate from its mark to
 //! the end of its data copy, so it lies wholly before or wholly after any
 //! epoch switch; and it is marked before its data lands, so a failed write
-//! can be over-reported but never lost.
+//! can be over-reported but never lost (`tests/safety.rs` pins both down).
+//!
+//! ```text
+//!  vm/mod.rs          the Vm: create/open, the gate and the stun, disks, CBT, power
+//!  vm/io.rs           guest writes, unmaps, reads (the hot path)
+//!  vm/snapshot.rs     snapshot create, list, remove, revert
+//!  vm/consolidate.rs  merging a removed snapshot's delta while the guest writes
+//!  vm/query.rs        QueryChangedDiskAreas, snapshot capacity and reads
+//! ```
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -22,12 +30,17 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteGuard};
 use parking_lot::Mutex;
-use tracker::{Granularity, Since, Tracker, MAX_CAPACITY};
-use vadp::{DiskArea, DiskChangeInfo, SnapshotDisk, SnapshotInfo};
+use tracker::{Granularity, Tracker, MAX_CAPACITY};
+use vadp::SnapshotDisk;
 
-use crate::config::{DiskConfig, SnapshotConfig, SnapshotDiskConfig, VmConfig, CONFIG_VERSION};
+use crate::config::{DiskConfig, VmConfig, CONFIG_VERSION};
 use crate::error::SimError;
-use crate::layer::{read_chain, Layer, Src, MAX_GRAIN};
+use crate::layer::{Layer, MAX_GRAIN};
+
+mod consolidate;
+mod io;
+mod query;
+mod snapshot;
 
 /// How many of the most recent stun times a VM keeps.
 pub const STUN_LOG: usize = 1 << 16;
@@ -35,11 +48,6 @@ pub const STUN_LOG: usize = 1 << 16;
 pub const MAX_SNAPSHOTS: usize = 32;
 /// Default cap on areas per `QueryChangedDiskAreas` page (VMware's observed value).
 pub const DEFAULT_MAX_AREAS: usize = 2000;
-/// Consolidation finishes under the stun once the helper delta holds at most
-/// this many grains (a few hundred microseconds of copying).
-const SMALL_HELPER_GRAINS: u64 = 256;
-/// Rounds of consolidation before the helper delta is kept as the live top.
-const MAX_MERGE_ROUNDS: usize = 8;
 
 /// The shape of a new disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -316,194 +324,13 @@ impl Vm {
         }
     }
 
-    // ---- guest I/O ------------------------------------------------------
-
-    /// A guest write of `data` at `offset` of `disk`.
-    pub fn write(&self, disk: usize, offset: u64, data: &[u8]) -> Result<(), SimError> {
-        self.guest_io(disk, offset, data.len() as u64, Src::Bytes(data))
-    }
-
-    /// A guest unmap (TRIM): the range reads as zeros afterwards, and counts as changed.
-    pub fn unmap(&self, disk: usize, offset: u64, len: u64) -> Result<(), SimError> {
-        self.guest_io(disk, offset, len, Src::Zero)
-    }
-
-    fn guest_io(&self, disk: usize, offset: u64, len: u64, src: Src<'_>) -> Result<(), SimError> {
-        let io = self.gate();
-        if !io.powered_on {
-            return Err(SimError::PoweredOff(self.name.clone()));
-        }
-        let d = self.disk_io(&io, disk)?;
-        check_range(disk, offset, len, d.capacity)?;
-        if len == 0 {
-            return Ok(());
-        }
-        // Mark first: a write that fails half-way is over-reported, never lost.
-        self.disks[disk].tracker.mark(offset, len);
-        let (top, below) = d.chain.split_last().expect("a chain has a base layer");
-        if !below.is_empty() {
-            top.cow(offset, len, below)?;
-        }
-        top.write_raw(offset, len, src)
-    }
-
-    /// A guest read of the live disk.
-    pub fn read(&self, disk: usize, offset: u64, buf: &mut [u8]) -> Result<(), SimError> {
-        let io = self.gate();
-        let d = self.disk_io(&io, disk)?;
-        check_range(disk, offset, buf.len() as u64, d.capacity)?;
-        read_chain(&d.chain, offset, buf)
-    }
-
-    /// Reads `disk` as it was at snapshot `snap` (what a backup reads).
-    pub fn read_snapshot(&self, snap: &str, disk: usize, offset: u64, buf: &mut [u8]) -> Result<(), SimError> {
-        let (view, capacity) = self.snapshot_view(snap, disk)?;
-        check_range(disk, offset, buf.len() as u64, capacity)?;
-        read_chain(&view, offset, buf)
-    }
-
-    fn snapshot_view(&self, snap: &str, disk: usize) -> Result<(Vec<Arc<Layer>>, u64), SimError> {
-        let cfg = self.meta.lock();
-        let sd = self.snap_disk(&cfg, snap, disk)?;
-        let io = self.gate();
-        let chain = &self.disk_io(&io, disk)?.chain;
-        let top = chain
-            .iter()
-            .position(|l| l.id == sd.view_top)
-            .expect("a snapshot's view is in the chain");
-        Ok((chain[..=top].to_vec(), sd.capacity))
-    }
-
-    fn snap_disk<'a>(&self, cfg: &'a VmConfig, snap: &str, disk: usize) -> Result<&'a SnapshotDiskConfig, SimError> {
-        let s = cfg
-            .snapshots
-            .iter()
-            .find(|s| s.name == snap)
-            .ok_or_else(|| SimError::NoSuchSnapshot {
-                vm: self.name.clone(),
-                name: snap.to_owned(),
-            })?;
-        self.shared(disk)?;
-        Ok(&s.disks[disk])
-    }
-
-    // ---- snapshots ------------------------------------------------------
-
-    /// Creates snapshot `name`: stuns I/O briefly, closes an epoch on every
-    /// disk (issuing its change ID) and redirects writes to new deltas.
-    ///
-    /// Crash safety: the configuration naming the new snapshot and deltas is
-    /// saved before the stun, so a crash at any point leaves a datastore whose
-    /// every view is a valid point in time.
-    pub fn create_snapshot(&self, name: &str) -> Result<SnapshotInfo, SimError> {
-        check_name(name)?;
-        let mut cfg = self.meta.lock();
-        if cfg.snapshots.iter().any(|s| s.name == name) {
-            return Err(SimError::SnapshotExists {
-                vm: self.name.clone(),
-                name: name.to_owned(),
-            });
-        }
-        if cfg.snapshots.len() >= MAX_SNAPSHOTS {
-            return Err(SimError::TooManySnapshots(self.name.clone()));
-        }
-        // Everything that costs time happens before the stun.
-        let mut next = cfg.clone();
-        let mut new_layers = Vec::new();
-        let mut snap_disks = Vec::new();
-        for (i, d) in self.disks.iter().enumerate() {
-            d.tracker.settle();
-            let id = next.next_layer;
-            next.next_layer += 1;
-            new_layers.push(Arc::new(Layer::open(&d.dir, id, Some(d.grain_shift))?));
-            let view_top = *next.disks[i].chain.last().expect("base layer");
-            // Lifecycle operations are serialised by `meta`, so the epoch the
-            // stun will close is known now.
-            let seq = d.tracker.last_closed() + 1;
-            snap_disks.push(SnapshotDiskConfig {
-                seq,
-                capacity: next.disks[i].capacity,
-                view_top,
-            });
-            next.disks[i].chain.push(id);
-        }
-        let snap = SnapshotConfig {
-            name: name.to_owned(),
-            created: now_secs(),
-            disks: snap_disks,
-        };
-        next.snapshots.push(snap.clone());
-        next.save(&self.dir.join("vm.json"))?;
-        {
-            let mut stun = self.stun();
-            for (i, d) in stun.guard.disks.iter_mut().enumerate() {
-                let seq = self.disks[i].tracker.close_epoch()?;
-                debug_assert_eq!(seq, snap.disks[i].seq);
-                d.chain.push(new_layers[i].clone());
-            }
-        }
-        for d in &self.disks {
-            d.tracker.settle();
-        }
-        *cfg = next;
-        Ok(SnapshotInfo {
-            name: name.to_owned(),
-            disks: self.snapshot_disks(&snap),
-        })
-    }
-
-    fn snapshot_disks(&self, s: &SnapshotConfig) -> Vec<SnapshotDisk> {
-        s.disks
-            .iter()
-            .enumerate()
-            .map(|(i, sd)| SnapshotDisk {
-                disk: i,
-                capacity: sd.capacity,
-                granularity: self.disks[i].tracker.granularity().bytes(),
-                change_id: self.disks[i].tracker.change_id(sd.seq).map(|c| c.to_string()),
-            })
-            .collect()
-    }
-
-    /// The snapshots, oldest first.
-    pub fn snapshots(&self) -> Vec<SnapshotSummary> {
-        let cfg = self.meta.lock();
-        cfg.snapshots
-            .iter()
-            .map(|s| SnapshotSummary {
-                name: s.name.clone(),
-                created: s.created,
-                disks: self.snapshot_disks(s),
-            })
-            .collect()
-    }
-
-    /// Removes snapshot `name`, consolidating its delta while the guest keeps
-    /// writing. Works for any snapshot of the chain, not only the newest.
-    ///
-    /// Crash safety: the snapshot leaves the configuration first; a layer
-    /// joins the configuration before it joins the chain, and leaves it only
-    /// after its data was merged into its parent; files go last.
-    pub fn remove_snapshot(&self, name: &str) -> Result<(), SimError> {
-        let mut cfg = self.meta.lock();
-        let idx = self.snapshot_index(&cfg, name)?;
-        let snap = cfg.snapshots.remove(idx);
-        self.save(&mut cfg)?;
-        for (d, sd) in snap.disks.iter().enumerate() {
-            self.consolidate(&mut cfg, d, sd.view_top)?;
-            self.disks[d].tracker.unpin(sd.seq);
-        }
-        Ok(())
-    }
-
-    fn snapshot_index(&self, cfg: &VmConfig, name: &str) -> Result<usize, SimError> {
-        cfg.snapshots
-            .iter()
-            .position(|s| s.name == name)
-            .ok_or_else(|| SimError::NoSuchSnapshot {
-                vm: self.name.clone(),
-                name: name.to_owned(),
-            })
+    /// A new, empty delta layer for disk `d`, its id taken from `cfg`
+    /// (which the caller saves before the delta joins the chain).
+    fn new_delta(&self, cfg: &mut VmConfig, d: usize) -> Result<Arc<Layer>, SimError> {
+        let id = cfg.next_layer;
+        cfg.next_layer += 1;
+        let shared = &self.disks[d];
+        Ok(Arc::new(Layer::open(&shared.dir, id, Some(shared.grain_shift))?))
     }
 
     /// Saves the configuration with the chains and capacities as they are now.
@@ -515,137 +342,6 @@ impl Vm {
         }
         drop(io);
         cfg.save(&self.dir.join("vm.json"))
-    }
-
-    /// Saves the configuration with `layer` in disk `d`'s chain on top.
-    fn save_with_top(&self, cfg: &mut VmConfig, d: usize, layer: u64) -> Result<(), SimError> {
-        let mut next = cfg.clone();
-        self.save(&mut next)?;
-        next.disks[d].chain.push(layer);
-        next.save(&self.dir.join("vm.json"))?;
-        *cfg = next;
-        Ok(())
-    }
-
-    /// Saves the configuration without `layer` in disk `d`'s chain.
-    fn save_without(&self, cfg: &mut VmConfig, d: usize, layer: u64) -> Result<(), SimError> {
-        self.save(cfg)?;
-        cfg.disks[d].chain.retain(|&l| l != layer);
-        cfg.save(&self.dir.join("vm.json"))
-    }
-
-    /// Merges the layer above `p_id` into `p_id` (its snapshot is gone).
-    fn consolidate(&self, cfg: &mut VmConfig, d: usize, p_id: u64) -> Result<(), SimError> {
-        let (p, mut c, c_is_top) = {
-            let io = self.gate();
-            let chain = &io.disks[d].chain;
-            let pos = chain
-                .iter()
-                .position(|l| l.id == p_id)
-                .expect("a snapshot's view is in the chain");
-            (chain[pos].clone(), chain[pos + 1].clone(), pos + 2 == chain.len())
-        };
-        if !c_is_top {
-            // Both layers are frozen: copy, then unlink C in a brief stun.
-            c.merge_into(&p)?;
-            for s in &mut cfg.snapshots {
-                if s.disks[d].view_top == c.id {
-                    s.disks[d].view_top = p_id;
-                }
-            }
-            self.save_without(cfg, d, c.id)?;
-            self.stun().guard.disks[d].chain.retain(|l| l.id != c.id);
-            c.delete_files();
-            return Ok(());
-        }
-        // C is the live top: freeze it behind a helper delta H, merge C while
-        // the guest writes into H, unlink C; repeat with H until it is small
-        // enough to merge inside a stun.
-        let shared = &self.disks[d];
-        for round in 1..=MAX_MERGE_ROUNDS {
-            let id = cfg.next_layer;
-            cfg.next_layer += 1;
-            let h = Arc::new(Layer::open(&shared.dir, id, Some(shared.grain_shift))?);
-            self.save_with_top(cfg, d, h.id)?;
-            self.stun().guard.disks[d].chain.push(h.clone());
-            c.merge_into(&p)?;
-            self.save_without(cfg, d, c.id)?;
-            let small = h.grain_count() <= SMALL_HELPER_GRAINS;
-            {
-                let mut stun = self.stun();
-                let chain = &mut stun.guard.disks[d].chain;
-                chain.retain(|l| l.id != c.id);
-                if small {
-                    h.merge_into(&p)?;
-                    chain.retain(|l| l.id != h.id);
-                }
-            }
-            c.delete_files();
-            if small {
-                self.save_without(cfg, d, h.id)?;
-                h.delete_files();
-                return Ok(());
-            }
-            if round == MAX_MERGE_ROUNDS {
-                // The guest writes faster than we merge: keep H as the live
-                // top (one extra delta), correct and bounded.
-                return Ok(());
-            }
-            c = h;
-        }
-        Ok(())
-    }
-
-    /// Reverts the VM to snapshot `name`: every disk's content becomes the
-    /// snapshot's; newer snapshots are deleted (a chain, not a tree). The
-    /// blocks the revert changes back are marked as changed, so change IDs
-    /// issued after the snapshot keep answering correctly.
-    pub fn revert_to_snapshot(&self, name: &str) -> Result<(), SimError> {
-        let mut cfg = self.meta.lock();
-        let idx = self.snapshot_index(&cfg, name)?;
-        let target = cfg.snapshots[idx].clone();
-        let mut next = cfg.clone();
-        let newer: Vec<SnapshotConfig> = next.snapshots.drain(idx + 1..).collect();
-        let mut new_layers = Vec::new();
-        for (i, d) in self.disks.iter().enumerate() {
-            d.tracker.settle();
-            let id = next.next_layer;
-            next.next_layer += 1;
-            new_layers.push(Arc::new(Layer::open(&d.dir, id, Some(d.grain_shift))?));
-            let sd = &target.disks[i];
-            let chain = &mut next.disks[i].chain;
-            let pos = chain.iter().position(|&l| l == sd.view_top).expect("view in chain");
-            chain.truncate(pos + 1);
-            chain.push(id);
-            next.disks[i].capacity = sd.capacity;
-        }
-        next.save(&self.dir.join("vm.json"))?;
-        let mut dropped = Vec::new();
-        {
-            let mut stun = self.stun();
-            for (d, dio) in stun.guard.disks.iter_mut().enumerate() {
-                let sd = &target.disks[d];
-                self.disks[d].tracker.rewind_to(sd.seq)?;
-                let pos = dio
-                    .chain
-                    .iter()
-                    .position(|l| l.id == sd.view_top)
-                    .expect("view in chain");
-                dropped.extend(dio.chain.drain(pos + 1..));
-                dio.chain.push(new_layers[d].clone());
-                dio.capacity = sd.capacity;
-            }
-        }
-        for s in &newer {
-            for (d, sd) in s.disks.iter().enumerate() {
-                self.disks[d].tracker.unpin(sd.seq);
-            }
-        }
-        for l in dropped {
-            l.delete_files();
-        }
-        *cfg = next;
-        Ok(())
     }
 
     // ---- disks, CBT, power ----------------------------------------------
@@ -746,44 +442,6 @@ impl Vm {
     /// oldest first: snapshot create/remove/revert/extend and power changes.
     pub fn stun_times_ns(&self) -> Vec<u64> {
         self.stun_ns.lock().iter().copied().collect()
-    }
-
-    // ---- the data-protection query ----------------------------------------
-
-    /// `QueryChangedDiskAreas` on snapshot `snap` of `disk`, since
-    /// `change_id` (`*` for the allocated areas), one page from `start_offset`.
-    pub fn query_changed_disk_areas(
-        &self,
-        snap: &str,
-        disk: usize,
-        start_offset: u64,
-        change_id: &str,
-    ) -> Result<DiskChangeInfo, SimError> {
-        let since = match change_id.trim() {
-            "*" => Since::Allocated,
-            s => Since::Change(s.parse()?),
-        };
-        let cfg = self.meta.lock();
-        let sd = self.snap_disk(&cfg, snap, disk)?;
-        let max = self.max_areas.load(std::sync::atomic::Ordering::Relaxed);
-        let page = self.disks[disk]
-            .tracker
-            .changed_areas(since, sd.seq, sd.capacity, start_offset, max)?;
-        Ok(DiskChangeInfo {
-            start_offset: page.start_offset,
-            length: page.length,
-            changed_area: page
-                .areas
-                .into_iter()
-                .map(|(start, length)| DiskArea { start, length })
-                .collect(),
-        })
-    }
-
-    /// The capacity of `disk` at snapshot `snap`.
-    pub fn snapshot_capacity(&self, snap: &str, disk: usize) -> Result<u64, SimError> {
-        let cfg = self.meta.lock();
-        Ok(self.snap_disk(&cfg, snap, disk)?.capacity)
     }
 
     /// Drops the VM as a crash would: trackers are not closed cleanly, so

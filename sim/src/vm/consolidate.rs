@@ -1,0 +1,91 @@
+//! Consolidation: merging a removed snapshot's delta into its parent while the guest writes.
+
+use super::Vm;
+use crate::config::VmConfig;
+use crate::error::SimError;
+
+/// Consolidation finishes under the stun once the helper delta holds at most
+/// this many grains (a few hundred microseconds of copying).
+const SMALL_HELPER_GRAINS: u64 = 256;
+/// Rounds of consolidation before the helper delta is kept as the live top.
+const MAX_MERGE_ROUNDS: usize = 8;
+
+impl Vm {
+    /// Saves the configuration with `layer` in disk `d`'s chain on top.
+    fn save_with_top(&self, cfg: &mut VmConfig, d: usize, layer: u64) -> Result<(), SimError> {
+        let mut next = cfg.clone();
+        self.save(&mut next)?;
+        next.disks[d].chain.push(layer);
+        next.save(&self.dir.join("vm.json"))?;
+        *cfg = next;
+        Ok(())
+    }
+
+    /// Saves the configuration without `layer` in disk `d`'s chain.
+    fn save_without(&self, cfg: &mut VmConfig, d: usize, layer: u64) -> Result<(), SimError> {
+        self.save(cfg)?;
+        cfg.disks[d].chain.retain(|&l| l != layer);
+        cfg.save(&self.dir.join("vm.json"))
+    }
+
+    /// Merges the layer above `p_id` into `p_id` (its snapshot is gone).
+    pub(super) fn consolidate(&self, cfg: &mut VmConfig, d: usize, p_id: u64) -> Result<(), SimError> {
+        let (p, mut c, c_is_top) = {
+            let io = self.gate();
+            let chain = &io.disks[d].chain;
+            let pos = chain
+                .iter()
+                .position(|l| l.id == p_id)
+                .expect("a snapshot's view is in the chain");
+            (chain[pos].clone(), chain[pos + 1].clone(), pos + 2 == chain.len())
+        };
+        if !c_is_top {
+            // Both layers are frozen: copy, then unlink C in a brief stun.
+            fault_point!(crate::fault::Point::Consolidating { disk: d, round: 0 });
+            c.merge_into(&p)?;
+            for s in &mut cfg.snapshots {
+                if s.disks[d].view_top == c.id {
+                    s.disks[d].view_top = p_id;
+                }
+            }
+            self.save_without(cfg, d, c.id)?;
+            self.stun().guard.disks[d].chain.retain(|l| l.id != c.id);
+            c.delete_files();
+            return Ok(());
+        }
+        // C is the live top: freeze it behind a helper delta H, merge C while
+        // the guest writes into H, unlink C; repeat with H until it is small
+        // enough to merge inside a stun.
+        for round in 1..=MAX_MERGE_ROUNDS {
+            let h = self.new_delta(cfg, d)?;
+            self.save_with_top(cfg, d, h.id)?;
+            self.stun().guard.disks[d].chain.push(h.clone());
+            fault_point!(crate::fault::Point::Consolidating { disk: d, round });
+            c.merge_into(&p)?;
+            self.save_without(cfg, d, c.id)?;
+            let small = h.grain_count() <= SMALL_HELPER_GRAINS;
+            {
+                let mut stun = self.stun();
+                let chain = &mut stun.guard.disks[d].chain;
+                chain.retain(|l| l.id != c.id);
+                if small {
+                    h.merge_into(&p)?;
+                    chain.retain(|l| l.id != h.id);
+                }
+            }
+            c.delete_files();
+            if small {
+                self.save_without(cfg, d, h.id)?;
+                h.delete_files();
+                return Ok(());
+            }
+            if round == MAX_MERGE_ROUNDS {
+                // The guest writes faster than we merge: keep H as the live
+                // top (one extra delta), correct and bounded.
+                return Ok(());
+            }
+            c = h;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,83 @@
+//! Guest I/O: writes, unmaps and reads of the live disk.
+//!
+//! The write path is generic over what it marks ([`MarkDirty`], as rust-vmm's
+//! vm-memory is over its dirty `Bitmap`): [`Vm::write`] and [`Vm::unmap`]
+//! mark the disk's change tracker; with the `bench` feature,
+//! [`Vm::write_with`] runs the same path with another marker, `()` for
+//! tracking off, so benchmarks measure the real write, I/O gate included.
+//! Either way it takes no lock (the gate's read side is a per-thread shard)
+//! and allocates nothing.
+
+use tracker::MarkDirty;
+
+use super::{check_range, Vm};
+use crate::error::SimError;
+use crate::layer::{read_chain, Src};
+
+impl Vm {
+    /// A guest write of `data` at `offset` of `disk`.
+    pub fn write(&self, disk: usize, offset: u64, data: &[u8]) -> Result<(), SimError> {
+        let tracker = &self.shared(disk)?.tracker;
+        self.guest_io(tracker, disk, offset, data.len() as u64, Src::Bytes(data))
+    }
+
+    /// A guest unmap (TRIM): the range reads as zeros afterwards, and counts as changed.
+    pub fn unmap(&self, disk: usize, offset: u64, len: u64) -> Result<(), SimError> {
+        let tracker = &self.shared(disk)?.tracker;
+        self.guest_io(tracker, disk, offset, len, Src::Zero)
+    }
+
+    /// For benchmarks: [`write`](Self::write) marking `marker` instead of
+    /// the disk's change tracker (`&()` is tracking off). The disk's change
+    /// tracking never sees these writes, so this exists only with the
+    /// `bench` feature.
+    #[cfg(feature = "bench")]
+    pub fn write_with<M: MarkDirty + ?Sized>(
+        &self,
+        marker: &M,
+        disk: usize,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), SimError> {
+        self.shared(disk)?;
+        self.guest_io(marker, disk, offset, data.len() as u64, Src::Bytes(data))
+    }
+
+    /// The write path: under the gate, check, mark `marker`, copy.
+    #[inline]
+    fn guest_io<M: MarkDirty + ?Sized>(
+        &self,
+        marker: &M,
+        disk: usize,
+        offset: u64,
+        len: u64,
+        src: Src<'_>,
+    ) -> Result<(), SimError> {
+        fault_point!(crate::fault::Point::BeforeGate { disk, offset, len });
+        let io = self.gate();
+        if !io.powered_on {
+            return Err(SimError::PoweredOff(self.name.clone()));
+        }
+        let d = self.disk_io(&io, disk)?;
+        check_range(disk, offset, len, d.capacity)?;
+        if len == 0 {
+            return Ok(());
+        }
+        // Mark first: a write that fails half-way is over-reported, never lost.
+        marker.mark(offset, len);
+        fault_point!(crate::fault::Point::Marked { disk, offset, len });
+        let (top, below) = d.chain.split_last().expect("a chain has a base layer");
+        if !below.is_empty() {
+            top.cow(offset, len, below)?;
+        }
+        top.write_raw(offset, len, src)
+    }
+
+    /// A guest read of the live disk.
+    pub fn read(&self, disk: usize, offset: u64, buf: &mut [u8]) -> Result<(), SimError> {
+        let io = self.gate();
+        let d = self.disk_io(&io, disk)?;
+        check_range(disk, offset, buf.len() as u64, d.capacity)?;
+        read_chain(&d.chain, offset, buf)
+    }
+}
