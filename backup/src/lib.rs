@@ -69,9 +69,9 @@
 //! - `syncfs` flushes the whole file system the repository lives on, which
 //!   may include a datastore's dirty pages; on other systems than Linux each
 //!   chunk file is fsynced.
-//! - Restoring to a new VM that fails half-way leaves that VM partly written
-//!   (the error says so); every chunk's presence is checked before the VM is
-//!   created.
+//! - A restore to a new VM that fails half-way deletes that VM (where the
+//!   deletion fails too, the error names the partly written VM); every chunk's
+//!   presence is checked before the VM is created.
 //!
 //! # Example
 //! A repository, checked, with a [`Progress`] that counts the bytes it is told about
@@ -215,14 +215,25 @@ pub enum BackupError {
         #[source]
         source: Box<VadpError>,
     },
-    /// A restore to a new VM failed after the VM was created.
-    #[error("restore into VM {vm:?} failed after the VM was created; it is partly written")]
+    /// A restore to a new VM failed after the VM was created; the VM was deleted.
+    #[error("restore into VM {vm:?} failed; the partly written VM was deleted")]
+    RestoreFailed {
+        /// The new VM.
+        vm: String,
+        /// What failed.
+        #[source]
+        source: Box<BackupError>,
+    },
+    /// A restore to a new VM failed after the VM was created, and deleting it failed too.
+    #[error("restore into VM {vm:?} failed and the VM could not be deleted ({delete_error}); it is partly written: delete it")]
     PartialRestore {
         /// The new VM.
         vm: String,
         /// What failed.
         #[source]
         source: Box<BackupError>,
+        /// Why it could not be deleted.
+        delete_error: String,
     },
     /// A caller's argument is out of range.
     #[error("{0}")]

@@ -142,7 +142,9 @@ pub fn restore_to_file(
 
 /// Creates VM `new_vm` on `target` with the disks of point `id` and writes
 /// their content. Every chunk is checked to be present before the VM is
-/// created; a failure after that is [`BackupError::PartialRestore`].
+/// created; a failure after that deletes the VM again
+/// ([`BackupError::RestoreFailed`]), or, where even that fails, is
+/// [`BackupError::PartialRestore`] naming the VM left behind.
 /// `progress` gets a phase per disk, in bytes of data.
 pub fn restore_to_vm(
     repo: &Repository,
@@ -174,16 +176,29 @@ pub fn restore_to_vm(
     let mut written = 0;
     for disk in 0..disks.len() {
         progress.begin(&format!("point {id} disk {disk}"), Some(disk_total(&p, disk)));
-        written += each_chunk(repo, &p, disk, progress, |off, data| {
+        let result = each_chunk(repo, &p, disk, progress, |off, data| {
             target
                 .write(new_vm, disk, off, data)
                 .map_err(BackupError::host(format!("writing disk {disk} of VM {new_vm}")))
-        })
-        .map_err(|e| BackupError::PartialRestore {
-            vm: new_vm.to_owned(),
-            source: Box::new(e),
-        })?;
+        });
         progress.end();
+        match result {
+            Ok(n) => written += n,
+            // A half-written VM must not look like a restored one: delete it.
+            Err(e) => {
+                return Err(match target.delete_vm(new_vm) {
+                    Ok(()) => BackupError::RestoreFailed {
+                        vm: new_vm.to_owned(),
+                        source: Box::new(e),
+                    },
+                    Err(del) => BackupError::PartialRestore {
+                        vm: new_vm.to_owned(),
+                        source: Box::new(e),
+                        delete_error: del.to_string(),
+                    },
+                })
+            }
+        }
     }
     Ok(RestoreReport {
         point: p.meta.point.clone(),

@@ -292,6 +292,11 @@ impl RestoreTarget for MemHost {
         MemHost::write(self, vm, disk, offset, data);
         Ok(())
     }
+
+    fn delete_vm(&self, name: &str) -> Result<(), VadpError> {
+        self.vms.lock().unwrap().remove(name);
+        Ok(())
+    }
 }
 
 fn repo() -> (tempfile::TempDir, Repository) {
@@ -955,4 +960,19 @@ fn list_shows_chains_and_sizes() {
     let json = serde_json::to_value(&l[2]).unwrap();
     assert_eq!(json["point"], p3.point.as_str());
     assert_eq!(json["chain"][1], p1.point.as_str());
+}
+
+#[test]
+fn a_restore_to_a_vm_that_fails_deletes_the_vm() {
+    let (_dir, repo) = repo();
+    let host = MemHost::default();
+    host.add_vm("a", &[(2 * M, 64 * K)]);
+    host.fill("a", 0, 0, 192 * K, 1);
+    let p = run(&host, "a", &repo);
+    // The last chunk is corrupt: its presence passes, its read fails after the VM exists.
+    corrupt(&repo, chunk_at(&host, "a", &p.point, 128 * K));
+    let e = restore_to_vm(&repo, &p.point, &host, "b", &()).unwrap_err();
+    assert!(matches!(e, BackupError::RestoreFailed { .. }), "{e}");
+    assert!(e.to_string().contains("the partly written VM was deleted"), "{e}");
+    assert!(!host.vms.lock().unwrap().contains_key("b"));
 }

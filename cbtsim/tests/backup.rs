@@ -1015,3 +1015,26 @@ fn cli_list_shows_parent_base_and_sizes() {
         "{last}"
     );
 }
+
+/// A restore into a new VM that fails half-way deletes that VM (before: it stayed,
+/// listed like any healthy VM).
+#[test]
+fn cli_a_failed_restore_to_a_vm_leaves_no_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    let repo = dir.path().join("repo");
+    let r = repo.to_str().unwrap();
+    with_vm_new(&ds, "app", |vm| {
+        vm.write(0, 0, &[3u8; 64 * 1024]).unwrap();
+        vm.write(0, 4 * M, &[4u8; 64 * 1024]).unwrap();
+    });
+    json_ok(&cbtsim(&ds, &["backup", "run", "app", "--repo", r, "--json"]));
+    let h = ChunkHash::of(&[4u8; 64 * 1024]);
+    let path = repo.join("chunks").join(&h.to_string()[..2]).join(h.to_string());
+    std::fs::write(&path, b"\x00not it").unwrap();
+    let out = cbtsim(&ds, &["restore", "--repo", r, "--point", "1", "--to-vm", "copy"]);
+    fails_with(&out, "the partly written VM was deleted");
+    assert!(!ds.join("copy").exists());
+    let list = json_ok(&cbtsim(&ds, &["vm", "list", "--json"]));
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+}

@@ -742,3 +742,18 @@ fn run_limits_agree_and_scenarios_are_built_in() {
         "demo's datastore went in --datastore and is gone"
     );
 }
+
+#[test]
+fn vm_delete_removes_the_vm_and_refuses_bad_names() {
+    let d = datastore();
+    let ds = d.path();
+    ok(ds, &["vm", "create", "gone", "--disk", "4M"]);
+    let r = json(ds, &["vm", "delete", "gone", "--json"]);
+    assert_eq!(r["deleted"], true);
+    assert!(!ds.join("gone").exists());
+    let names: Vec<Value> = json(ds, &["vm", "list", "--json"]).as_array().unwrap().clone();
+    assert_eq!(names.len(), 1);
+    fails(ds, &["vm", "delete", "gone"], "no VM named \"gone\"");
+    fails(ds, &["vm", "delete", "../web01"], "no VM named");
+    assert!(ds.join("web01/vm.json").exists());
+}

@@ -90,6 +90,35 @@ impl Host {
         self.vms.lock().remove(name)
     }
 
+    /// Deletes VM `name` and all its files. It must exist and no other process or
+    /// handle may have it open ([`SimError::VmInUse`]). The directory is renamed away
+    /// first (under the VM's lock), so a deletion killed half-way leaves no VM that
+    /// looks whole: only a `.deleting-*` directory, which the next deletion removes.
+    pub fn delete_vm(&self, name: &str) -> Result<(), SimError> {
+        let vm = self.vm(name)?; // exists, and not open in another process
+        let mut vms = self.vms.lock();
+        vms.remove(name);
+        // This handle and `vm`: anything more is a caller still using it.
+        if Arc::strong_count(&vm) > 1 {
+            vms.insert(name.to_owned(), vm);
+            return Err(SimError::VmInUse(name.to_owned()));
+        }
+        drop(vms);
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| SimError::Io { path, source }
+        };
+        let dir = self.root.join(name);
+        let trash = self.root.join(format!(".deleting-{name}"));
+        if trash.exists() {
+            std::fs::remove_dir_all(&trash).map_err(io(&trash))?;
+        }
+        // Renamed while this process still holds the VM's lock and files.
+        std::fs::rename(&dir, &trash).map_err(io(&dir))?;
+        drop(vm);
+        std::fs::remove_dir_all(&trash).map_err(io(&trash))
+    }
+
     /// Every VM of the datastore, read from their configurations (no locks taken).
     pub fn list(&self) -> Result<Vec<VmSummary>, SimError> {
         let mut out = Vec::new();

@@ -48,6 +48,14 @@ pub enum VmCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Delete a VM and all its files (it must not be open elsewhere).
+    Delete {
+        /// The VM.
+        vm: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the VMs of the datastore.
     List {
         /// Print JSON.
@@ -160,6 +168,13 @@ pub fn run(ctx: &Ctx, cmd: &VmCmd) -> anyhow::Result<()> {
                 sizes.join(", "),
                 exact(g.bytes())
             );
+        }
+        VmCmd::Delete { vm, json } => {
+            existing_host(ctx)?.delete_vm(vm)?;
+            if *json {
+                return print_json(&serde_json::json!({ "vm": vm, "deleted": true }));
+            }
+            println!("deleted VM {vm}");
         }
         VmCmd::Show { vm, json } => {
             let info = super::inspect::vm_info(&*existing_vm(ctx, vm)?)?;
