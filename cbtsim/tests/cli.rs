@@ -757,3 +757,64 @@ fn vm_delete_removes_the_vm_and_refuses_bad_names() {
     fails(ds, &["vm", "delete", "../web01"], "no VM named");
     assert!(ds.join("web01/vm.json").exists());
 }
+
+/// Everything under `dir`: each file's path, length and modification time.
+fn mtimes(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
+    fn walk(p: &Path, out: &mut Vec<(PathBuf, u64, std::time::SystemTime)>) {
+        for e in std::fs::read_dir(p).unwrap().flatten() {
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                walk(&e.path(), out);
+            } else {
+                out.push((e.path(), m.len(), m.modified().unwrap()));
+            }
+        }
+    }
+    let mut v = Vec::new();
+    walk(dir, &mut v);
+    v.sort();
+    v
+}
+
+/// Read-only commands write nothing (before: they opened the VM for writing, which
+/// rewrote the trackers' headers and sidecars) and do not exclude each other.
+#[test]
+fn read_only_commands_write_nothing_and_share_the_vm() {
+    let d = datastore();
+    let ds = d.path();
+    ok(ds, &["disk", "write", "web01", "0", "0", "1M"]);
+    let c1 = change_ids(&json(ds, &["snapshot", "create", "web01", "s1", "--json"]));
+    ok(ds, &["disk", "write", "web01", "0", "4M", "64K"]);
+    ok(ds, &["snapshot", "create", "web01", "s2"]);
+    let before = mtimes(ds);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let q = json(ds, &["query", "web01", "--snapshot", "s2", "--since", &c1[0], "--json"]);
+    assert_eq!(areas(&q), vec![(4 * MIB, 65536)]);
+    ok(ds, &["snapshot", "list", "web01"]);
+    ok(ds, &["snapshot", "show", "web01", "s1"]);
+    ok(ds, &["vm", "show", "web01"]);
+    ok(ds, &["disk", "list", "web01"]);
+    assert!(
+        mtimes(ds) == before,
+        "a read-only command changed a file of the datastore"
+    );
+    // Another reader holding the VM does not keep them out; a writer does.
+    let host = sim::Host::open(ds).unwrap();
+    let view = host.view("web01").unwrap();
+    assert_eq!(view.snapshots().len(), 2);
+    let q2 = json(ds, &["query", "web01", "--snapshot", "s2", "--since", &c1[0], "--json"]);
+    assert_eq!(q2, q);
+    ok(ds, &["snapshot", "list", "web01"]);
+    let out = run_in(ds, &["disk", "write", "web01", "0", "0", "1"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "a writer waits for readers"
+    );
+    drop(view);
+    let _vm = host.vm("web01").unwrap();
+    let out = run_in(ds, &["snapshot", "list", "web01"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "readers wait for a writer"
+    );
+}

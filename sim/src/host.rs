@@ -8,6 +8,7 @@ use parking_lot::Mutex;
 
 use crate::config::VmConfig;
 use crate::error::SimError;
+use crate::view::VmView;
 use crate::vm::{check_name, DiskSpec, Vm};
 
 /// A simulated ESXi-style host over a datastore directory.
@@ -82,6 +83,17 @@ impl Host {
         let vm = Arc::new(Vm::open(&dir)?);
         vms.insert(name.to_owned(), vm.clone());
         Ok(vm)
+    }
+
+    /// VM `name` opened read-only ([`VmView`]): for listings and queries, which then
+    /// write nothing and do not exclude each other.
+    pub fn view(&self, name: &str) -> Result<VmView, SimError> {
+        check_name(name).map_err(|_| SimError::NoSuchVm(name.to_owned()))?;
+        let dir = self.root.join(name);
+        if !dir.join("vm.json").exists() {
+            return Err(SimError::NoSuchVm(name.to_owned()));
+        }
+        VmView::open(&dir)
     }
 
     /// Closes the VM's handle in this process (it is reopened on next use).

@@ -9,7 +9,7 @@ use clap::Subcommand;
 use sim::{SimError, Vm};
 
 use super::progress::Bar;
-use super::{bytes_word, disk_arg, exact, existing_vm, print_json, size_arg, Ctx};
+use super::{bytes_word, disk_arg, exact, existing_vm, print_json, size_arg, vm_view, Ctx};
 
 /// Bytes per chunk when writing or reading large ranges.
 const CHUNK: u64 = 4 << 20;
@@ -356,7 +356,7 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
             println!("disk {d} of VM {vm} is now {}", exact(size));
         }
         DiskCmd::List { vm, json } => {
-            let info = super::inspect::vm_info(&*existing_vm(ctx, vm)?)?;
+            let info = super::inspect::vm_info(&vm_view(ctx, vm)?)?;
             if *json {
                 return print_json(&info.disks);
             }

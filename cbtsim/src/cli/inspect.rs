@@ -3,7 +3,7 @@
 
 use backup::format_utc;
 use serde::Serialize;
-use sim::Vm;
+use sim::VmView;
 use workloads::human;
 
 use super::exact;
@@ -60,7 +60,7 @@ pub struct VmInfo {
 }
 
 /// The snapshots of `vm`, with ISO 8601 times.
-pub fn snapshots(vm: &Vm) -> Vec<SnapshotInfo> {
+pub fn snapshots(vm: &VmView) -> Vec<SnapshotInfo> {
     vm.snapshots()
         .into_iter()
         .map(|s| SnapshotInfo {
@@ -73,16 +73,16 @@ pub fn snapshots(vm: &Vm) -> Vec<SnapshotInfo> {
 }
 
 /// Everything `vm show` prints about `vm`.
-pub fn vm_info(vm: &Vm) -> anyhow::Result<VmInfo> {
+pub fn vm_info(vm: &VmView) -> anyhow::Result<VmInfo> {
     let snapshots = snapshots(vm);
+    let cfg = vm.config();
     let mut disks = Vec::new();
-    for d in 0..vm.disk_count() {
-        let t = vm.tracker(d)?;
+    for (d, dc) in cfg.disks.iter().enumerate() {
         disks.push(DiskInfo {
             disk: d,
-            capacity: vm.capacity(d)?,
-            granularity: vm.granularity(d)?.bytes(),
-            change_id: t.change_id(t.last_closed()).map(|c| c.to_string()),
+            capacity: dc.capacity,
+            granularity: vm.granularity(d)?,
+            change_id: vm.current_change_id(d)?,
             layers: vm.chain_len(d)?,
             allocated_bytes: vm.allocated_bytes(d)?,
         });
@@ -90,8 +90,8 @@ pub fn vm_info(vm: &Vm) -> anyhow::Result<VmInfo> {
     let consolidation_needed = disks.iter().any(|d| d.layers > snapshots.len() + 1);
     Ok(VmInfo {
         name: vm.name().to_owned(),
-        powered_on: vm.powered_on(),
-        cbt: vm.cbt(),
+        powered_on: cfg.powered_on,
+        cbt: cfg.cbt,
         disks,
         snapshots,
         consolidation_needed,

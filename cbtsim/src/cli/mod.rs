@@ -129,6 +129,11 @@ fn existing_host(ctx: &Ctx) -> anyhow::Result<Host> {
     ctx.host()
 }
 
+/// Opens VM `name` of the datastore read-only (listings and queries write nothing).
+fn vm_view(ctx: &Ctx, name: &str) -> anyhow::Result<sim::VmView> {
+    Ok(existing_host(ctx)?.view(name)?)
+}
+
 /// Opens VM `name` of the datastore, which must exist.
 fn existing_vm(ctx: &Ctx, name: &str) -> anyhow::Result<Arc<Vm>> {
     Ok(existing_host(ctx)?.vm(name)?)

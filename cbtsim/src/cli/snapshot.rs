@@ -2,7 +2,7 @@
 
 use clap::Subcommand;
 
-use super::{existing_vm, inspect, print_json, Ctx};
+use super::{existing_vm, inspect, print_json, vm_view, Ctx};
 
 /// `cbtsim snapshot ...`
 #[derive(Debug, Subcommand)]
@@ -120,7 +120,7 @@ pub fn run(ctx: &Ctx, cmd: &SnapshotCmd) -> anyhow::Result<()> {
             }
         }
         SnapshotCmd::List { vm, json } => {
-            let snaps = inspect::snapshots(&*existing_vm(ctx, vm)?);
+            let snaps = inspect::snapshots(&vm_view(ctx, vm)?);
             if *json {
                 print_json(&snaps)?;
             } else if snaps.is_empty() {
@@ -130,7 +130,7 @@ pub fn run(ctx: &Ctx, cmd: &SnapshotCmd) -> anyhow::Result<()> {
             }
         }
         SnapshotCmd::Show { vm, snap, json } => {
-            let v = existing_vm(ctx, vm)?;
+            let v = vm_view(ctx, vm)?;
             let Some(s) = inspect::snapshots(&v).into_iter().find(|s| s.name == *snap) else {
                 return Err(sim::SimError::NoSuchSnapshot {
                     vm: vm.clone(),

@@ -5,7 +5,7 @@ use clap::{Subcommand, ValueEnum};
 use sim::DiskSpec;
 use tracker::Granularity;
 
-use super::{check_disk_size, exact, existing_host, existing_vm, print_json, size_arg, Ctx};
+use super::{check_disk_size, exact, existing_host, existing_vm, print_json, size_arg, vm_view, Ctx};
 
 /// `on` or `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -177,7 +177,7 @@ pub fn run(ctx: &Ctx, cmd: &VmCmd) -> anyhow::Result<()> {
             println!("deleted VM {vm}");
         }
         VmCmd::Show { vm, json } => {
-            let info = super::inspect::vm_info(&*existing_vm(ctx, vm)?)?;
+            let info = super::inspect::vm_info(&vm_view(ctx, vm)?)?;
             if *json {
                 return print_json(&info);
             }
