@@ -61,7 +61,7 @@ impl PrunePolicy {
     /// For the points of one VM, newest first: which to keep.
     fn select(&self, points: &[&PointMeta]) -> Vec<bool> {
         let mut marks: Vec<Option<bool>> = vec![None; points.len()];
-        let rules: [(Option<usize>, fn(&PointMeta) -> String); 3] = [
+        let rules: [(Option<usize>, Period); 3] = [
             (self.keep_last, |p| p.point.clone()),
             (self.keep_daily, |p| utc_day(p.time)),
             (self.keep_weekly, |p| iso_week(p.time)),
@@ -75,10 +75,13 @@ impl PrunePolicy {
     }
 }
 
+/// The period a point falls in, for a rule: the point itself, its day, its week.
+type Period = fn(&PointMeta) -> String;
+
 /// Proxmox Backup Server's `mark_selections`: over `points` (newest first),
 /// keep the newest unmarked point of each of the first `keep` periods that
 /// have no kept point yet; mark the others of those periods removed.
-fn mark_selections(marks: &mut [Option<bool>], points: &[&PointMeta], keep: usize, period: fn(&PointMeta) -> String) {
+fn mark_selections(marks: &mut [Option<bool>], points: &[&PointMeta], keep: usize, period: Period) {
     let covered: HashSet<String> = points
         .iter()
         .zip(marks.iter())
