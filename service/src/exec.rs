@@ -206,6 +206,7 @@ impl Service {
                     } else {
                         Compression::Zstd
                     },
+                    time: None,
                 };
                 let report = backup::backup_vm(&Guarded(self), &vm, &repo, &opts, progress)?;
                 Ok(Response::Backup(report.into()))

@@ -299,7 +299,7 @@ fn reads_writes_and_a_backup_through_execute() {
     assert!(snapshots.is_empty());
     let r = backup::Repository::open(&repo).unwrap();
     let img = dir.path().join("img.raw");
-    backup::restore_to_file(&r, &b2.point, 0, &img, &()).unwrap();
+    backup::restore_to_file(&r, &b2.point, 0, &img, false, &()).unwrap();
     let live = dir.path().join("live.raw");
     svc.execute(
         Request::DiskRead {

@@ -119,7 +119,18 @@ pub struct Tracker {
     active: AtomicUsize,
     cold: Mutex<Cold>,
     abandoned: std::sync::atomic::AtomicBool,
+    /// Opened by [`TrackerView::open`]: mapped read-only, never written.
+    read_only: bool,
 }
+
+/// A change-tracking file opened read-only, to answer queries without writing
+/// anything (not even the header a writable open marks as in use): what
+/// `snapshot list` or `query` need. It takes the file's lock shared, so it fails
+/// with [`TrackerError::InUse`] while a writer has it open, and readers do not
+/// exclude each other. A file not closed cleanly is read as [`Tracker::open`]
+/// would reset it (earlier change IDs fail with `TrackingReset`), in memory only.
+#[derive(Debug)]
+pub struct TrackerView(Tracker);
 
 #[derive(Debug)]
 struct Cold {
@@ -282,6 +293,7 @@ impl Tracker {
                 header_unsynced: false,
             }),
             abandoned: false.into(),
+            read_only: false,
         };
         t.cold.lock().write_header().map_err(io_err(path))?;
         Ok(t)
@@ -401,7 +413,9 @@ impl Tracker {
         // the stun, writes it back; a killed process leaves it in the page
         // cache, and the header is trusted only after a clean close anyway.
         let Cold { header_region, h, .. } = &mut *c;
-        h.encode(header_region.bytes_mut());
+        if let Some(bytes) = header_region.bytes_mut() {
+            h.encode(bytes);
+        }
         c.header_unsynced = true;
         Ok(e)
     }
@@ -631,7 +645,7 @@ impl Tracker {
 impl Drop for Tracker {
     fn drop(&mut self) {
         let clean = self.cold.lock().h.state == STATE_CLEAN;
-        if !clean && !self.abandoned.load(Ordering::Relaxed) {
+        if !clean && !self.abandoned.load(Ordering::Relaxed) && !self.read_only {
             // Best effort; an error leaves the file marked open, so the next
             // open resets tracking instead of trusting it.
             let _ = self.persist();
@@ -643,7 +657,10 @@ impl Cold {
     fn write_header(&mut self) -> io::Result<()> {
         self.header_unsynced = false;
         let Self { header_region, h, .. } = self;
-        h.encode(header_region.bytes_mut());
+        match header_region.bytes_mut() {
+            Some(bytes) => h.encode(bytes),
+            None => return Ok(()), // read-only
+        }
         header_region.flush()
     }
 
@@ -674,6 +691,113 @@ impl Cold {
             self.h.folded = target;
             let _ = self.write_header();
         }
+    }
+}
+
+impl TrackerView {
+    /// Opens the change-tracking file at `path` read-only (see the type's docs).
+    pub fn open(path: &Path) -> Result<Self, TrackerError> {
+        let file = File::open(path).map_err(io_err(path))?;
+        match file.try_lock_shared() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(TrackerError::InUse { path: path.to_owned() }),
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(path)(e)),
+        }
+        let bad = |reason: String| TrackerError::BadFile {
+            path: path.to_owned(),
+            reason,
+        };
+        let mut page = vec![0u8; HEADER_BYTES as usize];
+        std::io::Read::read_exact(&mut &file, &mut page).map_err(|e| bad(format!("cannot read the header: {e}")))?;
+        let mut h = Header::decode(&page).map_err(bad)?;
+        let granularity = Granularity {
+            shift: h.granularity_shift,
+        };
+        if h.max_blocks != granularity.blocks(MAX_CAPACITY) {
+            return Err(bad("block count does not match the granularity".into()));
+        }
+        let layout = Layout::new(h.max_blocks);
+        let len = file.metadata().map_err(io_err(path))?.len();
+        if len < layout.file_len {
+            return Err(bad(format!("file is {len} bytes, expected {}", layout.file_len)));
+        }
+        let side = if h.state == STATE_CLEAN {
+            read_sidecar(&sidecar(path))
+        } else {
+            None
+        };
+        let (pins, unfolded) = match side {
+            Some(s) => s,
+            None => {
+                // As `Tracker::open` would reset it, in memory only.
+                let reason = if h.state == STATE_CLEAN {
+                    ResetReason::Corrupt
+                } else {
+                    ResetReason::Unclean
+                };
+                reset_session(&mut h, reason);
+                h.allocation_unknown = true;
+                h.folded = h.last_closed;
+                (BTreeMap::new(), BTreeMap::new())
+            }
+        };
+        let e = io_err(path);
+        let b0 = AtomicBitmap::map_read_only(&file, layout.bitmap_offsets[0], layout.bitmap.clone()).map_err(e)?;
+        let b1 = AtomicBitmap::map_read_only(&file, layout.bitmap_offsets[1], layout.bitmap.clone())
+            .map_err(io_err(path))?;
+        let emap = EpochMap::map_read_only(&file, layout.emap_offset, layout.emap.clone()).map_err(io_err(path))?;
+        let header_region = Region::map_read_only(&file, 0, HEADER_BYTES as usize).map_err(io_err(path))?;
+        Ok(Self(Tracker {
+            path: path.to_owned(),
+            granularity,
+            active: AtomicUsize::new(h.active as usize),
+            bitmaps: [b0, b1],
+            file,
+            cold: Mutex::new(Cold {
+                header_region,
+                h,
+                emap,
+                unfolded,
+                pending: None,
+                pins,
+                sync_drains: 0,
+                header_unsynced: false,
+            }),
+            abandoned: false.into(),
+            read_only: true,
+        }))
+    }
+
+    /// The tracking granularity.
+    pub fn granularity(&self) -> Granularity {
+        self.0.granularity()
+    }
+
+    /// Whether change tracking is enabled.
+    pub fn is_enabled(&self) -> bool {
+        self.0.is_enabled()
+    }
+
+    /// The sequence of the last closed epoch.
+    pub fn last_closed(&self) -> u64 {
+        self.0.last_closed()
+    }
+
+    /// The change ID of closed epoch `seq` (see [`Tracker::change_id`]).
+    pub fn change_id(&self, seq: u64) -> Option<ChangeId> {
+        self.0.change_id(seq)
+    }
+
+    /// One page of changed areas (see [`Tracker::changed_areas`]).
+    pub fn changed_areas(
+        &self,
+        since: Since,
+        at: u64,
+        capacity: u64,
+        start: u64,
+        max_areas: usize,
+    ) -> Result<AreaPage, QueryError> {
+        self.0.changed_areas(since, at, capacity, start, max_areas)
     }
 }
 

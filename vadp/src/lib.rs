@@ -424,6 +424,8 @@ pub trait RestoreTarget {
     fn create_vm(&self, name: &str, disks: &[RestoreDisk]) -> Result<(), VadpError>;
     /// Writes `data` at `offset` of `disk` of VM `vm`.
     fn write(&self, vm: &str, disk: usize, offset: u64, data: &[u8]) -> Result<(), VadpError>;
+    /// Deletes VM `name` (a restore that failed after creating it cleans up).
+    fn delete_vm(&self, name: &str) -> Result<(), VadpError>;
 }
 
 /// The shape of a disk to create for a restore.
