@@ -18,7 +18,9 @@
 //! REPO/
 //!   repo.json                      format marker and version
 //!   lock                           flock: exclusive for backup and prune, shared for verify
+//!   readers.lock                   flock: shared for restores and mounted points, tried by prune
 //!   chunks/ab/ab12...ef            one file per chunk, named by the BLAKE3 of its content
+//!   bad/ab12...ef                  a chunk verify found corrupt, moved aside (empty: found missing)
 //!   points/00000007.point          one restore point: JSON header, chunk index, checksum
 //!   pending/VM.json                the snapshot of a backup in progress (cleaned up next run)
 //!   tmp/                           files being written (renamed into place when complete)
@@ -46,7 +48,18 @@
 //!   left incomplete.
 //! - **Prune** deletes point files first, then the chunks no remaining point
 //!   references; killed half-way it leaves fewer points and some orphans,
-//!   never a point with a missing chunk.
+//!   never a point with a missing chunk. Keep policies ([`PrunePolicy`]) are
+//!   those of Proxmox Backup Server: `keep-last`, then `keep-daily`, then
+//!   `keep-weekly`, each per VM (days and ISO weeks in UTC). Every point is a
+//!   complete index, so every point prune keeps restores on its own.
+//! - **Bad chunks**: [`verify`] moves a chunk whose content does not match
+//!   its name into `bad/` (and records a missing one there), as Proxmox
+//!   Backup Server does. A backup never deduplicates against a chunk that is
+//!   marked bad or absent from `chunks/`: it stores it again, and once that
+//!   copy is durable the mark is cleared, which heals every older point that
+//!   references the same chunk. An incremental whose parent references a
+//!   bad chunk is made full instead. A chunk damaged since the last verify is
+//!   not known bad: a backup deduplicates against it like any stored chunk.
 //!
 //! # Limitations
 //! - A disk extended since the previous point: the range past the old
@@ -56,9 +69,9 @@
 //! - `syncfs` flushes the whole file system the repository lives on, which
 //!   may include a datastore's dirty pages; on other systems than Linux each
 //!   chunk file is fsynced.
-//! - Restoring to a new VM that fails half-way leaves that VM partly written
-//!   (the error says so); every chunk's presence is checked before the VM is
-//!   created.
+//! - A restore to a new VM that fails half-way deletes that VM (where the
+//!   deletion fails too, the error names the partly written VM); every chunk's
+//!   presence is checked before the VM is created.
 //!
 //! # Example
 //! A repository, checked, with a [`Progress`] that counts the bytes it is told about
@@ -84,6 +97,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod image;
+mod list;
 mod point;
 mod prune;
 mod repo;
@@ -94,13 +109,15 @@ mod verify;
 
 use std::path::PathBuf;
 
+pub use image::PointImage;
+pub use list::{list, PointListing};
 pub use point::{DiskMeta, PointMeta};
-pub use prune::{prune, PruneReport};
+pub use prune::{prune, PrunePolicy, PruneReport};
 pub use repo::Repository;
 pub use restore::{restore_to_file, restore_to_vm, RestoreReport};
 pub use run::{backup_vm, BackupOptions, BackupReport, Compression};
 pub use store::ChunkHash;
-pub use verify::{verify, VerifyReport};
+pub use verify::{repair, verify, RepairReport, VerifyReport};
 
 use vadp::VadpError;
 
@@ -170,6 +187,15 @@ pub enum BackupError {
     /// A chunk a point references is not in the repository.
     #[error("chunk {0} is missing from the repository")]
     MissingChunk(ChunkHash),
+    /// A chunk verify found corrupt (or missing) and moved aside into `bad/`.
+    #[error("chunk {0} was marked bad by verify (moved to bad/); a backup that reads the same data stores it again")]
+    BadChunk(ChunkHash),
+    /// Another process holds what this operation needs.
+    #[error("the repository is busy: {0}")]
+    Busy(String),
+    /// The target file exists and the caller did not ask to replace it.
+    #[error("{0} already exists")]
+    Exists(PathBuf),
     /// A chunk's content does not match its name, or cannot be decoded.
     #[error("chunk {hash} is corrupt: {reason}")]
     CorruptChunk {
@@ -189,14 +215,25 @@ pub enum BackupError {
         #[source]
         source: Box<VadpError>,
     },
-    /// A restore to a new VM failed after the VM was created.
-    #[error("restore into VM {vm:?} failed after the VM was created; it is partly written")]
+    /// A restore to a new VM failed after the VM was created; the VM was deleted.
+    #[error("restore into VM {vm:?} failed; the partly written VM was deleted")]
+    RestoreFailed {
+        /// The new VM.
+        vm: String,
+        /// What failed.
+        #[source]
+        source: Box<BackupError>,
+    },
+    /// A restore to a new VM failed after the VM was created, and deleting it failed too.
+    #[error("restore into VM {vm:?} failed and the VM could not be deleted ({delete_error}); it is partly written: delete it")]
     PartialRestore {
         /// The new VM.
         vm: String,
         /// What failed.
         #[source]
         source: Box<BackupError>,
+        /// Why it could not be deleted.
+        delete_error: String,
     },
     /// A caller's argument is out of range.
     #[error("{0}")]
@@ -237,15 +274,18 @@ pub trait Progress: Sync {
     fn note(&self, _note: &str) {}
     /// The phase is over.
     fn end(&self) {}
+    /// Whether the operation should stop (the user pressed Ctrl-C). Operations that
+    /// may run long ask between steps and stop with an error that says so, after
+    /// cleaning up what they made.
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 impl Progress for () {}
 
-/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the Unix epoch (UTC).
-pub fn format_utc(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil_from_days.
+/// `(year, month, day)` of day `days` since 1970-01-01 (Howard Hinnant's civil_from_days).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -254,13 +294,47 @@ pub fn format_utc(secs: u64) -> String {
     let mp = (5 * doy + 2) / 153;
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// Days since 1970-01-01 of `(year, month, day)` (Howard Hinnant's days_from_civil).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` (ISO 8601, UTC) for seconds since the Unix epoch.
+pub fn format_utc(secs: u64) -> String {
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
     format!(
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
         rem / 3600,
         rem / 60 % 60,
         rem % 60
     )
+}
+
+/// The UTC day of `secs` since the Unix epoch, `YYYY-MM-DD`.
+pub fn utc_day(secs: u64) -> String {
+    format_utc(secs)[..10].to_owned()
+}
+
+/// The ISO 8601 week of `secs` since the Unix epoch (UTC), `YYYY-Www`: weeks
+/// start on Monday, and week 1 is the one with the year's first Thursday.
+pub fn iso_week(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    // 1970-01-01 was a Thursday: Monday = 0.
+    let weekday = (days + 3).rem_euclid(7);
+    let thursday = days - weekday + 3;
+    let (year, _, _) = civil_from_days(thursday);
+    let week = (thursday - days_from_civil(year, 1, 1)) / 7 + 1;
+    format!("{year:04}-W{week:02}")
 }
 
 #[cfg(test)]
@@ -273,6 +347,25 @@ mod tests {
         assert_eq!(chunk_size(64 << 10), 64 << 10);
         assert_eq!(chunk_size(256 << 10), 256 << 10);
         assert_eq!(chunk_size(1 << 30), 1 << 20);
+    }
+
+    #[test]
+    fn iso_weeks() {
+        let at = |y, m, d| (days_from_civil(y, m, d) * 86_400 + 3600) as u64;
+        assert_eq!(iso_week(at(1970, 1, 1)), "1970-W01");
+        assert_eq!(
+            iso_week(at(2021, 1, 3)),
+            "2020-W53",
+            "a Sunday belongs to the week before"
+        );
+        assert_eq!(iso_week(at(2021, 1, 4)), "2021-W01");
+        assert_eq!(iso_week(at(2024, 12, 30)), "2025-W01", "a Monday of the next ISO year");
+        assert_eq!(iso_week(at(2026, 11, 24)), "2026-W48");
+        assert_eq!(utc_day(at(2000, 2, 29)), "2000-02-29");
+        for days in [0, 10_957, 20_000, 30_000] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
     }
 
     #[test]

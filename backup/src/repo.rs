@@ -2,6 +2,7 @@
 //! the journal of backups in progress. See the module docs of
 //! [`backup`](super) for the layout and the commit order.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::path::{Path, PathBuf};
@@ -15,6 +16,8 @@ use crate::BackupError;
 
 const FORMAT: &str = "cbtsim-backup-repository";
 const VERSION: u32 = 1;
+/// The repository's subdirectories.
+const DIRS: [&str; 5] = ["chunks", "points", "pending", "tmp", "bad"];
 
 #[derive(Debug, Serialize, Deserialize)]
 struct RepoConfig {
@@ -64,7 +67,7 @@ impl Repository {
                 });
             }
             let repo = Self { root: root.to_owned() };
-            for d in ["chunks", "points", "pending", "tmp"] {
+            for d in DIRS {
                 let p = root.join(d);
                 fs::create_dir_all(&p).map_err(io("cannot create", &p))?;
             }
@@ -98,7 +101,7 @@ impl Repository {
         if cfg.format != FORMAT || cfg.version != VERSION {
             return Err(not(format!("format {:?} version {}", cfg.format, cfg.version)));
         }
-        for d in ["chunks", "points", "pending", "tmp"] {
+        for d in DIRS {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(io("cannot create", &p))?;
         }
@@ -110,8 +113,8 @@ impl Repository {
         &self.root
     }
 
-    fn lock_file(&self) -> Result<(File, PathBuf), BackupError> {
-        let path = self.root.join("lock");
+    fn lock_file(&self, name: &str) -> Result<(File, PathBuf), BackupError> {
+        let path = self.root.join(name);
         let f = File::options()
             .create(true)
             .truncate(false)
@@ -123,16 +126,38 @@ impl Repository {
 
     /// Waits for and takes the writer lock (backup, prune); released on drop.
     pub(crate) fn lock_exclusive(&self) -> Result<File, BackupError> {
-        let (f, path) = self.lock_file()?;
+        let (f, path) = self.lock_file("lock")?;
         f.lock().map_err(io("cannot lock", &path))?;
         Ok(f)
     }
 
-    /// Waits for and takes a reader lock (verify); released on drop.
+    /// Waits for and takes a shared writer lock (verify); released on drop.
     pub(crate) fn lock_shared(&self) -> Result<File, BackupError> {
-        let (f, path) = self.lock_file()?;
+        let (f, path) = self.lock_file("lock")?;
         f.lock_shared().map_err(io("cannot lock", &path))?;
         Ok(f)
+    }
+
+    /// Takes the readers' lock shared (restore, a mounted point: whatever reads
+    /// chunks of points that prune could delete); released on drop. Backups do
+    /// not take it, so they run while a point is mounted.
+    pub(crate) fn lock_readers(&self) -> Result<File, BackupError> {
+        let (f, path) = self.lock_file("readers.lock")?;
+        f.lock_shared().map_err(io("cannot lock", &path))?;
+        Ok(f)
+    }
+
+    /// Takes the readers' lock exclusively without waiting (prune), or says
+    /// that a restore or a mount is reading.
+    pub(crate) fn try_lock_no_readers(&self) -> Result<File, BackupError> {
+        let (f, path) = self.lock_file("readers.lock")?;
+        match f.try_lock() {
+            Ok(()) => Ok(f),
+            Err(std::fs::TryLockError::WouldBlock) => Err(BackupError::Busy(
+                "a restore or a mounted point is reading the repository".into(),
+            )),
+            Err(std::fs::TryLockError::Error(e)) => Err(io("cannot lock", &path)(e)),
+        }
     }
 
     /// Writes `data` to `path` atomically: temporary file, fsync, rename, fsync directory.
@@ -164,9 +189,83 @@ impl Repository {
         let path = self.chunk_path(h);
         match fs::read(&path) {
             Ok(b) => store::decode(h, &b),
-            Err(e) if e.kind() == ErrorKind::NotFound => Err(BackupError::MissingChunk(h)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(self.absent(h)),
             Err(e) => Err(io("cannot read chunk", &path)(e)),
         }
+    }
+
+    /// The error for chunk `h`, absent from `chunks/`: marked bad, or missing.
+    pub(crate) fn absent(&self, h: ChunkHash) -> BackupError {
+        if self.bad_path(h).exists() {
+            BackupError::BadChunk(h)
+        } else {
+            BackupError::MissingChunk(h)
+        }
+    }
+
+    /// Whether chunk `h` is in `chunks/` (not checked).
+    pub(crate) fn has_chunk(&self, h: ChunkHash) -> bool {
+        self.chunk_path(h).is_file()
+    }
+
+    // ---- chunks marked bad -------------------------------------------------
+
+    /// Where chunk `h` goes once verify found it bad: `bad/HASH` holds the
+    /// damaged file (or is empty for a chunk that was missing).
+    pub fn bad_path(&self, h: ChunkHash) -> PathBuf {
+        self.root.join("bad").join(h.to_string())
+    }
+
+    /// The chunks marked bad.
+    pub(crate) fn bad_chunks(&self) -> Result<HashSet<ChunkHash>, BackupError> {
+        let dir = self.root.join("bad");
+        let mut out = HashSet::new();
+        for e in fs::read_dir(&dir).map_err(io("cannot read", &dir))? {
+            let name = e.map_err(io("cannot read", &dir))?.file_name();
+            if let Some(h) = name.to_str().and_then(ChunkHash::from_hex) {
+                out.insert(h);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Marks chunk `h` bad: moves its file aside into `bad/` (an empty marker
+    /// when it is missing), so that no backup deduplicates against it and the
+    /// next backup that reads the same data stores it again. Returns the
+    /// marker's path.
+    pub(crate) fn mark_bad(&self, h: ChunkHash) -> Result<PathBuf, BackupError> {
+        let to = self.bad_path(h);
+        let from = self.chunk_path(h);
+        match fs::rename(&from, &to) {
+            Ok(()) => {
+                sync_dir(from.parent().expect("chunk paths have a parent"))?;
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                if !to.exists() {
+                    File::create(&to).map_err(io("cannot create", &to))?;
+                }
+            }
+            Err(e) => return Err(io("cannot move aside", &from)(e)),
+        }
+        sync_dir(&self.root.join("bad"))?;
+        Ok(to)
+    }
+
+    /// Removes the bad marks of `hashes` (a good copy of each is durable in
+    /// `chunks/` again, or no point references it any more).
+    pub(crate) fn clear_bad(&self, hashes: &[ChunkHash]) -> Result<(), BackupError> {
+        for &h in hashes {
+            let p = self.bad_path(h);
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(io("cannot delete", &p)(e)),
+            }
+        }
+        if !hashes.is_empty() {
+            sync_dir(&self.root.join("bad"))?;
+        }
+        Ok(())
     }
 
     /// Writes chunk `h` (not yet durable: see [`Self::sync_chunks`]).

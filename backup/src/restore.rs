@@ -70,16 +70,23 @@ fn each_chunk(
 
 /// Writes `disk` of point `id` to `to` as a raw image of the disk's full
 /// size, sparse where the point holds zeros. The file appears atomically
-/// (written beside it, fsynced, renamed) and replaces any file there.
-/// `progress` gets one phase, in bytes of data.
+/// (written beside it, fsynced, renamed); a file already at `to` is replaced
+/// only with `overwrite`, else the restore fails with
+/// [`BackupError::Exists`] before reading anything (and, should one appear
+/// meanwhile, at the rename). `progress` gets one phase, in bytes of data.
 pub fn restore_to_file(
     repo: &Repository,
     id: &str,
     disk: usize,
     to: &Path,
+    overwrite: bool,
     progress: &dyn Progress,
 ) -> Result<RestoreReport, BackupError> {
     let started = Instant::now();
+    if !overwrite && to.symlink_metadata().is_ok() {
+        return Err(BackupError::Exists(to.to_owned()));
+    }
+    let _readers = repo.lock_readers()?;
     let p = repo.load_point(id)?;
     if disk >= p.meta.disks.len() {
         return Err(BackupError::NoSuchDisk {
@@ -106,7 +113,16 @@ pub fn restore_to_file(
         })?;
         progress.end();
         f.sync_all().map_err(BackupError::io("cannot sync", &tmp))?;
-        fs::rename(&tmp, to).map_err(BackupError::io("cannot rename into place", to))?;
+        if overwrite {
+            fs::rename(&tmp, to).map_err(BackupError::io("cannot rename into place", to))?;
+        } else {
+            let cwd = rustix::fs::CWD;
+            match rustix::fs::renameat_with(cwd, &tmp, cwd, to, rustix::fs::RenameFlags::NOREPLACE) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::EXIST) => return Err(BackupError::Exists(to.to_owned())),
+                Err(e) => return Err(BackupError::io("cannot rename into place", to)(e.into())),
+            }
+        }
         sync_dir(&dir)?;
         Ok(written)
     })();
@@ -126,7 +142,9 @@ pub fn restore_to_file(
 
 /// Creates VM `new_vm` on `target` with the disks of point `id` and writes
 /// their content. Every chunk is checked to be present before the VM is
-/// created; a failure after that is [`BackupError::PartialRestore`].
+/// created; a failure after that deletes the VM again
+/// ([`BackupError::RestoreFailed`]), or, where even that fails, is
+/// [`BackupError::PartialRestore`] naming the VM left behind.
 /// `progress` gets a phase per disk, in bytes of data.
 pub fn restore_to_vm(
     repo: &Repository,
@@ -136,10 +154,11 @@ pub fn restore_to_vm(
     progress: &dyn Progress,
 ) -> Result<RestoreReport, BackupError> {
     let started = Instant::now();
+    let _readers = repo.lock_readers()?;
     let p = repo.load_point(id)?;
     for &(_, h) in p.index.iter().flatten() {
-        if !repo.chunk_path(h).is_file() {
-            return Err(BackupError::MissingChunk(h));
+        if !repo.has_chunk(h) {
+            return Err(repo.absent(h));
         }
     }
     let disks: Vec<RestoreDisk> = p
@@ -157,16 +176,29 @@ pub fn restore_to_vm(
     let mut written = 0;
     for disk in 0..disks.len() {
         progress.begin(&format!("point {id} disk {disk}"), Some(disk_total(&p, disk)));
-        written += each_chunk(repo, &p, disk, progress, |off, data| {
+        let result = each_chunk(repo, &p, disk, progress, |off, data| {
             target
                 .write(new_vm, disk, off, data)
                 .map_err(BackupError::host(format!("writing disk {disk} of VM {new_vm}")))
-        })
-        .map_err(|e| BackupError::PartialRestore {
-            vm: new_vm.to_owned(),
-            source: Box::new(e),
-        })?;
+        });
         progress.end();
+        match result {
+            Ok(n) => written += n,
+            // A half-written VM must not look like a restored one: delete it.
+            Err(e) => {
+                return Err(match target.delete_vm(new_vm) {
+                    Ok(()) => BackupError::RestoreFailed {
+                        vm: new_vm.to_owned(),
+                        source: Box::new(e),
+                    },
+                    Err(del) => BackupError::PartialRestore {
+                        vm: new_vm.to_owned(),
+                        source: Box::new(e),
+                        delete_error: del.to_string(),
+                    },
+                })
+            }
+        }
     }
     Ok(RestoreReport {
         point: p.meta.point.clone(),

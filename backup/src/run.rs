@@ -29,6 +29,10 @@ pub struct BackupOptions {
     pub full: bool,
     /// How to store new chunks.
     pub compression: Compression,
+    /// The time recorded in the point, seconds since the Unix epoch (`None`:
+    /// the clock). Prune's daily and weekly policies group points by it; tests
+    /// and imports set it.
+    pub time: Option<u64>,
 }
 
 /// The outcome of one backup (what `backup run --json` prints).
@@ -54,6 +58,9 @@ pub struct BackupReport {
     pub changed_bytes: u64,
     /// The point an incremental was built on.
     pub parent: Option<String>,
+    /// Chunks marked bad by verify that this backup stored again (healing
+    /// every point that references them).
+    pub healed_chunks: u64,
 }
 
 /// What a disk's incremental builds on (the parent's change ID and chunk
@@ -174,8 +181,9 @@ struct DiskResult {
 
 impl<H: DataProtection + ?Sized> Job<'_, H> {
     fn run(&self, disks: &[SnapshotDisk]) -> Result<BackupReport, BackupError> {
-        let time = now_secs();
+        let time = self.opts.time.unwrap_or_else(now_secs);
         let ids = self.repo.point_ids()?;
+        let bad = self.repo.bad_chunks()?;
         // The parent: the VM's newest point (a point whose header cannot be
         // read cannot be attributed: skipped), whose index must read back intact.
         let newest = ids
@@ -185,17 +193,33 @@ impl<H: DataProtection + ?Sized> Job<'_, H> {
         let (parent, parent_problem) = match newest {
             None => (None, Some(format!("first backup of VM {}", self.vm))),
             Some(id) => match self.repo.load_point(id) {
-                Ok(p) => (Some(p), None),
+                Ok(p) => {
+                    let n = p.index.iter().flatten().filter(|(_, h)| bad.contains(h)).count();
+                    if n == 0 {
+                        (Some(p), None)
+                    } else {
+                        // Its unchanged chunks would carry the damage into the new point.
+                        let why = format!("the previous point {id} references {n} chunk(s) that verify marked bad");
+                        (None, Some(why))
+                    }
+                }
                 Err(e) => (None, Some(format!("the previous point {id} is unreadable ({e})"))),
             },
         };
-        // Chunks that committed points reference: safe to deduplicate against.
-        let mut known: HashSet<ChunkHash> = HashSet::new();
+        // Chunks that committed points reference, less those marked bad: a
+        // backup deduplicates against them once it saw their file in `chunks/`.
+        let mut dedup = Dedup {
+            referenced: HashSet::new(),
+            stored: HashSet::new(),
+            bad: &bad,
+            healed: Vec::new(),
+        };
         for id in &ids {
             if let Ok(p) = self.repo.load_point(id) {
-                known.extend(p.index.iter().flatten().map(|&(_, h)| h));
+                dedup.referenced.extend(p.index.iter().flatten().map(|&(_, h)| h));
             }
         }
+        dedup.referenced.retain(|h| !bad.contains(h));
         let mut results = Vec::new();
         for d in disks {
             let pd = parent
@@ -206,11 +230,13 @@ impl<H: DataProtection + ?Sized> Job<'_, H> {
                 (false, None) => Err(parent_problem.clone().unwrap_or_default()),
                 (false, Some((p, pm, pi))) => self.incremental_base(d, &p.meta.point, *pm, *pi),
             };
-            results.push(self.back_up_disk(d, base, &mut known)?);
+            results.push(self.back_up_disk(d, base, &mut dedup)?);
         }
         if results.iter().any(|r| r.bytes_stored > 0) {
             self.repo.sync_chunks()?;
         }
+        // The good copies are durable: the chunks are no longer bad.
+        self.repo.clear_bad(&dedup.healed)?;
         let full = results.iter().any(|r| r.reason.is_some());
         let parent_id = parent.as_ref().filter(|_| !full).map(|p| p.meta.point.clone());
         let reason = if full {
@@ -259,6 +285,7 @@ impl<H: DataProtection + ?Sized> Job<'_, H> {
             seconds: m.seconds,
             changed_bytes: m.changed_bytes,
             parent: m.parent,
+            healed_chunks: dedup.healed.len() as u64,
         })
     }
 
@@ -299,12 +326,7 @@ impl<H: DataProtection + ?Sized> Job<'_, H> {
         changed_areas(self.host, self.vm, self.snap, disk, since).collect()
     }
 
-    fn back_up_disk(
-        &self,
-        d: &SnapshotDisk,
-        base: Base<'_>,
-        known: &mut HashSet<ChunkHash>,
-    ) -> Result<DiskResult, BackupError> {
+    fn back_up_disk(&self, d: &SnapshotDisk, base: Base<'_>, dedup: &mut Dedup<'_>) -> Result<DiskResult, BackupError> {
         let i = d.disk;
         let query_err = |since: &str| {
             BackupError::host(format!(
@@ -341,7 +363,7 @@ impl<H: DataProtection + ?Sized> Job<'_, H> {
         }
         let to_read: u64 = chunks.iter().map(|&n| cs.min(d.capacity - n * cs)).sum();
         self.progress.begin(&format!("{} disk {i}", self.vm), Some(to_read));
-        let (bytes_read, bytes_stored) = self.copy_chunks(d, cs, &chunks, &mut index, known)?;
+        let (bytes_read, bytes_stored) = self.copy_chunks(d, cs, &chunks, &mut index, dedup)?;
         self.progress.end();
         let meta = DiskMeta {
             disk: i,
@@ -372,7 +394,7 @@ impl<H: DataProtection + ?Sized> Job<'_, H> {
         cs: u64,
         chunks: &[u64],
         index: &mut BTreeMap<u64, ChunkHash>,
-        known: &mut HashSet<ChunkHash>,
+        dedup: &mut Dedup<'_>,
     ) -> Result<(u64, u64), BackupError> {
         let compress = self.opts.compression == Compression::Zstd;
         let repo = self.repo;
@@ -385,7 +407,7 @@ impl<H: DataProtection + ?Sized> Job<'_, H> {
                 }
                 Ok(stored)
             });
-            let read = self.read_chunks(d, cs, chunks, index, known, &tx);
+            let read = self.read_chunks(d, cs, chunks, index, dedup, &tx);
             drop(tx);
             let stored = writer.join().expect("the chunk writer does not panic");
             // A writer error stops the reader (its sends fail): report the writer's.
@@ -400,7 +422,7 @@ impl<H: DataProtection + ?Sized> Job<'_, H> {
         cs: u64,
         chunks: &[u64],
         index: &mut BTreeMap<u64, ChunkHash>,
-        known: &mut HashSet<ChunkHash>,
+        dedup: &mut Dedup<'_>,
         tx: &mpsc::SyncSender<(ChunkHash, Vec<u8>)>,
     ) -> Result<u64, BackupError> {
         let per_batch = (READ_BATCH / cs).max(1) as usize;
@@ -432,7 +454,7 @@ impl<H: DataProtection + ?Sized> Job<'_, H> {
                 }
                 let h = ChunkHash::of(data);
                 index.insert(num, h);
-                if known.insert(h) && tx.send((h, data.to_vec())).is_err() {
+                if dedup.must_store(h, self.repo) && tx.send((h, data.to_vec())).is_err() {
                     // The writer stopped on an error; it reports it.
                     return Ok(bytes_read);
                 }
@@ -441,6 +463,35 @@ impl<H: DataProtection + ?Sized> Job<'_, H> {
             k += n;
         }
         Ok(bytes_read)
+    }
+}
+
+/// Which chunks a backup may deduplicate against.
+struct Dedup<'a> {
+    /// Referenced by committed points and not marked bad; not yet seen in `chunks/`.
+    referenced: HashSet<ChunkHash>,
+    /// In `chunks/`: seen there, or written by this backup.
+    stored: HashSet<ChunkHash>,
+    /// Marked bad by verify.
+    bad: &'a HashSet<ChunkHash>,
+    /// Bad chunks this backup writes again.
+    healed: Vec<ChunkHash>,
+}
+
+impl Dedup<'_> {
+    /// Whether chunk `h` must be written: not stored by this backup, and not
+    /// a committed point's chunk whose file is in `chunks/` (a chunk marked
+    /// bad, missing, or only an orphan of an interrupted backup is written).
+    fn must_store(&mut self, h: ChunkHash, repo: &Repository) -> bool {
+        if self.stored.contains(&h) {
+            return false;
+        }
+        let reuse = self.referenced.remove(&h) && repo.has_chunk(h);
+        self.stored.insert(h);
+        if !reuse && self.bad.contains(&h) {
+            self.healed.push(h);
+        }
+        !reuse
     }
 }
 

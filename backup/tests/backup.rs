@@ -6,7 +6,8 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use backup::{
-    backup_vm, prune, restore_to_file, restore_to_vm, verify, BackupError, BackupOptions, Compression, Repository,
+    backup_vm, list, prune, repair, restore_to_file, restore_to_vm, verify, BackupError, BackupOptions, ChunkHash,
+    Compression, PointImage, PrunePolicy, Repository,
 };
 use vadp::{
     DataProtection, DiskArea, DiskChangeInfo, NotFoundKind, RestoreDisk, RestoreTarget, SnapshotDisk, SnapshotInfo,
@@ -291,6 +292,11 @@ impl RestoreTarget for MemHost {
         MemHost::write(self, vm, disk, offset, data);
         Ok(())
     }
+
+    fn delete_vm(&self, name: &str) -> Result<(), VadpError> {
+        self.vms.lock().unwrap().remove(name);
+        Ok(())
+    }
 }
 
 fn repo() -> (tempfile::TempDir, Repository) {
@@ -305,7 +311,7 @@ fn run(host: &MemHost, vm: &str, repo: &Repository) -> backup::BackupReport {
 
 fn restored(repo: &Repository, point: &str, disk: usize, dir: &Path) -> Vec<u8> {
     let to = dir.join(format!("restore-{point}-{disk}.img"));
-    restore_to_file(repo, point, disk, &to, &()).unwrap();
+    restore_to_file(repo, point, disk, &to, true, &()).unwrap();
     std::fs::read(to).unwrap()
 }
 
@@ -559,9 +565,9 @@ fn chunks_are_shared_across_vms_and_compression_is_optional() {
         host.vms.lock().unwrap()["b2"].disks[0].data,
         host.taken("b", &snap_of(&b.point))[0]
     );
-    let e = restore_to_file(&repo, &b.point, 1, &dir.path().join("x"), &()).unwrap_err();
+    let e = restore_to_file(&repo, &b.point, 1, &dir.path().join("x"), false, &()).unwrap_err();
     assert!(matches!(e, BackupError::NoSuchDisk { .. }), "{e}");
-    let e = restore_to_file(&repo, "99", 0, &dir.path().join("x"), &()).unwrap_err();
+    let e = restore_to_file(&repo, "99", 0, &dir.path().join("x"), false, &()).unwrap_err();
     assert!(matches!(e, BackupError::NoSuchPoint(_)), "{e}");
 }
 
@@ -585,6 +591,10 @@ fn verify_names_corrupt_and_missing_chunks_and_the_points_they_affect() {
     let mut bytes = std::fs::read(&p).unwrap();
     bytes[100] ^= 0x40;
     std::fs::write(&p, bytes).unwrap();
+    // Read before verify: the hash check catches it.
+    let e = restore_to_file(&repo, &p1.point, 0, &repo.root().join("../img"), false, &()).unwrap_err();
+    assert!(matches!(e, BackupError::CorruptChunk { .. }), "{e}");
+    assert!(!repo.root().join("../img").exists());
     let v = verify(&repo, &()).unwrap();
     assert!(!v.ok);
     assert_eq!(v.corrupt_chunks, vec![h0.to_string()]);
@@ -592,16 +602,25 @@ fn verify_names_corrupt_and_missing_chunks_and_the_points_they_affect() {
         v.affected_points,
         vec![p1.point.clone(), p2.point.clone(), p3.point.clone()]
     );
-    let e = restore_to_file(&repo, &p1.point, 0, &repo.root().join("../img"), &()).unwrap_err();
-    assert!(matches!(e, BackupError::CorruptChunk { .. }), "{e}");
-    assert!(!repo.root().join("../img").exists());
-    std::fs::remove_file(&p).unwrap();
+    // Moved aside, named in the report; a restore now names it as bad.
+    assert!(!p.exists() && repo.bad_path(h0).is_file());
+    assert_eq!(v.moved_aside, vec![repo.bad_path(h0).display().to_string()]);
+    let e = restore_to_file(&repo, &p1.point, 0, &repo.root().join("../img"), false, &()).unwrap_err();
+    assert!(matches!(e, BackupError::BadChunk(h) if h == h0), "{e}");
+    // A second verify lists it as bad (already moved), not as newly corrupt.
+    let v = verify(&repo, &()).unwrap();
+    assert_eq!(
+        (v.corrupt_chunks.len(), v.bad_chunks.clone()),
+        (0, vec![h0.to_string()])
+    );
     let h2 = backup::ChunkHash::of(&host.taken("a", &snap_of(&p2.point))[0][2 * M as usize..(2 * M + 64 * K) as usize]);
     std::fs::remove_file(repo.chunk_path(h2)).unwrap();
     let v = verify(&repo, &()).unwrap();
-    let mut want = vec![h0.to_string(), h2.to_string()];
-    want.sort();
-    assert_eq!((v.corrupt_chunks.len(), v.missing_chunks.clone()), (0, want));
+    assert_eq!(
+        (v.corrupt_chunks.len(), v.missing_chunks.clone(), v.bad_chunks.clone()),
+        (0, vec![h2.to_string()], vec![h0.to_string()])
+    );
+    assert!(repo.bad_path(h2).is_file(), "a missing chunk is recorded as bad");
     assert_eq!(v.affected_points.len(), 3);
     // A damaged point file.
     let pf = repo.root().join("points").join(format!("{}.point", p2.point));
@@ -639,8 +658,11 @@ fn prune_keeps_the_newest_points_of_each_vm_and_collects_orphans() {
     std::fs::write(repo.chunk_path(orphan), b"\0orphan").unwrap();
     std::fs::write(repo.root().join("tmp/chunk.1.1"), b"partial").unwrap();
     assert_eq!(verify(&repo, &()).unwrap().unreferenced_chunks, 1);
-    assert!(matches!(prune(&repo, 0), Err(BackupError::InvalidArgument(_))));
-    let r = prune(&repo, 2).unwrap();
+    assert!(matches!(
+        prune(&repo, &PrunePolicy::last(0)),
+        Err(BackupError::InvalidArgument(_))
+    ));
+    let r = prune(&repo, &PrunePolicy::last(2)).unwrap();
     assert_eq!(r.deleted_points, ids[..3].to_vec());
     assert_eq!(r.kept_points, 3);
     // Three overwritten chunks at 3 MiB and the orphan.
@@ -655,6 +677,302 @@ fn prune_keeps_the_newest_points_of_each_vm_and_collects_orphans() {
     // With an unreadable point, prune deletes nothing.
     let pf = repo.root().join("points").join(format!("{}.point", ids[3]));
     std::fs::write(&pf, b"garbage").unwrap();
-    assert!(matches!(prune(&repo, 1), Err(BackupError::CorruptPoint { .. })));
+    assert!(matches!(
+        prune(&repo, &PrunePolicy::last(1)),
+        Err(BackupError::CorruptPoint { .. })
+    ));
     assert_eq!(std::fs::read_dir(repo.root().join("points")).unwrap().count(), 3);
+}
+
+/// The chunk of `vm`'s disk 0 at `off`, as `point` saw it.
+fn chunk_at(host: &MemHost, vm: &str, point: &str, off: u64) -> ChunkHash {
+    ChunkHash::of(&host.taken(vm, &snap_of(point))[0][off as usize..(off + 64 * K) as usize])
+}
+
+fn corrupt(repo: &Repository, h: ChunkHash) {
+    let p = repo.chunk_path(h);
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[7] ^= 0x10;
+    std::fs::write(&p, bytes).unwrap();
+}
+
+#[test]
+fn a_backup_after_verify_stores_bad_chunks_again_and_heals_older_points() {
+    let (dir, repo) = repo();
+    let host = MemHost::default();
+    host.add_vm("a", &[(4 * M, 64 * K)]);
+    host.fill("a", 0, 0, 256 * K, 1);
+    let p1 = run(&host, "a", &repo);
+    let h = chunk_at(&host, "a", &p1.point, 64 * K);
+    corrupt(&repo, h);
+    assert!(!verify(&repo, &()).unwrap().ok);
+    // A forced full backup: before, it deduplicated against the corrupt chunk,
+    // stored 0 bytes and made a point that did not restore.
+    let full = backup_vm(
+        &host,
+        "a",
+        &repo,
+        &BackupOptions {
+            full: true,
+            ..Default::default()
+        },
+        &(),
+    )
+    .unwrap();
+    assert_eq!(full.healed_chunks, 1, "{full:?}");
+    assert!(full.bytes_stored > 0 && full.bytes_stored <= 64 * K + 1, "{full:?}");
+    let want = host.taken("a", &snap_of(&full.point))[0].clone();
+    assert_eq!(restored(&repo, &full.point, 0, dir.path()), want);
+    // The good copy heals the older point too; the mark is gone.
+    assert_eq!(restored(&repo, &p1.point, 0, dir.path()), want);
+    assert!(!repo.bad_path(h).exists());
+    let v = verify(&repo, &()).unwrap();
+    assert!(v.ok, "{v:?}");
+
+    // Without --full: an incremental would carry the bad chunk over from its
+    // parent, so the backup is full, and says why.
+    host.fill("a", 0, 2 * M, 64 * K, 2);
+    let p3 = run(&host, "a", &repo);
+    corrupt(&repo, h);
+    assert!(!verify(&repo, &()).unwrap().ok);
+    host.fill("a", 0, 3 * M, 64 * K, 3);
+    let p4 = run(&host, "a", &repo);
+    assert_eq!(p4.kind, "full");
+    assert!(
+        p4.reason
+            .contains(&format!("previous point {} references 1 chunk(s)", p3.point)),
+        "{}",
+        p4.reason
+    );
+    assert_eq!(p4.healed_chunks, 1);
+    for p in [&p1, &full, &p3, &p4] {
+        assert_eq!(
+            restored(&repo, &p.point, 0, dir.path()),
+            host.taken("a", &snap_of(&p.point))[0],
+            "{}",
+            p.point
+        );
+    }
+    assert!(verify(&repo, &()).unwrap().ok);
+    // The next one builds on p4 again.
+    assert_eq!(run(&host, "a", &repo).kind, "incremental");
+}
+
+#[test]
+fn a_chunk_deleted_by_hand_is_stored_again_without_verify() {
+    let (dir, repo) = repo();
+    let host = MemHost::default();
+    host.add_vm("a", &[(2 * M, 64 * K)]);
+    host.fill("a", 0, 0, 128 * K, 1);
+    let p1 = run(&host, "a", &repo);
+    std::fs::remove_file(repo.chunk_path(chunk_at(&host, "a", &p1.point, 0))).unwrap();
+    let full = backup_vm(
+        &host,
+        "a",
+        &repo,
+        &BackupOptions {
+            full: true,
+            ..Default::default()
+        },
+        &(),
+    )
+    .unwrap();
+    assert!(full.bytes_stored > 0, "{full:?}");
+    assert_eq!(
+        restored(&repo, &full.point, 0, dir.path()),
+        host.taken("a", &snap_of(&full.point))[0]
+    );
+}
+
+#[test]
+fn repair_reads_bad_chunks_again_where_the_vm_still_has_them() {
+    let (dir, repo) = repo();
+    let host = MemHost::default();
+    host.add_vm("a", &[(2 * M, 64 * K)]);
+    host.fill("a", 0, 0, 128 * K, 1);
+    let p1 = run(&host, "a", &repo);
+    let (h0, h1) = (
+        chunk_at(&host, "a", &p1.point, 0),
+        chunk_at(&host, "a", &p1.point, 64 * K),
+    );
+    // The guest overwrites the second chunk: only the first can be repaired.
+    host.fill("a", 0, 64 * K, 64 * K, 9);
+    corrupt(&repo, h0);
+    corrupt(&repo, h1);
+    let v = verify(&repo, &()).unwrap();
+    assert_eq!(v.corrupt_chunks.len(), 2);
+    let r = repair(&repo, &host, &()).unwrap();
+    assert_eq!(r.bad_chunks, 2);
+    assert_eq!(r.repaired, vec![h0.to_string()]);
+    assert_eq!(r.unrepaired, vec![h1.to_string()]);
+    assert_eq!(host.snapshot_count("a"), 0, "the repair snapshot is removed");
+    assert!(repo.chunk_path(h0).is_file() && !repo.bad_path(h0).exists());
+    let v = verify(&repo, &()).unwrap();
+    assert_eq!(v.bad_chunks, vec![h1.to_string()]);
+    let e = restore_to_file(&repo, &p1.point, 0, &dir.path().join("x"), false, &()).unwrap_err();
+    assert!(matches!(e, BackupError::BadChunk(h) if h == h1), "{e}");
+}
+
+#[test]
+fn restore_to_an_existing_file_needs_overwrite() {
+    let (dir, repo) = repo();
+    let host = MemHost::default();
+    host.add_vm("a", &[(M, 64 * K)]);
+    host.fill("a", 0, 0, 64 * K, 1);
+    let p = run(&host, "a", &repo);
+    let to = dir.path().join("img");
+    std::fs::write(&to, b"precious").unwrap();
+    let e = restore_to_file(&repo, &p.point, 0, &to, false, &()).unwrap_err();
+    assert!(matches!(e, BackupError::Exists(_)), "{e}");
+    assert_eq!(std::fs::read(&to).unwrap(), b"precious");
+    restore_to_file(&repo, &p.point, 0, &to, true, &()).unwrap();
+    assert_eq!(std::fs::read(&to).unwrap(), host.taken("a", &snap_of(&p.point))[0]);
+}
+
+#[test]
+fn a_point_image_reads_any_range_as_a_restore_would() {
+    let (dir, repo) = repo();
+    let host = MemHost::default();
+    // A granularity of 256 KiB: chunks of 256 KiB; an odd capacity.
+    host.add_vm("a", &[(3 * M + 4 * K, 256 * K)]);
+    host.fill("a", 0, 100, 700 * K, 1);
+    host.fill("a", 0, 3 * M, 4 * K, 2);
+    let p = run(&host, "a", &repo);
+    let want = restored(&repo, &p.point, 0, dir.path());
+    let img = PointImage::open(&repo, &p.point, 0).unwrap();
+    assert_eq!(img.capacity(), want.len() as u64);
+    for (off, len) in [
+        (0, 1),
+        (99, 2),
+        (0, 3 * M as usize),
+        (256 * K - 3, 10),
+        (3 * M, 4096),
+        (M, 300 * 1024),
+    ] {
+        let mut buf = vec![0xeeu8; len];
+        img.read_at(off, &mut buf).unwrap();
+        assert!(buf == want[off as usize..off as usize + len], "{off} +{len}");
+    }
+    let mut buf = [0u8; 2];
+    assert!(img.read_at(3 * M + 4 * K - 1, &mut buf).is_err());
+    // While it is open prune refuses to run; a backup runs.
+    assert!(matches!(prune(&repo, &PrunePolicy::last(1)), Err(BackupError::Busy(_))));
+    run(&host, "a", &repo);
+    drop(img);
+    prune(&repo, &PrunePolicy::last(1)).unwrap();
+    assert!(PointImage::open(&repo, &p.point, 1).is_err());
+}
+
+/// Seconds since the epoch of 2024-01-01 (a Monday) plus `hours`.
+fn at_hours(hours: u64) -> u64 {
+    1_704_067_200 + hours * 3600
+}
+
+#[test]
+fn every_keep_policy_leaves_points_that_restore() {
+    // Points of VM a at these hours after Monday 2024-01-01 00:00 UTC; VM b once.
+    let hours = [1, 5, 20, 30, 75, 80, 170, 200, 340, 341];
+    let policies = [
+        (PrunePolicy::last(3), vec![8, 9, 10]),
+        (
+            PrunePolicy {
+                keep_daily: Some(3),
+                ..PrunePolicy::default()
+            },
+            vec![7, 8, 10], // the newest of days 14, 8 and 7
+        ),
+        (
+            PrunePolicy {
+                keep_weekly: Some(2),
+                ..PrunePolicy::default()
+            },
+            vec![8, 10],
+        ),
+        (
+            PrunePolicy {
+                keep_last: Some(1),
+                keep_daily: Some(2),
+                keep_weekly: Some(3),
+            },
+            // last: 10; daily: day 14 is covered, then days 8 and 7; weekly:
+            // weeks 3 and 2 are covered, then week 1's newest.
+            vec![6, 7, 8, 10],
+        ),
+    ];
+    for (i, (policy, want)) in policies.into_iter().enumerate() {
+        let (dir, repo) = repo();
+        let host = MemHost::default();
+        host.add_vm("a", &[(4 * M, 64 * K)]);
+        host.add_vm("b", &[(M, 64 * K)]);
+        let mut ids = Vec::new();
+        for (n, &h) in hours.iter().enumerate() {
+            host.fill("a", 0, n as u64 * 256 * K, 64 * K, n as u8 + 1);
+            host.fill("a", 0, 3 * M, 64 * K, n as u8 + 100);
+            let opts = BackupOptions {
+                time: Some(at_hours(h)),
+                ..Default::default()
+            };
+            ids.push(backup_vm(&host, "a", &repo, &opts, &()).unwrap().point);
+        }
+        host.fill("b", 0, 0, 64 * K, 7);
+        let b = run(&host, "b", &repo).point;
+        let r = prune(&repo, &policy).unwrap();
+        let mut want_ids: Vec<String> = want.iter().map(|&n| ids[n - 1].clone()).collect();
+        want_ids.push(b.clone());
+        assert_eq!(r.kept, want_ids, "policy {policy:?}");
+        for id in &r.kept {
+            let vm = if *id == b { "b" } else { "a" };
+            assert_eq!(
+                restored(&repo, id, 0, dir.path()),
+                host.taken(vm, &snap_of(id))[0],
+                "{id}"
+            );
+        }
+        let v = verify(&repo, &()).unwrap();
+        assert!(v.ok && v.unreferenced_chunks == 0, "{v:?}");
+        // The listing shows the chains as they are now.
+        let l = list(&repo).unwrap();
+        assert_eq!(l.len(), r.kept.len());
+        let newest = l.iter().find(|p| p.meta.point == ids[9]).unwrap();
+        assert_eq!(newest.meta.parent.as_deref(), Some(ids[8].as_str()));
+        assert!(newest.chain_pruned, "policy {i}: {newest:?}");
+    }
+}
+
+#[test]
+fn list_shows_chains_and_sizes() {
+    let (_dir, repo) = repo();
+    let host = MemHost::default();
+    host.add_vm("a", &[(4 * M, 64 * K), (M, 128 * K)]);
+    host.fill("a", 0, 0, 200 * K, 1);
+    let p1 = run(&host, "a", &repo);
+    host.fill("a", 1, 0, 64 * K, 2);
+    let p2 = run(&host, "a", &repo);
+    let p3 = run(&host, "a", &repo);
+    let l = list(&repo).unwrap();
+    assert_eq!(l.len(), 3);
+    assert!(l[0].chain.is_empty() && !l[0].chain_pruned);
+    assert_eq!(l[2].chain, vec![p2.point.clone(), p1.point.clone()]);
+    assert_eq!(l[2].disk_bytes, 5 * M);
+    // 200 KiB on disk 0 = 4 chunks of 64 KiB; 64 KiB on disk 1 = 1 chunk of 128 KiB.
+    assert_eq!(l[2].data_bytes, 4 * 64 * K + 128 * K);
+    assert_eq!(l[2].meta.point, p3.point);
+    let json = serde_json::to_value(&l[2]).unwrap();
+    assert_eq!(json["point"], p3.point.as_str());
+    assert_eq!(json["chain"][1], p1.point.as_str());
+}
+
+#[test]
+fn a_restore_to_a_vm_that_fails_deletes_the_vm() {
+    let (_dir, repo) = repo();
+    let host = MemHost::default();
+    host.add_vm("a", &[(2 * M, 64 * K)]);
+    host.fill("a", 0, 0, 192 * K, 1);
+    let p = run(&host, "a", &repo);
+    // The last chunk is corrupt: its presence passes, its read fails after the VM exists.
+    corrupt(&repo, chunk_at(&host, "a", &p.point, 128 * K));
+    let e = restore_to_vm(&repo, &p.point, &host, "b", &()).unwrap_err();
+    assert!(matches!(e, BackupError::RestoreFailed { .. }), "{e}");
+    assert!(e.to_string().contains("the partly written VM was deleted"), "{e}");
+    assert!(!host.vms.lock().unwrap().contains_key("b"));
 }

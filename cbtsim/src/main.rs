@@ -8,10 +8,10 @@
 //! $ export CBTSIM_DATASTORE=/tmp/ds
 //! $ cbtsim vm create web01 --disk 64M --disk 2T
 //! created VM web01 with 2 disk(s): 64 MiB, 2 TiB (granularity 64 KiB, CBT on, powered on)
-//! $ cbtsim snapshot create web01 s1 --json
+//! $ S1=$(cbtsim snapshot create web01 s1 --json | jq -r '.disks[0].change_id')
 //! $ cbtsim disk write web01 0 1M 64KiB
 //! $ cbtsim snapshot create web01 s2
-//! $ cbtsim query web01 --snapshot s2 --since <disk 0's change ID of s1>
+//! $ cbtsim query web01 --snapshot s2 --since "$S1"
 //! $ cbtsim backup run web01 --repo /tmp/repo
 //! ```
 
@@ -26,7 +26,8 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "cbtsim", version, about)]
 struct Cli {
-    /// The datastore directory holding the VMs.
+    /// The datastore directory holding the VMs. `replay`, `verify` and `demo` make their
+    /// temporary datastore inside it (and remove it when they end).
     #[arg(long, global = true, env = "CBTSIM_DATASTORE", value_name = "DIR")]
     datastore: Option<PathBuf>,
     #[command(subcommand)]
@@ -51,6 +52,8 @@ enum Cmd {
     /// Create, list, remove and revert to snapshots.
     #[command(subcommand)]
     Snapshot(cli::snapshot::SnapshotCmd),
+    /// Mount a restore point's disks read-only as image files (FUSE), without restoring them.
+    Mount(cli::mount::MountArgs),
     /// The changed areas of a snapshot's disk since a change ID (QueryChangedDiskAreas, paged).
     Query(cli::query::QueryArgs),
     /// A torture test: random lifecycle operations under concurrent writes, checked.
@@ -65,6 +68,8 @@ enum Cmd {
     /// The named workload profiles.
     #[command(subcommand)]
     Workloads(cli::workload::WorkloadsCmd),
+    /// Run the host as a service: HTTPS, NBD exports of the disks and snapshots, a control socket.
+    Serve(cli::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -72,20 +77,21 @@ fn main() -> ExitCode {
     let ctx = cli::Ctx {
         datastore: args.datastore,
     };
-    let _ = &ctx;
     let result = match &args.cmd {
-        Cmd::Demo(a) => cli::demo::run(a),
+        Cmd::Demo(a) => cli::demo::run(&ctx, a),
         Cmd::Backup(c) => cli::backup::run(&ctx, c),
         Cmd::Restore(a) => cli::backup::restore(&ctx, a),
         Cmd::Vm(c) => cli::vm::run(&ctx, c),
         Cmd::Disk(c) => cli::disk::run(&ctx, c),
         Cmd::Snapshot(c) => cli::snapshot::run(&ctx, c),
         Cmd::Query(a) => cli::query::run(&ctx, a),
-        Cmd::Verify(a) => cli::verify::run(a),
-        Cmd::Replay(a) => cli::workload::replay(a),
+        Cmd::Mount(a) => cli::mount::run(a),
+        Cmd::Verify(a) => cli::verify::run(&ctx, a),
+        Cmd::Replay(a) => cli::workload::replay(&ctx, a),
         Cmd::Run(a) => cli::workload::run(&ctx, a),
         Cmd::Guest(c) => cli::workload::guest(&ctx, c),
         Cmd::Workloads(c) => cli::workload::workloads(c),
+        Cmd::Serve(a) => cli::serve::run(&ctx, a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backup::{
-    backup_vm, prune, restore_to_file, restore_to_vm, verify, BackupOptions, BackupReport, ChunkHash, Repository,
+    backup_vm, prune, restore_to_file, restore_to_vm, verify, BackupOptions, BackupReport, ChunkHash, PrunePolicy,
+    Repository,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -158,7 +159,7 @@ fn repo_bytes(repo: &Path) -> (u64, u64) {
 
 fn restored_hash(repo: &Repository, point: &str, disk: usize, dir: &Path) -> Image {
     let to = dir.join("restore.img");
-    restore_to_file(repo, point, disk, &to, &()).unwrap();
+    restore_to_file(repo, point, disk, &to, true, &()).unwrap();
     let img = std::fs::read(&to).unwrap();
     std::fs::remove_file(&to).unwrap();
     (img.len() as u64, ChunkHash::of(&img))
@@ -612,7 +613,7 @@ fn a_backup_killed_midway_leaves_the_repository_as_it_was() {
         "the next backup is correct"
     );
     std::fs::remove_file(&img).unwrap();
-    let p = prune(&repo, 1).unwrap();
+    let p = prune(&repo, &PrunePolicy::last(1)).unwrap();
     assert_eq!(p.deleted_points, vec!["00000001".to_owned()]);
     let v = verify(&repo, &()).unwrap();
     assert!(v.ok && v.unreferenced_chunks == 0, "{v:?}");
@@ -727,4 +728,313 @@ fn measure_full_and_incremental_on_64g() {
 /// Writes dirty pages back so a backup's own `syncfs` times only its own data.
 fn sync_all() {
     let _ = Command::new("sync").status();
+}
+
+fn fails_with(out: &Output, needle: &str) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        err.starts_with("cbtsim: error:") && err.contains(needle),
+        "{err:?} should mention {needle:?}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+    err
+}
+
+/// The closing condition: after verify flagged corrupt chunks, a full backup
+/// stores them again and its point restores (before: "0 B new", and a point that did not).
+#[test]
+fn cli_a_full_backup_heals_a_repository_with_corrupt_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    let repo = dir.path().join("repo");
+    let r = repo.to_str().unwrap();
+    {
+        let host = Host::open(&ds).unwrap();
+        let vm = host.create_vm("app", &[spec(16 * M, 64 * K)]).unwrap();
+        let mut buf = vec![0u8; 2 * M as usize];
+        fill_pattern(3, 0, &mut buf);
+        vm.write(0, 0, &buf).unwrap();
+    }
+    let first = json_ok(&cbtsim(&ds, &["backup", "run", "app", "--repo", r, "--json"]));
+    // Damage three chunks.
+    let chunks: Vec<PathBuf> = {
+        let mut v = Vec::new();
+        for sub in std::fs::read_dir(repo.join("chunks")).unwrap() {
+            for f in std::fs::read_dir(sub.unwrap().path()).unwrap() {
+                v.push(f.unwrap().path());
+            }
+        }
+        v.sort();
+        v.truncate(3);
+        v
+    };
+    for c in &chunks {
+        let mut b = std::fs::read(c).unwrap();
+        b[5] ^= 0xff;
+        std::fs::write(c, b).unwrap();
+    }
+    let out = cbtsim(&ds, &["backup", "verify", "--repo", r, "--json"]);
+    fails_with(&out, "is damaged");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["corrupt_chunks"].as_array().unwrap().len(), 3);
+    assert_eq!(v["moved_aside"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        std::fs::read_dir(repo.join("bad")).unwrap().count(),
+        3,
+        "moved into REPO/bad/"
+    );
+    let text = cbtsim(&ds, &["backup", "verify", "--repo", r]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("still marked bad"));
+    let full = json_ok(&cbtsim(&ds, &["backup", "run", "app", "--repo", r, "--full", "--json"]));
+    assert_eq!(full["healed_chunks"], 3, "{full}");
+    assert!(full["bytes_stored"].as_u64().unwrap() > 0, "{full}");
+    let live = live_image(&ds, "app", 0);
+    for p in [&full["point"], &first["point"]] {
+        let img = dir.path().join("img");
+        let out = cbtsim(
+            &ds,
+            &[
+                "restore",
+                "--repo",
+                r,
+                "--point",
+                p.as_str().unwrap(),
+                "--disk",
+                "0",
+                "--to",
+                img.to_str().unwrap(),
+                "--force",
+            ],
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(std::fs::read(&img).unwrap() == live, "point {p}");
+    }
+    assert_eq!(
+        json_ok(&cbtsim(&ds, &["backup", "verify", "--repo", r, "--json"]))["ok"],
+        true
+    );
+}
+
+#[test]
+fn cli_verify_repair_reads_bad_chunks_from_the_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    let repo = dir.path().join("repo");
+    let r = repo.to_str().unwrap();
+    with_vm_new(&ds, "app", |vm| vm.write(0, 0, &[7u8; 300_000]).unwrap());
+    json_ok(&cbtsim(&ds, &["backup", "run", "app", "--repo", r, "--json"]));
+    let h = ChunkHash::of(&[7u8; 64 * 1024]);
+    let path = repo.join("chunks").join(&h.to_string()[..2]).join(h.to_string());
+    std::fs::write(&path, b"\x00garbage").unwrap();
+    let v = json_ok(&cbtsim(&ds, &["backup", "verify", "--repo", r, "--repair", "--json"]));
+    assert_eq!(v["ok"], false, "the verify part reports what it found");
+    assert_eq!(v["repair"]["repaired"], serde_json::json!([h.to_string()]));
+    assert_eq!(
+        json_ok(&cbtsim(&ds, &["backup", "verify", "--repo", r, "--json"]))["ok"],
+        true
+    );
+}
+
+/// Creates VM `name` with one 8 MiB disk, runs `f` on it, closes it.
+fn with_vm_new(ds: &Path, name: &str, f: impl FnOnce(&Vm)) {
+    let host = Host::open(ds).unwrap();
+    let vm = host.create_vm(name, &[spec(8 * M, 64 * K)]).unwrap();
+    f(&vm);
+    drop(vm);
+    drop(host.close_vm(name));
+}
+
+#[test]
+fn cli_restore_does_not_replace_a_file_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    let repo = dir.path().join("repo");
+    let r = repo.to_str().unwrap();
+    with_vm_new(&ds, "app", |vm| vm.write(0, 0, &[1u8; 4096]).unwrap());
+    json_ok(&cbtsim(&ds, &["backup", "run", "app", "--repo", r, "--json"]));
+    let img = dir.path().join("precious.img");
+    std::fs::write(&img, b"do not lose me").unwrap();
+    let args = [
+        "restore",
+        "--repo",
+        r,
+        "--point",
+        "1",
+        "--disk",
+        "0",
+        "--to",
+        img.to_str().unwrap(),
+    ];
+    fails_with(&cbtsim(&ds, &args), "already exists; pass --force");
+    assert_eq!(std::fs::read(&img).unwrap(), b"do not lose me");
+    let mut forced = args.to_vec();
+    forced.push("--force");
+    let out = cbtsim(&ds, &forced);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 8 * M);
+    // --force goes with --to only (clap's usage error).
+    let out = cbtsim(
+        &ds,
+        &["restore", "--repo", r, "--point", "1", "--to-vm", "x", "--force"],
+    );
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--to <FILE>"));
+}
+
+/// Prune through the command line with each keep policy, over points whose times the
+/// library set (two a day for ten days, then a week apart): every point left restores.
+#[test]
+fn cli_prune_with_each_policy_keeps_restorable_points() {
+    const DAY: u64 = 86_400;
+    let t0 = 1_704_067_200; // Monday 2024-01-01 00:00 UTC
+    let mut times: Vec<u64> = (0..10)
+        .flat_map(|d| [t0 + d * DAY + 3600, t0 + d * DAY + 7200])
+        .collect();
+    times.extend([t0 + 20 * DAY, t0 + 27 * DAY, t0 + 34 * DAY]);
+    let cases: [(&[&str], usize); 4] = [
+        (&["--keep-last", "4"], 4),
+        (&["--keep-daily", "3"], 3),
+        (&["--keep-weekly", "3"], 3),
+        // last: days 34 and 27; daily: days 20 and 9; weekly: weeks 5 to 2 are
+        // covered, then week 1's newest (day 6).
+        (&["--keep-last", "2", "--keep-daily", "2", "--keep-weekly", "4"], 5),
+    ];
+    for (args, kept) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = dir.path().join("ds");
+        let repo_dir = dir.path().join("repo");
+        let r = repo_dir.to_str().unwrap();
+        let mut images = HashMap::new();
+        {
+            let host = Host::open(&ds).unwrap();
+            let vm = host.create_vm("app", &[spec(8 * M, 64 * K)]).unwrap();
+            let repo = Repository::create_or_open(&repo_dir).unwrap();
+            let rec = Recorder::new(&host);
+            let mut buf = vec![0u8; 64 * K as usize];
+            for (i, &t) in times.iter().enumerate() {
+                fill_pattern(i as u64, 0, &mut buf);
+                vm.write(0, (i as u64 % 100) * 64 * K, &buf).unwrap();
+                let opts = BackupOptions {
+                    time: Some(t),
+                    ..Default::default()
+                };
+                let p = backup_vm(&rec, "app", &repo, &opts, &()).unwrap();
+                images.insert(p.point.clone(), rec.image("app", &p.point)[0]);
+            }
+        }
+        let mut cmd = vec!["backup", "prune", "--repo", r, "--json"];
+        cmd.extend_from_slice(args);
+        let p = json_ok(&cbtsim(&ds, &cmd));
+        let left: Vec<String> = p["kept"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(left.len(), kept, "{args:?}: {p}");
+        assert_eq!(
+            left.last().unwrap(),
+            &format!("{:08}", times.len()),
+            "the newest is kept"
+        );
+        let list = json_ok(&cbtsim(&ds, &["backup", "list", "--repo", r, "--json"]));
+        assert_eq!(list.as_array().unwrap().len(), kept);
+        for id in &left {
+            let img = dir.path().join(format!("{id}.img"));
+            let out = cbtsim(
+                &ds,
+                &[
+                    "restore",
+                    "--repo",
+                    r,
+                    "--point",
+                    id,
+                    "--disk",
+                    "0",
+                    "--to",
+                    img.to_str().unwrap(),
+                ],
+            );
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let got = std::fs::read(&img).unwrap();
+            assert_eq!(
+                (got.len() as u64, ChunkHash::of(&got)),
+                images[id],
+                "{args:?}: point {id}"
+            );
+        }
+        assert_eq!(
+            json_ok(&cbtsim(&ds, &["backup", "verify", "--repo", r, "--json"]))["unreferenced_chunks"],
+            0
+        );
+    }
+    let d = tempfile::tempdir().unwrap();
+    let r = d.path().join("repo");
+    Repository::create_or_open(&r).unwrap();
+    let r = r.to_str().unwrap();
+    fails_with(
+        &cbtsim(d.path(), &["backup", "prune", "--repo", r]),
+        "give at least one of --keep-last",
+    );
+    fails_with(
+        &cbtsim(d.path(), &["backup", "prune", "--repo", r, "--keep-daily", "0"]),
+        "--keep-daily must be at least 1",
+    );
+}
+
+#[test]
+fn cli_list_shows_parent_base_and_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    let repo = dir.path().join("repo");
+    let r = repo.to_str().unwrap();
+    with_vm_new(&ds, "app", |vm| vm.write(0, 0, &[1u8; 100_000]).unwrap());
+    for _ in 0..3 {
+        json_ok(&cbtsim(&ds, &["backup", "run", "app", "--repo", r, "--json"]));
+    }
+    let l = json_ok(&cbtsim(&ds, &["backup", "list", "--repo", r, "--json"]));
+    assert_eq!(l[2]["parent"], "00000002");
+    assert_eq!(l[2]["chain"], serde_json::json!(["00000002", "00000001"]));
+    assert_eq!(
+        (l[2]["disk_bytes"].as_u64(), l[2]["data_bytes"].as_u64()),
+        (Some(8 * M), Some(128 * K))
+    );
+    assert!(l[2]["time_utc"].as_str().unwrap().ends_with('Z'));
+    let text = String::from_utf8(cbtsim(&ds, &["backup", "list", "--repo", r]).stdout).unwrap();
+    let header = text.lines().next().unwrap();
+    for col in ["PARENT", "BASE", "SIZE", "DATA", "STORED"] {
+        assert!(header.contains(col), "{header}");
+    }
+    let last = text.lines().nth(3).unwrap();
+    assert!(
+        last.contains("00000002") && last.contains("00000001") && last.contains("8.0 MiB"),
+        "{last}"
+    );
+}
+
+/// A restore into a new VM that fails half-way deletes that VM (before: it stayed,
+/// listed like any healthy VM).
+#[test]
+fn cli_a_failed_restore_to_a_vm_leaves_no_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds");
+    let repo = dir.path().join("repo");
+    let r = repo.to_str().unwrap();
+    with_vm_new(&ds, "app", |vm| {
+        vm.write(0, 0, &[3u8; 64 * 1024]).unwrap();
+        vm.write(0, 4 * M, &[4u8; 64 * 1024]).unwrap();
+    });
+    json_ok(&cbtsim(&ds, &["backup", "run", "app", "--repo", r, "--json"]));
+    let h = ChunkHash::of(&[4u8; 64 * 1024]);
+    let path = repo.join("chunks").join(&h.to_string()[..2]).join(h.to_string());
+    std::fs::write(&path, b"\x00not it").unwrap();
+    let out = cbtsim(&ds, &["restore", "--repo", r, "--point", "1", "--to-vm", "copy"]);
+    fails_with(&out, "the partly written VM was deleted");
+    assert!(!ds.join("copy").exists());
+    let list = json_ok(&cbtsim(&ds, &["vm", "list", "--json"]));
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
 }

@@ -380,7 +380,12 @@ fn bad_input_gives_one_line_and_changes_nothing() {
         &["vm", "create", "web02", "--disk", "1G", "--granularity", "3K"],
         "granularity",
     );
-    fails(ds, &["vm", "create", "web02", "--disk", "65T"], "maximum");
+    fails(
+        ds,
+        &["vm", "create", "web02", "--disk", "65T"],
+        "to 70368744177664 (64 TiB)",
+    );
+    fails(ds, &["vm", "create", "web02", "--disk", "512"], "from 1048576 (1 MiB)");
     fails(ds, &["vm", "create", "bad/name", "--disk", "1G"], "invalid name");
     fails(ds, &["vm", "create", "web01", "--disk", "1G"], "already exists");
     fails(
@@ -491,7 +496,7 @@ fn verify_json_is_one_document_and_reproducible_single_threaded() {
     let args = [
         "verify",
         "--threads",
-        "0",
+        "1",
         "--seed",
         "11",
         "--ops",
@@ -559,4 +564,257 @@ fn two_processes_on_one_vm_get_vm_in_use() {
     drop(vm);
     drop(host);
     assert!(other.vm("vm").is_ok());
+}
+
+/// Every command that prints has --json, one document; times are ISO 8601; counts of one
+/// byte are singular; new read-only views: vm show, disk list, snapshot show.
+#[test]
+fn every_printing_command_has_json_and_iso_times() {
+    let d = datastore();
+    let ds = d.path();
+    let v = json(ds, &["vm", "create", "web02", "--disk", "1M", "--json"]);
+    assert_eq!(
+        (v["vm"].as_str(), v["disks"][0]["capacity"].as_u64()),
+        (Some("web02"), Some(MIB))
+    );
+    let w = json(ds, &["disk", "write", "web01", "0", "0", "1", "--json"]);
+    assert_eq!((w["op"].as_str(), w["length"].as_u64()), (Some("write"), Some(1)));
+    assert!(ok(ds, &["disk", "write", "web01", "0", "0", "1"]).starts_with("wrote 1 byte at"));
+    let u = json(ds, &["disk", "unmap", "web01", "0", "0", "512", "--json"]);
+    assert_eq!(u["op"], "unmap");
+    let e = json(ds, &["disk", "extend", "web01", "0", "128M", "--json"]);
+    assert_eq!(
+        (e["capacity"].as_u64(), e["length"].as_u64()),
+        (Some(128 * MIB), Some(64 * MIB))
+    );
+    let c = json(ds, &["vm", "cbt", "web01", "on", "--json"]);
+    assert_eq!(
+        (c["cbt"].as_bool(), c["change_ids_invalidated"].as_bool()),
+        (Some(true), Some(false))
+    );
+    let p = json(ds, &["vm", "power", "web01", "off", "--json"]);
+    assert_eq!(p["powered_on"], false);
+    json(ds, &["vm", "power", "web01", "on", "--json"]);
+    json(ds, &["snapshot", "create", "web01", "s1", "--json"]);
+    json(ds, &["snapshot", "create", "web01", "s2", "--json"]);
+    let list = json(ds, &["snapshot", "list", "web01", "--json"]);
+    let iso = list[0]["created_utc"].as_str().unwrap().to_owned();
+    assert!(
+        iso.len() == 20 && iso.ends_with('Z') && iso.as_bytes()[10] == b'T',
+        "{iso}"
+    );
+    let text = ok(ds, &["snapshot", "list", "web01"]);
+    assert!(
+        text.contains(&format!("(created {iso})")),
+        "human output in ISO 8601: {text}"
+    );
+    let show = json(ds, &["snapshot", "show", "web01", "s2", "--json"]);
+    assert_eq!(show["name"], "s2");
+    assert_eq!(show["disks"][0]["capacity"], 128 * MIB);
+    fails(ds, &["snapshot", "show", "web01", "nosuch"], "no snapshot named");
+    let vm = json(ds, &["vm", "show", "web01", "--json"]);
+    assert_eq!(vm["disks"][1]["capacity"], 2u64 << 40);
+    assert_eq!(vm["disks"][0]["granularity"], 65536);
+    assert_eq!(vm["disks"][0]["layers"], 3, "the base and a delta per snapshot");
+    assert_eq!(
+        vm["disks"][0]["change_id"], show["disks"][0]["change_id"],
+        "the newest snapshot's"
+    );
+    assert_eq!(vm["consolidation_needed"], false);
+    assert_eq!(vm["snapshots"].as_array().unwrap().len(), 2);
+    assert!(ok(ds, &["vm", "show", "web01"]).contains("consolidation: none pending"));
+    let disks = json(ds, &["disk", "list", "web01", "--json"]);
+    assert_eq!(disks.as_array().unwrap().len(), 2);
+    assert!(ok(ds, &["disk", "list", "web01"]).contains("CURRENT CHANGE ID"));
+    let r = json(ds, &["snapshot", "remove", "web01", "s1", "--json"]);
+    assert_eq!(
+        (r["done"].as_str(), r["snapshots"].clone()),
+        (Some("removed"), serde_json::json!(["s2"]))
+    );
+    let r = json(ds, &["snapshot", "revert", "web01", "s2", "--json"]);
+    assert_eq!(r["done"], "reverted");
+    let out = ds.join("r.bin");
+    let rd = json(
+        ds,
+        &[
+            "disk",
+            "read",
+            "web01",
+            "0",
+            "0",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert_eq!((rd["op"].as_str(), rd["length"].as_u64()), (Some("read"), Some(1)));
+}
+
+/// `disk read --out` leaves holes where the disk reads zeros.
+#[test]
+fn disk_read_writes_a_sparse_file() {
+    use std::os::unix::fs::MetadataExt;
+    let d = datastore();
+    let ds = d.path();
+    ok(ds, &["disk", "write", "web01", "0", "8M", "64K", "--pattern", "9"]);
+    let out = ds.join("img");
+    ok(
+        ds,
+        &["disk", "read", "web01", "0", "0", "64M", "--out", out.to_str().unwrap()],
+    );
+    let m = std::fs::metadata(&out).unwrap();
+    assert_eq!(m.len(), 64 * MIB);
+    assert!(
+        m.blocks() * 512 <= 1 << 20,
+        "{} bytes allocated for 64 KiB of data",
+        m.blocks() * 512
+    );
+    let data = std::fs::read(&out).unwrap();
+    assert!(data[8 << 20..(8 << 20) + 65536].iter().all(|&b| b == 9));
+    assert_eq!(data.iter().filter(|&&b| b != 0).count(), 65536);
+}
+
+/// The same bounds for --threads, --ops and --seconds in guest run and verify (and
+/// scenario files); scenarios ship in the binary.
+#[test]
+fn run_limits_agree_and_scenarios_are_built_in() {
+    let d = datastore();
+    let ds = d.path();
+    for (args, needle) in [
+        (&["verify", "--threads", "0"][..], "invalid --threads 0: give 1 to 256"),
+        (
+            &["verify", "--threads", "300"][..],
+            "invalid --threads 300: give 1 to 256",
+        ),
+        (&["verify", "--ops", "0"][..], "invalid --ops 0: give at least 1"),
+        (
+            &["verify", "--seconds", "0"][..],
+            "invalid --seconds 0: give more than 0",
+        ),
+        (
+            &["guest", "run", "web01", "--profile", "oltp-db", "--threads", "0"][..],
+            "invalid --threads 0: give 1 to 256",
+        ),
+        (
+            &["guest", "run", "web01", "--profile", "oltp-db", "--ops", "0"][..],
+            "invalid --ops 0: give at least 1",
+        ),
+        (
+            &["guest", "run", "web01", "--profile", "oltp-db", "--seconds", "0"][..],
+            "invalid --seconds 0: give more than 0",
+        ),
+    ] {
+        fails(ds, args, needle);
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let v = json(
+        scratch.path(),
+        &["verify", "--threads", "1", "--ops", "3", "--disk-size", "4M", "--json"],
+    );
+    assert_eq!(
+        (v["passed"].as_bool(), v["interrupted"].as_bool()),
+        (Some(true), Some(false))
+    );
+    assert_eq!(
+        std::fs::read_dir(scratch.path()).unwrap().count(),
+        0,
+        "its temporary datastore is removed"
+    );
+    // From a directory without scenarios/: the built-in one.
+    let out = Command::new(env!("CARGO_BIN_EXE_cbtsim"))
+        .env_remove("CBTSIM_DATASTORE")
+        .current_dir(scratch.path())
+        .args(["run", "scenarios/teaching.toml", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["missed_blocks"], 0);
+    let demo = json(scratch.path(), &["demo", "--json"]);
+    assert!(
+        demo["full_backup"]["bytes_read"].as_u64().unwrap()
+            > demo["incremental_backup"]["bytes_read"].as_u64().unwrap()
+    );
+    assert_eq!(
+        std::fs::read_dir(scratch.path()).unwrap().count(),
+        0,
+        "demo's datastore went in --datastore and is gone"
+    );
+}
+
+#[test]
+fn vm_delete_removes_the_vm_and_refuses_bad_names() {
+    let d = datastore();
+    let ds = d.path();
+    ok(ds, &["vm", "create", "gone", "--disk", "4M"]);
+    let r = json(ds, &["vm", "delete", "gone", "--json"]);
+    assert_eq!(r["deleted"], true);
+    assert!(!ds.join("gone").exists());
+    let names: Vec<Value> = json(ds, &["vm", "list", "--json"]).as_array().unwrap().clone();
+    assert_eq!(names.len(), 1);
+    fails(ds, &["vm", "delete", "gone"], "no VM named \"gone\"");
+    fails(ds, &["vm", "delete", "../web01"], "no VM named");
+    assert!(ds.join("web01/vm.json").exists());
+}
+
+/// Everything under `dir`: each file's path, length and modification time.
+fn mtimes(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
+    fn walk(p: &Path, out: &mut Vec<(PathBuf, u64, std::time::SystemTime)>) {
+        for e in std::fs::read_dir(p).unwrap().flatten() {
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                walk(&e.path(), out);
+            } else {
+                out.push((e.path(), m.len(), m.modified().unwrap()));
+            }
+        }
+    }
+    let mut v = Vec::new();
+    walk(dir, &mut v);
+    v.sort();
+    v
+}
+
+/// Read-only commands write nothing (before: they opened the VM for writing, which
+/// rewrote the trackers' headers and sidecars) and do not exclude each other.
+#[test]
+fn read_only_commands_write_nothing_and_share_the_vm() {
+    let d = datastore();
+    let ds = d.path();
+    ok(ds, &["disk", "write", "web01", "0", "0", "1M"]);
+    let c1 = change_ids(&json(ds, &["snapshot", "create", "web01", "s1", "--json"]));
+    ok(ds, &["disk", "write", "web01", "0", "4M", "64K"]);
+    ok(ds, &["snapshot", "create", "web01", "s2"]);
+    let before = mtimes(ds);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let q = json(ds, &["query", "web01", "--snapshot", "s2", "--since", &c1[0], "--json"]);
+    assert_eq!(areas(&q), vec![(4 * MIB, 65536)]);
+    ok(ds, &["snapshot", "list", "web01"]);
+    ok(ds, &["snapshot", "show", "web01", "s1"]);
+    ok(ds, &["vm", "show", "web01"]);
+    ok(ds, &["disk", "list", "web01"]);
+    assert!(
+        mtimes(ds) == before,
+        "a read-only command changed a file of the datastore"
+    );
+    // Another reader holding the VM does not keep them out; a writer does.
+    let host = sim::Host::open(ds).unwrap();
+    let view = host.view("web01").unwrap();
+    assert_eq!(view.snapshots().len(), 2);
+    let q2 = json(ds, &["query", "web01", "--snapshot", "s2", "--since", &c1[0], "--json"]);
+    assert_eq!(q2, q);
+    ok(ds, &["snapshot", "list", "web01"]);
+    let out = run_in(ds, &["disk", "write", "web01", "0", "0", "1"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "a writer waits for readers"
+    );
+    drop(view);
+    let _vm = host.vm("web01").unwrap();
+    let out = run_in(ds, &["snapshot", "list", "web01"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "readers wait for a writer"
+    );
 }

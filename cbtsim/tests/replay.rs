@@ -252,3 +252,142 @@ fn cloudphysics_trace_replays_to_its_unique_blocks() {
         r.over_report_ratio
     );
 }
+
+/// A command that must fail with one line containing `needle`.
+fn fails(args: &[&str], needle: &str) -> String {
+    let out = cbtsim(args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "{args:?} succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(err.contains(needle), "{args:?}: {err:?} should mention {needle:?}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: one line: {err:?}");
+    assert!(out.stdout.is_empty(), "{args:?} printed a report");
+    err
+}
+
+/// Before, each of these printed "0 writes" and exited 0.
+#[test]
+fn cli_replay_of_a_trace_without_records_fails_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let msr = write_file(
+        dir.path(),
+        "msr.csv",
+        b"128166372003061629,usr,0,Write,8192,4096,1331\n",
+    );
+    let m = msr.to_str().unwrap();
+    let empty = write_file(dir.path(), "empty.csv", b"");
+    let e = empty.to_str().unwrap();
+    fails(
+        &["replay", e, "--format", "msr"],
+        "no valid msr record: the trace is empty",
+    );
+    fails(
+        &["replay", m, "--format", "blkparse"],
+        "no valid blkparse record: line 1 is not one: \"128166372003061629,usr,0,Write,8192,4096,1331\"",
+    );
+    fails(
+        &["replay", m, "--format", "alibaba", "--skip-bad"],
+        "1 malformed line(s) skipped",
+    );
+    fails(
+        &["replay", m, "--format", "msr", "--device", "db_0"],
+        "matches none of its 1 records (devices: usr_0)",
+    );
+    // Binary data read as text: one short line, not megabytes.
+    let mut junk = vec![0u8; 300_000];
+    for (i, b) in junk.iter_mut().enumerate() {
+        *b = (i * 7 % 251) as u8 | 0x80;
+    }
+    let bin = write_file(dir.path(), "junk.bin", &junk);
+    let err = fails(&["replay", bin.to_str().unwrap(), "--format", "msr"], "junk.bin:");
+    assert!(err.len() < 1000, "{} bytes of error", err.len());
+}
+
+#[test]
+fn cli_replay_makes_its_temporary_datastore_in_the_given_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("scratch");
+    std::fs::create_dir(&ds).unwrap();
+    let msr = write_file(dir.path(), "t.csv", b"1,usr,0,Write,0,512,1\n");
+    let out = Command::new(env!("CARGO_BIN_EXE_cbtsim"))
+        .env_remove("CBTSIM_DATASTORE")
+        .args([
+            "--datastore",
+            ds.to_str().unwrap(),
+            "replay",
+            msr.to_str().unwrap(),
+            "--format",
+            "msr",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_dir(&ds).unwrap().count(), 0, "removed at the end");
+    let none = dir.path().join("nowhere");
+    let out = Command::new(env!("CARGO_BIN_EXE_cbtsim"))
+        .env_remove("CBTSIM_DATASTORE")
+        .args([
+            "--datastore",
+            none.to_str().unwrap(),
+            "replay",
+            msr.to_str().unwrap(),
+            "--format",
+            "msr",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a directory"));
+}
+
+/// Ctrl-C during a long replay: the temporary datastore is removed, the exit is non-zero.
+#[test]
+fn cli_replay_interrupted_removes_its_temporary_datastore() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("scratch");
+    std::fs::create_dir(&ds).unwrap();
+    // A long trace: 4 million 512-byte writes over 2 GiB.
+    let mut text = String::with_capacity(4_000_000 * 24);
+    for i in 0..4_000_000u64 {
+        text.push_str(&format!("{i},usr,0,Write,{},512,1\n", (i * 7919 % 4_194_304) * 512));
+    }
+    let trace = write_file(dir.path(), "long.csv", text.as_bytes());
+    let child = Command::new(env!("CARGO_BIN_EXE_cbtsim"))
+        .env_remove("CBTSIM_DATASTORE")
+        .args([
+            "--datastore",
+            ds.to_str().unwrap(),
+            "replay",
+            trace.to_str().unwrap(),
+            "--format",
+            "msr",
+        ])
+        .args(["--disk-size", "2G"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the replay has made its datastore.
+    let t = std::time::Instant::now();
+    while std::fs::read_dir(&ds).unwrap().count() == 0 {
+        assert!(t.elapsed().as_secs() < 30, "no temporary datastore appeared");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::INT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("interrupted"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&ds).unwrap().count(),
+        0,
+        "the temporary datastore is gone"
+    );
+}

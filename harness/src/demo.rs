@@ -33,11 +33,20 @@ pub struct DemoReport {
     /// The second snapshot's change ID.
     pub change_id_2: String,
     /// The full backup: bytes read from its snapshot and stored in the repository.
-    pub full_backup: (u64, u64),
+    pub full_backup: BackupBytes,
     /// The incremental backup: bytes read and stored.
-    pub incremental_backup: (u64, u64),
+    pub incremental_backup: BackupBytes,
     /// Bytes of the restored image checked against what the guest wrote.
     pub restore_checked_bytes: u64,
+}
+
+/// What a backup of the demo read and stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct BackupBytes {
+    /// Bytes read from the backup's snapshot.
+    pub bytes_read: u64,
+    /// Bytes of new chunk files written to the repository.
+    pub bytes_stored: u64,
 }
 
 /// A deterministic, non-zero pattern for a write: byte `i` of a write tagged `tag`.
@@ -221,7 +230,7 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<DemoReport, HarnessError> 
     let inc = backup_vm(&host, "demo-vm", &repo, &opts, &())?;
     say(out, format!("12. The guest writes 8 KiB at 10 GiB and 70,000 bytes at 20 GiB + 1; incremental point {}: read {} (= the changed areas, {}), stored {}", inc.point, human(inc.bytes_read), human(inc.changed_bytes), human(inc.bytes_stored)));
     let image = dir.join("restored-disk0.img");
-    restore_to_file(&repo, &inc.point, 0, &image, &())?;
+    restore_to_file(&repo, &inc.point, 0, &image, true, &())?;
     let mut checked = 0u64;
     let file = std::fs::File::open(&image).map_err(|source| HarnessError::Io {
         path: image.clone(),
@@ -259,8 +268,14 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<DemoReport, HarnessError> 
         });
     }
     Ok(DemoReport {
-        full_backup: (full.bytes_read, full.bytes_stored),
-        incremental_backup: (inc.bytes_read, inc.bytes_stored),
+        full_backup: BackupBytes {
+            bytes_read: full.bytes_read,
+            bytes_stored: full.bytes_stored,
+        },
+        incremental_backup: BackupBytes {
+            bytes_read: inc.bytes_read,
+            bytes_stored: inc.bytes_stored,
+        },
         restore_checked_bytes: checked,
         disk_size,
         allocated_bytes: allocated,
@@ -289,7 +304,7 @@ mod tests {
         assert!(String::from_utf8(out).unwrap().contains("identical"));
         // The incremental reads only what changed since the full backup.
         assert!(
-            r.incremental_backup.0 < r.full_backup.0 / 4,
+            r.incremental_backup.bytes_read < r.full_backup.bytes_read / 4,
             "{:?} vs {:?}",
             r.incremental_backup,
             r.full_backup

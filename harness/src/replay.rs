@@ -43,7 +43,8 @@ pub struct ReplayOptions {
     pub device: Option<String>,
     /// Skip malformed lines (counted) instead of failing.
     pub skip_bad: bool,
-    /// Where the temporary datastore goes (`None`: the system's temporary directory).
+    /// The directory the temporary datastore is made in (`None`: the system's temporary
+    /// directory); it is removed when the replay ends, however it ends.
     pub workdir: Option<PathBuf>,
 }
 
@@ -142,6 +143,12 @@ pub enum ReplayError {
     /// The shadow model refused an op.
     #[error(transparent)]
     Shadow(#[from] ShadowError),
+    /// The user interrupted the replay (its temporary datastore is removed).
+    #[error("interrupted after {records} records; the temporary datastore was removed")]
+    Interrupted {
+        /// Records replayed.
+        records: u64,
+    },
     /// The temporary datastore could not be made.
     #[error("cannot create a temporary datastore in {path}")]
     Workdir {
@@ -213,8 +220,11 @@ fn replay_trace_file(
         n += 1;
         if n.is_multiple_of(PROGRESS_BATCH) {
             progress.advance(PROGRESS_BATCH);
+            if progress.cancelled() {
+                return Err(ReplayError::Interrupted { records: n });
+            }
         }
-        rec.map(|r| r.to_op(n))
+        Ok(rec?.to_op(n))
     });
     let mut report = replay(ops, "record", disk_size, opts)?;
     progress.advance(n % PROGRESS_BATCH);
@@ -232,13 +242,13 @@ pub fn replay_ops(
     opts: &ReplayOptions,
 ) -> Result<ReplayReport, ReplayError> {
     let started = Instant::now();
-    let mut r = replay(ops.into_iter().map(Ok::<_, TraceError>), "op", disk_size, opts)?;
+    let mut r = replay(ops.into_iter().map(Ok::<_, ReplayError>), "op", disk_size, opts)?;
     r.seconds = started.elapsed().as_secs_f64();
     Ok(r)
 }
 
 fn replay(
-    ops: impl Iterator<Item = Result<IoOp, TraceError>>,
+    ops: impl Iterator<Item = Result<IoOp, ReplayError>>,
     what: &'static str,
     disk_size: u64,
     opts: &ReplayOptions,

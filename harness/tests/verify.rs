@@ -21,11 +21,9 @@ fn config(threads: usize, seed: u64) -> VerifyConfig {
 
 fn assert_passed(r: &VerifyReport) {
     assert!(
-        r.passed(),
+        r.passed,
         "violations: {} missed blocks: {} first: {:?}",
-        r.violations,
-        r.missed_blocks,
-        r.violation_messages
+        r.violations, r.missed_blocks, r.violation_messages
     );
     assert!(r.checks > 0 && r.snapshots > 0, "{r:?}");
 }

@@ -8,6 +8,7 @@ use parking_lot::Mutex;
 
 use crate::config::VmConfig;
 use crate::error::SimError;
+use crate::view::VmView;
 use crate::vm::{check_name, DiskSpec, Vm};
 
 /// A simulated ESXi-style host over a datastore directory.
@@ -84,10 +85,55 @@ impl Host {
         Ok(vm)
     }
 
+    /// VM `name` opened read-only ([`VmView`]): for listings and queries, which then
+    /// write nothing and do not exclude each other.
+    pub fn view(&self, name: &str) -> Result<VmView, SimError> {
+        check_name(name).map_err(|_| SimError::NoSuchVm(name.to_owned()))?;
+        let dir = self.root.join(name);
+        if !dir.join("vm.json").exists() {
+            return Err(SimError::NoSuchVm(name.to_owned()));
+        }
+        if VmConfig::load(&dir.join("vm.json"))?.pending_revert.is_some() && !self.vms.lock().contains_key(name) {
+            // A killed process left a revert whose marks a read-only view
+            // cannot make: recover once with a writable open, then read.
+            drop(Vm::open(&dir)?);
+        }
+        VmView::open(&dir)
+    }
+
     /// Closes the VM's handle in this process (it is reopened on next use).
     /// Returns the VM if other handles still hold it.
     pub fn close_vm(&self, name: &str) -> Option<Arc<Vm>> {
         self.vms.lock().remove(name)
+    }
+
+    /// Deletes VM `name` and all its files. It must exist and no other process or
+    /// handle may have it open ([`SimError::VmInUse`]). The directory is renamed away
+    /// first (under the VM's lock), so a deletion killed half-way leaves no VM that
+    /// looks whole: only a `.deleting-*` directory, which the next deletion removes.
+    pub fn delete_vm(&self, name: &str) -> Result<(), SimError> {
+        let vm = self.vm(name)?; // exists, and not open in another process
+        let mut vms = self.vms.lock();
+        vms.remove(name);
+        // This handle and `vm`: anything more is a caller still using it.
+        if Arc::strong_count(&vm) > 1 {
+            vms.insert(name.to_owned(), vm);
+            return Err(SimError::VmInUse(name.to_owned()));
+        }
+        drop(vms);
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| SimError::Io { path, source }
+        };
+        let dir = self.root.join(name);
+        let trash = self.root.join(format!(".deleting-{name}"));
+        if trash.exists() {
+            std::fs::remove_dir_all(&trash).map_err(io(&trash))?;
+        }
+        // Renamed while this process still holds the VM's lock and files.
+        std::fs::rename(&dir, &trash).map_err(io(&dir))?;
+        drop(vm);
+        std::fs::remove_dir_all(&trash).map_err(io(&trash))
     }
 
     /// Every VM of the datastore, read from their configurations (no locks taken).

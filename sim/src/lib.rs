@@ -55,10 +55,12 @@ mod layer;
 mod mmap;
 mod protection;
 mod restore_target;
+mod view;
 mod vm;
 
 pub use config::{DiskConfig, SnapshotConfig, SnapshotDiskConfig, VmConfig};
 pub use error::SimError;
 pub use host::{Host, VmSummary};
 pub use layer::EXTENT_BYTES;
+pub use view::VmView;
 pub use vm::{check_name, DiskSpec, SnapshotSummary, Vm, DEFAULT_MAX_AREAS, MAX_SNAPSHOTS, STUN_LOG};

@@ -25,4 +25,8 @@ impl RestoreTarget for Host {
     fn write(&self, vm: &str, disk: usize, offset: u64, data: &[u8]) -> Result<(), VadpError> {
         Ok(self.vm(vm)?.write(disk, offset, data)?)
     }
+
+    fn delete_vm(&self, name: &str) -> Result<(), VadpError> {
+        Ok(Host::delete_vm(self, name)?)
+    }
 }

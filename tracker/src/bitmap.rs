@@ -71,7 +71,15 @@ impl AtomicBitmap {
     /// page size). The file must be at least `offset + layout.bytes()` long,
     /// locked by the caller and never truncated while mapped.
     pub fn map(file: &File, offset: u64, layout: BitmapLayout) -> io::Result<Self> {
-        let region = Region::map(file, offset, layout.bytes() as usize)?;
+        Self::with_region(Region::map(file, offset, layout.bytes() as usize)?, layout)
+    }
+
+    /// As [`map`](Self::map), read-only: for a tracker that only answers queries.
+    pub(crate) fn map_read_only(file: &File, offset: u64, layout: BitmapLayout) -> io::Result<Self> {
+        Self::with_region(Region::map_read_only(file, offset, layout.bytes() as usize)?, layout)
+    }
+
+    fn with_region(region: Region, layout: BitmapLayout) -> io::Result<Self> {
         let leaf_words = layout.levels[0].end;
         debug_assert_eq!(layout.levels[0].start, 0);
         Ok(Self {

@@ -69,6 +69,12 @@ impl EpochMap {
         Ok(Self { region, layout })
     }
 
+    /// As [`map`](Self::map), read-only.
+    pub(crate) fn map_read_only(file: &File, offset: u64, layout: EpochMapLayout) -> io::Result<Self> {
+        let region = Region::map_read_only(file, offset, layout.bytes() as usize)?;
+        Ok(Self { region, layout })
+    }
+
     #[inline]
     fn level(&self, k: usize) -> &[AtomicU32] {
         &self.region.words32()[self.layout.levels[k].clone()]

@@ -52,7 +52,7 @@ pub use change_id::{ChangeId, ParseChangeIdError};
 pub use ctk::ResetReason;
 pub use error::{QueryError, TrackerError};
 pub use sparse::SparseBits;
-pub use tracker::{AreaPage, Granularity, Since, Tracker, TrackerStats, MAX_CAPACITY};
+pub use tracker::{AreaPage, Granularity, Since, Tracker, TrackerStats, TrackerView, MAX_CAPACITY};
 
 /// Something the write path tells about every guest write.
 ///

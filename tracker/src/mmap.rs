@@ -7,12 +7,35 @@ use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::{Mmap, MmapMut, MmapOptions};
 
-/// A shared, writable mapping of one page-aligned region of a file.
+/// A mapping of one page-aligned region of a file: shared and writable, or (for a
+/// tracker opened read-only) private and read-only.
 #[derive(Debug)]
 pub(crate) struct Region {
-    map: MmapMut,
+    map: Map,
+}
+
+#[derive(Debug)]
+enum Map {
+    Rw(MmapMut),
+    Ro(Mmap),
+}
+
+impl Map {
+    fn as_ptr(&self) -> *const u8 {
+        match self {
+            Map::Rw(m) => m.as_ptr(),
+            Map::Ro(m) => m.as_ptr(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Map::Rw(m) => m.len(),
+            Map::Ro(m) => m.len(),
+        }
+    }
 }
 
 impl Region {
@@ -28,7 +51,21 @@ impl Region {
         // process except through this `Region`. All access goes through
         // atomics or `&mut self`, so concurrent modification is not UB.
         let map = unsafe { MmapOptions::new().offset(offset).len(len).map_mut(file)? };
-        Ok(Self { map })
+        Ok(Self { map: Map::Rw(map) })
+    }
+
+    /// Maps `len` bytes of `file` at `offset` read-only and private: nothing is ever
+    /// written through it, so the file (and its modification time) stays as it is.
+    ///
+    /// The caller holds a shared lock on the file for as long as the region lives (no
+    /// writer has it open) and only loads from the words.
+    pub(crate) fn map_read_only(file: &File, offset: u64, len: usize) -> io::Result<Self> {
+        assert!(len > 0, "empty regions are never mapped");
+        // SAFETY: a private, read-only mapping of a file that the caller keeps at least
+        // `offset + len` bytes long: the shared lock it holds excludes every writer
+        // (they take the lock exclusively), so the bytes do not change under it.
+        let map = unsafe { MmapOptions::new().offset(offset).len(len).map_copy_read_only(file)? };
+        Ok(Self { map: Map::Ro(map) })
     }
 
     /// The region as 64-bit atomic words.
@@ -39,7 +76,10 @@ impl Region {
         // SAFETY: the mapping is page-aligned (so aligned for AtomicU64),
         // valid for `len` bytes for the lifetime of `&self`, and every bit
         // pattern is a valid u64. AtomicU64 has the size and alignment of
-        // u64; all mutation of these bytes goes through atomic operations.
+        // u64; all mutation of these bytes goes through atomic operations,
+        // and a read-only region is only ever loaded from (a tracker opened
+        // read-only stores nothing; 64-bit atomic loads of read-only memory
+        // are plain loads).
         unsafe { std::slice::from_raw_parts(bytes.cast::<AtomicU64>(), self.map.len() / 8) }
     }
 
@@ -53,13 +93,19 @@ impl Region {
         unsafe { std::slice::from_raw_parts(bytes.cast::<AtomicU32>(), self.map.len() / 4) }
     }
 
-    /// The region as plain bytes (the header).
-    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.map
+    /// The region as plain bytes (the header); `None` for a read-only mapping.
+    pub(crate) fn bytes_mut(&mut self) -> Option<&mut [u8]> {
+        match &mut self.map {
+            Map::Rw(m) => Some(m),
+            Map::Ro(_) => None,
+        }
     }
 
-    /// Writes dirty pages back to the file.
+    /// Writes dirty pages back to the file (nothing to do for a read-only mapping).
     pub(crate) fn flush(&self) -> io::Result<()> {
-        self.map.flush()
+        match &self.map {
+            Map::Rw(m) => m.flush(),
+            Map::Ro(_) => Ok(()),
+        }
     }
 }

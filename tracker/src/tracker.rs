@@ -131,7 +131,19 @@ pub struct Tracker {
     cold: Mutex<Cold>,
     abandoned: std::sync::atomic::AtomicBool,
     recovered: bool,
+    /// Opened by [`TrackerView::open`]: mapped read-only, never written.
+    read_only: bool,
 }
+
+/// A change-tracking file opened read-only, to answer queries without writing
+/// anything (not even the header a writable open marks as in use): what
+/// `snapshot list` or `query` need. It takes the file's lock shared, so it
+/// fails with [`TrackerError::InUse`] while a writer has it open, and readers
+/// do not exclude each other. A file a killed process left is read as
+/// [`Tracker::open`] would recover it (the frozen bitmap of a pending epoch,
+/// the epoch files), in memory only; damaged state reads as a reset.
+#[derive(Debug)]
+pub struct TrackerView(Tracker);
 
 #[derive(Debug)]
 struct Cold {
@@ -332,6 +344,7 @@ impl Tracker {
             }),
             abandoned: false.into(),
             recovered,
+            read_only: false,
         })
     }
 
@@ -762,7 +775,7 @@ impl Tracker {
 impl Drop for Tracker {
     fn drop(&mut self) {
         let clean = self.cold.lock().h.state == STATE_CLEAN;
-        if !clean && !self.abandoned.load(Ordering::Relaxed) {
+        if !clean && !self.abandoned.load(Ordering::Relaxed) && !self.read_only {
             // Best effort; an error leaves the file marked open, and the next
             // open recovers it as after a crash.
             let _ = self.persist();
@@ -775,7 +788,10 @@ impl Cold {
     /// page back to the file too.
     fn write_header(&mut self, sync: bool) -> io::Result<()> {
         let Self { header_region, h, .. } = self;
-        h.write(header_region.bytes_mut());
+        let Some(page) = header_region.bytes_mut() else {
+            return Ok(()); // a read-only view writes nothing
+        };
+        h.write(page);
         if sync {
             self.header_unsynced = false;
             header_region.flush()
@@ -861,6 +877,110 @@ fn crash_point(_name: &'static str) -> io::Result<()> {
         return Err(io::Error::other(format!("crash point: {_name}")));
     }
     Ok(())
+}
+
+impl TrackerView {
+    /// Opens the change-tracking file at `path` read-only (see the type's docs).
+    pub fn open(path: &Path) -> Result<Self, TrackerError> {
+        let file = File::open(path).map_err(io_err(path))?;
+        match file.try_lock_shared() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(TrackerError::InUse { path: path.to_owned() }),
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(path)(e)),
+        }
+        let bad = |reason: String| TrackerError::BadFile {
+            path: path.to_owned(),
+            reason,
+        };
+        let mut page = vec![0u8; HEADER_BYTES as usize];
+        std::io::Read::read_exact(&mut &file, &mut page).map_err(|e| bad(format!("cannot read the header: {e}")))?;
+        let mut h = Header::read(&page).map_err(bad)?;
+        let granularity = Granularity {
+            shift: h.granularity_shift,
+        };
+        if h.max_blocks != granularity.blocks(MAX_CAPACITY) {
+            return Err(bad("block count does not match the granularity".into()));
+        }
+        let layout = Layout::new(h.max_blocks);
+        let len = file.metadata().map_err(io_err(path))?.len();
+        if len < layout.file_len {
+            return Err(bad(format!("file is {len} bytes, expected {}", layout.file_len)));
+        }
+        // The epoch still in the frozen bitmap is read from it by queries.
+        let unfolded = (h.folded + 1..=h.last_closed)
+            .filter(|&e| e != h.pending)
+            .map(|e| epochs::read(path, e).map(|b| (e, b)))
+            .collect::<Option<BTreeMap<u64, SparseBits>>>();
+        let unfolded = match unfolded {
+            Some(u) => u,
+            None => {
+                // As `Tracker::open` would reset it, in memory only.
+                reset_session(&mut h, ResetReason::Corrupt);
+                h.allocation_unknown = true;
+                h.folded = h.last_closed;
+                h.pending = 0;
+                BTreeMap::new()
+            }
+        };
+        let recovered = h.state != STATE_CLEAN;
+        let e = io_err(path);
+        let b0 = AtomicBitmap::map_read_only(&file, layout.bitmap_offsets[0], layout.bitmap.clone()).map_err(e)?;
+        let b1 = AtomicBitmap::map_read_only(&file, layout.bitmap_offsets[1], layout.bitmap.clone())
+            .map_err(io_err(path))?;
+        let emap = EpochMap::map_read_only(&file, layout.emap_offset, layout.emap.clone()).map_err(io_err(path))?;
+        let header_region = Region::map_read_only(&file, 0, HEADER_BYTES as usize).map_err(io_err(path))?;
+        Ok(Self(Tracker {
+            path: path.to_owned(),
+            granularity,
+            active: AtomicUsize::new(h.active as usize),
+            bitmaps: [b0, b1],
+            file,
+            cold: Mutex::new(Cold {
+                path: path.to_owned(),
+                header_region,
+                h,
+                emap,
+                unfolded,
+                sync_drains: 0,
+                header_unsynced: false,
+            }),
+            abandoned: false.into(),
+            recovered,
+            read_only: true,
+        }))
+    }
+
+    /// The tracking granularity.
+    pub fn granularity(&self) -> Granularity {
+        self.0.granularity()
+    }
+
+    /// Whether change tracking is enabled.
+    pub fn is_enabled(&self) -> bool {
+        self.0.is_enabled()
+    }
+
+    /// The sequence of the last closed epoch.
+    pub fn last_closed(&self) -> u64 {
+        self.0.last_closed()
+    }
+
+    /// The change ID of closed epoch `seq` (see [`Tracker::change_id`]).
+    pub fn change_id(&self, seq: u64) -> Option<ChangeId> {
+        self.0.change_id(seq)
+    }
+
+    /// One page of changed areas (see [`Tracker::changed_areas`]).
+    pub fn changed_areas(
+        &self,
+        since: Since,
+        at: u64,
+        capacity: u64,
+        start: u64,
+        max_areas: usize,
+    ) -> Result<AreaPage, QueryError> {
+        self.0.changed_areas(since, at, capacity, start, max_areas)
+    }
 }
 
 fn add_pin(pins: &mut Vec<(u64, u32)>, seq: u64) {

@@ -337,6 +337,14 @@ impl<H: DataProtection + ?Sized> ChangedAreas<'_, H> {
         self.pages
     }
 
+    /// Starts paging at byte `offset` instead of 0 (an NBD block-status
+    /// request asks about a range in the middle of the disk). The windows
+    /// are checked the same way; an offset at or past the end yields nothing.
+    pub fn starting_at(mut self, offset: u64) -> Self {
+        self.next = offset;
+        self
+    }
+
     fn fetch(&mut self) -> Result<bool, VadpError> {
         let capacity = match self.capacity {
             Some(c) => c,
@@ -416,6 +424,8 @@ pub trait RestoreTarget {
     fn create_vm(&self, name: &str, disks: &[RestoreDisk]) -> Result<(), VadpError>;
     /// Writes `data` at `offset` of `disk` of VM `vm`.
     fn write(&self, vm: &str, disk: usize, offset: u64, data: &[u8]) -> Result<(), VadpError>;
+    /// Deletes VM `name` (a restore that failed after creating it cleans up).
+    fn delete_vm(&self, name: &str) -> Result<(), VadpError>;
 }
 
 /// The shape of a disk to create for a restore.

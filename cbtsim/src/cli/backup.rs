@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
-use backup::{self, BackupOptions, Compression, Repository};
+use backup::{self, BackupOptions, Compression, PointListing, PrunePolicy, Repository};
 use clap::{Args, Subcommand, ValueEnum};
 use workloads::human;
 
@@ -25,23 +25,35 @@ pub enum BackupCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Re-hash every chunk and check every point; exits non-zero on any problem.
+    /// Re-hash every chunk and check every point; a bad chunk is moved aside into
+    /// REPO/bad/ (the next backup stores it again); exits non-zero on any problem.
     Verify {
         /// The repository directory.
         #[arg(long, value_name = "DIR")]
         repo: PathBuf,
+        /// Then read the bad chunks again from snapshots of the VMs of the datastore,
+        /// where their data has not changed since.
+        #[arg(long)]
+        repair: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Keep the newest N points of each VM; delete the rest and the chunks only they used.
+    /// Keep points by policy (as Proxmox Backup Server: last, then daily, then weekly,
+    /// per VM, days and ISO weeks in UTC); delete the rest and the chunks only they used.
     Prune {
         /// The repository directory.
         #[arg(long, value_name = "DIR")]
         repo: PathBuf,
-        /// Points to keep per VM (at least 1).
+        /// Keep the newest N points of each VM.
         #[arg(long, value_name = "N")]
-        keep_last: usize,
+        keep_last: Option<usize>,
+        /// Keep the newest point of each of the last N days that have one.
+        #[arg(long, value_name = "N")]
+        keep_daily: Option<usize>,
+        /// Keep the newest point of each of the last N ISO weeks that have one.
+        #[arg(long, value_name = "N")]
+        keep_weekly: Option<usize>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -92,6 +104,9 @@ pub struct RestoreArgs {
     /// Write the disk as a raw image file (its full size, sparse where zero).
     #[arg(long, value_name = "FILE", requires = "disk")]
     pub to: Option<PathBuf>,
+    /// Replace FILE if it exists.
+    #[arg(long, requires = "to")]
+    pub force: bool,
     /// Create this VM in the datastore with the point's disks and content.
     #[arg(long, value_name = "NEWVM")]
     pub to_vm: Option<String>,
@@ -127,6 +142,7 @@ pub fn run(ctx: &Ctx, cmd: &BackupCmd) -> anyhow::Result<()> {
                     CompressionArg::Zstd => Compression::Zstd,
                     CompressionArg::None => Compression::None,
                 },
+                time: None,
             };
             let r = backup::backup_vm(&host, &a.vm, &repo, &opts, &bar())
                 .with_context(|| format!("backup of VM {} failed", a.vm))?;
@@ -142,39 +158,49 @@ pub fn run(ctx: &Ctx, cmd: &BackupCmd) -> anyhow::Result<()> {
                     r.seconds,
                     mb_per_s(r.bytes_read, r.seconds)
                 );
+                if r.healed_chunks > 0 {
+                    println!(
+                        "  stored again {} chunk(s) that verify had marked bad (older points that use them restore again)",
+                        r.healed_chunks
+                    );
+                }
             }
         }
         BackupCmd::List { repo, json } => {
-            let points = open_repo(repo)?.points()?;
+            let points = backup::list(&open_repo(repo)?)?;
             if *json {
                 println!("{}", serde_json::to_string(&points)?);
             } else if points.is_empty() {
                 println!("no restore points in {}", repo.display());
             } else {
-                println!(
-                    "{:<9} {:<16} {:<11} {:<20} {:>10} {:>10} {:>7}  change IDs",
-                    "POINT", "VM", "KIND", "TIME (UTC)", "READ", "STORED", "SECONDS"
-                );
-                for p in &points {
-                    let cids: Vec<&str> = p.disks.iter().map(|d| d.change_id.as_deref().unwrap_or("-")).collect();
-                    println!(
-                        "{:<9} {:<16} {:<11} {:<20} {:>10} {:>10} {:>7.2}  {}",
-                        p.point,
-                        p.vm,
-                        p.kind,
-                        p.time_utc,
-                        human(p.bytes_read),
-                        human(p.bytes_stored),
-                        p.seconds,
-                        cids.join(" ")
-                    );
-                }
+                print_list(&points);
             }
         }
-        BackupCmd::Verify { repo, json } => {
-            let r = backup::verify(&open_repo(repo)?, &bar())?;
+        BackupCmd::Verify {
+            repo: dir,
+            repair,
+            json,
+        } => {
+            let repo = open_repo(dir)?;
+            let r = backup::verify(&repo, &bar())?;
+            let fixed = if *repair && !r.ok {
+                let host = ctx.host()?;
+                Some(backup::repair(&repo, &host, &bar())?)
+            } else {
+                None
+            };
             if *json {
-                println!("{}", serde_json::to_string(&r)?);
+                #[derive(serde::Serialize)]
+                struct Out<'a> {
+                    #[serde(flatten)]
+                    verify: &'a backup::VerifyReport,
+                    repair: Option<&'a backup::RepairReport>,
+                }
+                let out = Out {
+                    verify: &r,
+                    repair: fixed.as_ref(),
+                };
+                println!("{}", serde_json::to_string(&out)?);
             } else {
                 println!(
                     "{} point(s), {} chunk(s) ({}) re-hashed; {} unreferenced chunk(s)",
@@ -189,34 +215,67 @@ pub fn run(ctx: &Ctx, cmd: &BackupCmd) -> anyhow::Result<()> {
                 for c in &r.missing_chunks {
                     println!("  missing chunk {c}");
                 }
+                for m in &r.moved_aside {
+                    println!("  moved aside: {m}");
+                }
+                for c in &r.bad_chunks {
+                    println!("  chunk {c} is still marked bad");
+                }
                 for p in &r.corrupt_points {
                     println!("  corrupt point file {p}");
                 }
+                if let Some(f) = &fixed {
+                    println!(
+                        "  repair: {} of {} bad chunk(s) read again from the VMs ({} read)",
+                        f.repaired.len(),
+                        f.bad_chunks,
+                        human(f.bytes_read)
+                    );
+                    for c in &f.unrepaired {
+                        println!("  not repairable (no VM holds its data any more): {c}");
+                    }
+                }
                 if r.ok {
                     println!("  ok");
+                } else {
+                    println!("  the next backup of each affected VM stores the bad chunks again (run one with --full to be sure)");
                 }
             }
-            if !r.ok {
+            let unrepaired = fixed.as_ref().map_or(usize::MAX, |f| f.unrepaired.len());
+            if !r.ok && unrepaired > 0 {
                 bail!(
-                    "repository {} is damaged: {} corrupt and {} missing chunk(s), {} corrupt point file(s); points affected: {}",
-                    repo.display(),
+                    "repository {} is damaged: {} corrupt and {} missing chunk(s) moved aside, {} marked bad before, {} corrupt point file(s); points affected: {}",
+                    dir.display(),
                     r.corrupt_chunks.len(),
                     r.missing_chunks.len(),
+                    r.bad_chunks.len(),
                     r.corrupt_points.len(),
                     r.affected_points.join(", ")
                 );
             }
         }
-        BackupCmd::Prune { repo, keep_last, json } => {
-            let r = backup::prune(&open_repo(repo)?, *keep_last)?;
+        BackupCmd::Prune {
+            repo,
+            keep_last,
+            keep_daily,
+            keep_weekly,
+            json,
+        } => {
+            let policy = PrunePolicy {
+                keep_last: *keep_last,
+                keep_daily: *keep_daily,
+                keep_weekly: *keep_weekly,
+            };
+            let r = backup::prune(&open_repo(repo)?, &policy)?;
             if *json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "deleted {} point(s) [{}], kept {}; deleted {} chunk(s), freed {}",
+                    "deleted {} point(s) [{}], kept {} [{}]; deleted {} chunk(s), freed {}",
                     r.deleted_points.len(),
                     r.deleted_points.join(", "),
                     r.kept_points,
+                    r.kept.join(", "),
                     r.deleted_chunks,
                     human(r.freed_bytes)
                 );
@@ -226,13 +285,48 @@ pub fn run(ctx: &Ctx, cmd: &BackupCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `backup list`, as a table.
+fn print_list(points: &[PointListing]) {
+    println!(
+        "{:<9} {:<16} {:<11} {:<20} {:<9} {:<9} {:>10} {:>10} {:>10} {:>7}",
+        "POINT", "VM", "KIND", "TIME (UTC)", "PARENT", "BASE", "SIZE", "DATA", "STORED", "SECONDS"
+    );
+    for p in points {
+        let m = &p.meta;
+        // The full point at the root of the chain, or "pruned" where a link is gone.
+        let base = match (p.chain.last(), p.chain_pruned) {
+            (_, true) => "pruned",
+            (Some(b), false) => b.as_str(),
+            (None, false) => "-",
+        };
+        println!(
+            "{:<9} {:<16} {:<11} {:<20} {:<9} {:<9} {:>10} {:>10} {:>10} {:>7.2}",
+            m.point,
+            m.vm,
+            m.kind,
+            m.time_utc,
+            m.parent.as_deref().unwrap_or("-"),
+            base,
+            human(p.disk_bytes),
+            human(p.data_bytes),
+            human(m.bytes_stored),
+            m.seconds
+        );
+    }
+}
+
 /// Runs `cbtsim restore ...`.
 pub fn restore(ctx: &Ctx, a: &RestoreArgs) -> anyhow::Result<()> {
     let repo = open_repo(&a.repo)?;
     let bar = bar();
     let r = match (&a.to, &a.to_vm, a.disk) {
-        (Some(to), None, Some(disk)) => backup::restore_to_file(&repo, &a.point, disk, to, &bar)
-            .with_context(|| format!("restore of point {} disk {disk} to {} failed", a.point, to.display()))?,
+        (Some(to), None, Some(disk)) => {
+            if !a.force && to.symlink_metadata().is_ok() {
+                bail!("{} already exists; pass --force to replace it", to.display());
+            }
+            backup::restore_to_file(&repo, &a.point, disk, to, a.force, &bar)
+                .with_context(|| format!("restore of point {} disk {disk} to {} failed", a.point, to.display()))?
+        }
         (None, Some(vm), None) => {
             sim::check_name(vm)?;
             let host = ctx.host()?;

@@ -1,6 +1,9 @@
 //! `cbtsim demo`.
 
+use anyhow::Context as _;
 use clap::Args;
+
+use super::{scratch_dir, Ctx};
 
 /// Arguments of `cbtsim demo`.
 #[derive(Debug, Args)]
@@ -13,12 +16,19 @@ pub struct DemoArgs {
     pub keep: Option<std::path::PathBuf>,
 }
 
-pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
+/// Runs `cbtsim demo`: its datastore is `--keep DIR` (kept), else a temporary one made in
+/// `--datastore` when given (else the temporary directory) and removed at the end.
+pub fn run(ctx: &Ctx, args: &DemoArgs) -> anyhow::Result<()> {
     let tmp;
     let dir = match &args.keep {
         Some(d) => d.clone(),
         None => {
-            tmp = tempfile::tempdir()?;
+            let b = tempfile::Builder::new().prefix("cbtsim-demo-").clone();
+            tmp = match scratch_dir(ctx)? {
+                Some(d) => b.tempdir_in(&d),
+                None => b.tempdir(),
+            }
+            .context("cannot create a temporary datastore")?;
             tmp.path().join("datastore")
         }
     };

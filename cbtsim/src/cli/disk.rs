@@ -1,6 +1,6 @@
 //! `cbtsim disk`: guest writes, reads (of the live disk or a snapshot), unmaps and extends.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::PathBuf;
 
 use anyhow::{ensure, Context as _};
@@ -9,7 +9,7 @@ use clap::Subcommand;
 use sim::{SimError, Vm};
 
 use super::progress::Bar;
-use super::{disk_arg, exact, existing_vm, size_arg, Ctx};
+use super::{bytes_word, disk_arg, exact, existing_vm, print_json, size_arg, vm_view, Ctx};
 
 /// Bytes per chunk when writing or reading large ranges.
 const CHUNK: u64 = 4 << 20;
@@ -35,6 +35,17 @@ pub enum DiskCmd {
         /// Write LENGTH bytes read from this file.
         #[arg(long, value_name = "FILE")]
         from: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a VM's disks: capacity, granularity, layers, allocated bytes, current change ID.
+    List {
+        /// The VM.
+        vm: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Read a range of the live disk, or of a snapshot, into a file.
     Read {
@@ -52,6 +63,9 @@ pub enum DiskCmd {
         /// Read the disk as it was at this snapshot.
         #[arg(long, value_name = "SNAP")]
         snapshot: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// A guest unmap (TRIM): the range reads as zeros and counts as changed.
     Unmap {
@@ -63,6 +77,9 @@ pub enum DiskCmd {
         offset: String,
         /// Bytes to unmap.
         length: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Grow a disk while the VM runs (disks never shrink).
     Extend {
@@ -72,7 +89,29 @@ pub enum DiskCmd {
         disk: String,
         /// The new size.
         new_size: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
+}
+
+/// `disk write|unmap|read|extend --json`.
+#[derive(Debug, serde::Serialize)]
+struct IoOut<'a> {
+    vm: &'a str,
+    disk: usize,
+    /// What was done: write, unmap, read, extend.
+    op: &'static str,
+    offset: u64,
+    length: u64,
+    /// Where `read` wrote the bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    out: Option<String>,
+    /// The snapshot `read` read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshot: Option<&'a str>,
+    /// The disk's capacity after the command.
+    capacity: u64,
 }
 
 fn byte_arg(s: &str) -> anyhow::Result<u8> {
@@ -129,6 +168,27 @@ fn in_chunks(len: u64, mut f: impl FnMut(u64, usize) -> anyhow::Result<()>) -> a
     Ok(())
 }
 
+/// Writes `data` at `at` of `f`, leaving a hole where a 4 KiB block of it is all zeros.
+fn write_sparse(f: &std::fs::File, at: u64, data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const BLOCK: usize = 4096;
+    let mut i = 0;
+    while i < data.len() {
+        // A run of non-zero blocks, written at once.
+        let start = i;
+        while i < data.len() && data[i..(i + BLOCK).min(data.len())].iter().any(|&b| b != 0) {
+            i = (i + BLOCK).min(data.len());
+        }
+        if i > start {
+            f.write_all_at(&data[start..i], at + start as u64)?;
+        }
+        while i < data.len() && data[i..(i + BLOCK).min(data.len())].iter().all(|&b| b == 0) {
+            i = (i + BLOCK).min(data.len());
+        }
+    }
+    Ok(())
+}
+
 /// Runs `cbtsim disk ...`.
 pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
     match cmd {
@@ -139,6 +199,7 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
             length,
             pattern,
             from,
+            json,
         } => {
             let (d, off, len) = range_args(disk, offset, length)?;
             let byte = pattern.as_deref().map(byte_arg).transpose()?.unwrap_or(DEFAULT_PATTERN);
@@ -168,7 +229,19 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
                 }
                 Ok(v.write(d, off + done, &buf[..n])?)
             })?;
-            println!("wrote {len} bytes at offset {off} of disk {d} of VM {vm}");
+            if *json {
+                return print_json(&IoOut {
+                    vm,
+                    disk: d,
+                    op: "write",
+                    offset: off,
+                    length: len,
+                    out: None,
+                    snapshot: None,
+                    capacity: cap,
+                });
+            }
+            println!("wrote {} at offset {off} of disk {d} of VM {vm}", bytes_word(len));
         }
         DiskCmd::Read {
             vm,
@@ -177,6 +250,7 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
             length,
             out,
             snapshot,
+            json,
         } => {
             let (d, off, len) = range_args(disk, offset, length)?;
             let v = existing_vm(ctx, vm)?;
@@ -189,7 +263,7 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
                 Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
                 _ => PathBuf::from("."),
             };
-            let mut tmp = tempfile::Builder::new()
+            let tmp = tempfile::Builder::new()
                 .prefix(".cbtsim-read")
                 .tempfile_in(&dir)
                 .with_context(|| format!("cannot create a file in {}", dir.display()))?;
@@ -199,20 +273,36 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
                     Some(s) => v.read_snapshot(s, d, off + done, &mut buf[..n])?,
                     None => v.read(d, off + done, &mut buf[..n])?,
                 }
-                tmp.write_all(&buf[..n])
-                    .with_context(|| format!("cannot write {}", out.display()))
+                write_sparse(tmp.as_file(), done, &buf[..n]).with_context(|| format!("cannot write {}", out.display()))
             })?;
+            // Holes up to the end: the zeros of the range are never written.
+            tmp.as_file()
+                .set_len(len)
+                .with_context(|| format!("cannot write {}", out.display()))?;
             tmp.as_file()
                 .sync_all()
                 .with_context(|| format!("cannot write {}", out.display()))?;
             tmp.persist(out)
                 .map_err(|e| e.error)
                 .with_context(|| format!("cannot write {}", out.display()))?;
+            if *json {
+                return print_json(&IoOut {
+                    vm,
+                    disk: d,
+                    op: "read",
+                    offset: off,
+                    length: len,
+                    out: Some(out.display().to_string()),
+                    snapshot: snapshot.as_deref(),
+                    capacity: cap,
+                });
+            }
             let at = snapshot
                 .as_ref()
                 .map_or_else(|| "the live disk".to_owned(), |s| format!("snapshot {s}"));
             println!(
-                "read {len} bytes at offset {off} of disk {d} ({at}) into {}",
+                "read {} at offset {off} of disk {d} ({at}) into {}",
+                bytes_word(len),
                 out.display()
             );
         }
@@ -221,18 +311,56 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
             disk,
             offset,
             length,
+            json,
         } => {
             let (d, off, len) = range_args(disk, offset, length)?;
             let v = existing_vm(ctx, vm)?;
             v.unmap(d, off, len)?;
-            println!("unmapped {len} bytes at offset {off} of disk {d} of VM {vm}");
+            if *json {
+                return print_json(&IoOut {
+                    vm,
+                    disk: d,
+                    op: "unmap",
+                    offset: off,
+                    length: len,
+                    out: None,
+                    snapshot: None,
+                    capacity: v.capacity(d)?,
+                });
+            }
+            println!("unmapped {} at offset {off} of disk {d} of VM {vm}", bytes_word(len));
         }
-        DiskCmd::Extend { vm, disk, new_size } => {
+        DiskCmd::Extend {
+            vm,
+            disk,
+            new_size,
+            json,
+        } => {
             let d = disk_arg(disk)?;
             let size = size_arg("NEWSIZE", new_size)?;
             let v = existing_vm(ctx, vm)?;
+            let old = v.capacity(d)?;
             v.extend_disk(d, size)?;
+            if *json {
+                return print_json(&IoOut {
+                    vm,
+                    disk: d,
+                    op: "extend",
+                    offset: old,
+                    length: size - old,
+                    out: None,
+                    snapshot: None,
+                    capacity: size,
+                });
+            }
             println!("disk {d} of VM {vm} is now {}", exact(size));
+        }
+        DiskCmd::List { vm, json } => {
+            let info = super::inspect::vm_info(&vm_view(ctx, vm)?)?;
+            if *json {
+                return print_json(&info.disks);
+            }
+            super::inspect::print_disks(&info.disks);
         }
     }
     Ok(())

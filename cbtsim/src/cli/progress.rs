@@ -14,10 +14,34 @@
 //! need a bar each (a scenario gets one per VM, in a `MultiProgress`).
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use backup::Progress;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+/// Set by the first Ctrl-C (or SIGTERM) once [`catch_interrupts`] ran; every [`Bar`]
+/// then answers [`Progress::cancelled`] with true.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// From now on the first Ctrl-C or SIGTERM asks the running operation to stop (it
+/// cleans up what it made, then the command fails with "interrupted"); a second one
+/// ends the process at once. For commands whose operations poll [`Progress::cancelled`]
+/// (replay, verify); the others keep the default: a signal ends them.
+pub fn catch_interrupts() -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    for sig in [SIGINT, SIGTERM] {
+        // The order matters: the shutdown hook runs first, on a flag already set.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, &INTERRUPTED)?;
+        signal_hook::flag::register(sig, &INTERRUPTED)?;
+    }
+    Ok(())
+}
+
+/// Whether a caught Ctrl-C asked the command to stop.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
+}
 
 /// An indicatif bar that shows what a [`Progress`] is told.
 #[derive(Debug)]
@@ -102,6 +126,10 @@ impl Progress for Bar {
 
     fn note(&self, note: &str) {
         self.pb.set_message(note.to_owned());
+    }
+
+    fn cancelled(&self) -> bool {
+        interrupted()
     }
 
     fn end(&self) {

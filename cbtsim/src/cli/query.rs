@@ -4,7 +4,7 @@
 use anyhow::Context as _;
 use clap::Args;
 
-use super::{disk_arg, exact, existing_host, Ctx};
+use super::{disk_arg, exact, vm_view, Ctx};
 
 /// `cbtsim query`: QueryChangedDiskAreas, paged through the whole disk.
 #[derive(Debug, Args)]
@@ -45,17 +45,17 @@ pub fn run(ctx: &Ctx, a: &QueryArgs) -> anyhow::Result<()> {
             .parse::<tracker::ChangeId>()
             .with_context(|| format!("invalid --since {since:?}"))?;
     }
-    let host = existing_host(ctx)?;
-    let v = host.vm(&a.vm)?;
+    // Read-only: a query takes no exclusive lock and writes nothing.
+    let v = vm_view(ctx, &a.vm)?;
     let cap = v.snapshot_capacity(&a.snapshot, d)?;
-    let granularity = v.granularity(d)?.bytes();
+    let granularity = v.granularity(d)?;
     let change_id = v
         .snapshots()
         .into_iter()
         .find(|s| s.name == a.snapshot)
         .and_then(|s| s.disks.into_iter().nth(d))
         .and_then(|sd| sd.change_id);
-    let areas = vadp::changed_areas(&host, &a.vm, &a.snapshot, d, since)
+    let areas = vadp::changed_areas(&v, &a.vm, &a.snapshot, d, since)
         .map(|r| r.map(|x| (x.start, x.length)))
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("query of disk {d} of snapshot {} since {since}", a.snapshot))?;

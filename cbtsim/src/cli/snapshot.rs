@@ -2,7 +2,7 @@
 
 use clap::Subcommand;
 
-use super::{exact, existing_vm, Ctx};
+use super::{existing_vm, inspect, print_json, vm_view, Ctx};
 
 /// `cbtsim snapshot ...`
 #[derive(Debug, Subcommand)]
@@ -25,12 +25,25 @@ pub enum SnapshotCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Show one snapshot: when it was taken, each disk's capacity and change ID.
+    Show {
+        /// The VM.
+        vm: String,
+        /// The snapshot.
+        snap: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove a snapshot, consolidating its delta.
     Remove {
         /// The VM.
         vm: String,
         /// The snapshot.
         snap: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Revert the VM to a snapshot (newer snapshots are deleted).
     Revert {
@@ -38,7 +51,21 @@ pub enum SnapshotCmd {
         vm: String,
         /// The snapshot.
         snap: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
+}
+
+/// `snapshot remove|revert --json`.
+#[derive(Debug, serde::Serialize)]
+struct Done<'a> {
+    vm: &'a str,
+    snapshot: &'a str,
+    /// removed, reverted
+    done: &'static str,
+    /// The VM's snapshots now, oldest first.
+    snapshots: Vec<String>,
 }
 
 /// `snapshot create --json`: one disk's change ID.
@@ -53,6 +80,15 @@ struct CreatedDisk {
 struct Created {
     snapshot: String,
     disks: Vec<CreatedDisk>,
+}
+
+fn done(v: &sim::Vm, snap: &str, what: &'static str) -> anyhow::Result<()> {
+    print_json(&Done {
+        vm: v.name(),
+        snapshot: snap,
+        done: what,
+        snapshots: v.snapshots().into_iter().map(|s| s.name).collect(),
+    })
 }
 
 /// Runs `cbtsim snapshot ...`.
@@ -84,30 +120,44 @@ pub fn run(ctx: &Ctx, cmd: &SnapshotCmd) -> anyhow::Result<()> {
             }
         }
         SnapshotCmd::List { vm, json } => {
-            let v = existing_vm(ctx, vm)?;
-            let snaps = v.snapshots();
+            let snaps = inspect::snapshots(&vm_view(ctx, vm)?);
             if *json {
-                println!("{}", serde_json::to_string(&snaps)?);
+                print_json(&snaps)?;
             } else if snaps.is_empty() {
                 println!("VM {vm} has no snapshots");
             } else {
-                for s in &snaps {
-                    println!("{} (created {})", s.name, s.created);
-                    for d in &s.disks {
-                        let cid = d.change_id.as_deref().unwrap_or("none");
-                        println!("  disk {}: {}  change ID {cid}", d.disk, exact(d.capacity));
-                    }
-                }
+                snaps.iter().for_each(inspect::print_snapshot);
             }
         }
-        SnapshotCmd::Remove { vm, snap } => {
+        SnapshotCmd::Show { vm, snap, json } => {
+            let v = vm_view(ctx, vm)?;
+            let Some(s) = inspect::snapshots(&v).into_iter().find(|s| s.name == *snap) else {
+                return Err(sim::SimError::NoSuchSnapshot {
+                    vm: vm.clone(),
+                    name: snap.clone(),
+                }
+                .into());
+            };
+            if *json {
+                print_json(&s)?;
+            } else {
+                inspect::print_snapshot(&s);
+            }
+        }
+        SnapshotCmd::Remove { vm, snap, json } => {
             let v = existing_vm(ctx, vm)?;
             v.remove_snapshot(snap)?;
+            if *json {
+                return done(&v, snap, "removed");
+            }
             println!("removed snapshot {snap} of VM {vm}");
         }
-        SnapshotCmd::Revert { vm, snap } => {
+        SnapshotCmd::Revert { vm, snap, json } => {
             let v = existing_vm(ctx, vm)?;
             v.revert_to_snapshot(snap)?;
+            if *json {
+                return done(&v, snap, "reverted");
+            }
             println!("reverted VM {vm} to snapshot {snap}");
         }
     }

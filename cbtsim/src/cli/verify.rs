@@ -1,7 +1,7 @@
 //! `cbtsim verify`: runs [`harness::verify::run`] and prints its report.
 
-use super::progress::Bar;
-use super::size_arg;
+use super::progress::{catch_interrupts, Bar};
+use super::{check_run_limits, scratch_dir, size_arg, Ctx};
 use anyhow::{bail, Context as _};
 use clap::Args;
 use harness::verify::{VerifyConfig, VerifyReport};
@@ -13,9 +13,9 @@ pub struct VerifyArgs {
     /// Run this many seconds (default 10 when --ops is not given).
     #[arg(long, value_name = "N")]
     pub seconds: Option<f64>,
-    /// Writer threads; 0 or 1 runs everything on one thread, reproducibly.
+    /// Writer threads, 1 to 256; 1 runs everything on one thread, reproducibly.
     #[arg(long, value_name = "N", default_value_t = 2)]
-    pub threads: usize,
+    pub threads: u64,
     /// Seed of every random choice (default: from the clock, printed).
     #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
@@ -33,16 +33,14 @@ pub struct VerifyArgs {
     pub json: bool,
 }
 
-/// Runs `cbtsim verify`.
-pub fn run(a: &VerifyArgs) -> anyhow::Result<()> {
+/// Runs `cbtsim verify`. Its temporary datastore is made in `--datastore` when given
+/// (else /dev/shm or the temporary directory) and removed at the end, on Ctrl-C too.
+pub fn run(ctx: &Ctx, a: &VerifyArgs) -> anyhow::Result<()> {
     let disk_size = size_arg("--disk-size", &a.disk_size)?;
     let g = size_arg("--granularity", &a.granularity)?;
     let granularity = Granularity::new(g).with_context(|| format!("invalid --granularity {:?}", a.granularity))?;
-    if let Some(s) = a.seconds {
-        if !(s.is_finite() && s >= 0.0) {
-            bail!("invalid --seconds {s}: expected a number of seconds >= 0");
-        }
-    }
+    check_run_limits(a.threads, a.ops, a.seconds)?;
+    let dir = scratch_dir(ctx)?;
     let seed = a.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -54,20 +52,29 @@ pub fn run(a: &VerifyArgs) -> anyhow::Result<()> {
             (s, _) => s,
         },
         ops: a.ops,
-        threads: a.threads,
+        threads: a.threads as usize,
         seed,
         disk_size,
         granularity,
+        dir,
         ..VerifyConfig::default()
     };
     const TEMPLATE: &str = "{elapsed_precise} {bar:30} {msg}";
+    catch_interrupts()?;
     let report = harness::verify::run(&cfg, &Bar::stderr(TEMPLATE, TEMPLATE))?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         print_human(&report);
     }
-    if !report.passed() {
+    if report.interrupted {
+        bail!(
+            "interrupted after {} operations (seed {}); the temporary datastore was removed",
+            report.ops,
+            report.seed
+        );
+    }
+    if !report.passed {
         let first = report.violation_messages.first().map_or("", String::as_str);
         bail!(
             "verify found {} violation(s), {} missed block(s); first: {first} (seed {})",
@@ -107,5 +114,5 @@ fn print_human(r: &VerifyReport) {
     for m in &r.violation_messages {
         println!("  VIOLATION: {m}");
     }
-    println!("{}", if r.passed() { "PASSED" } else { "FAILED" });
+    println!("{}", if r.passed { "PASSED" } else { "FAILED" });
 }

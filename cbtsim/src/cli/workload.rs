@@ -13,8 +13,8 @@ use indicatif::{MultiProgress, ProgressDrawTarget};
 use tracker::Granularity;
 use workloads::{human, parse_size, TraceFormat};
 
-use super::progress::Bar;
-use super::Ctx;
+use super::progress::{catch_interrupts, Bar};
+use super::{check_run_limits, scratch_dir, Ctx};
 
 /// Arguments of `cbtsim replay`.
 #[derive(Debug, Args)]
@@ -48,7 +48,9 @@ fn parse_format(s: &str) -> Result<TraceFormat, String> {
 /// Arguments of `cbtsim run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The scenario file (TOML; see scenarios/ for examples).
+    /// The scenario file (TOML), or the name of a built-in one: teaching, databases,
+    /// edge-cases, host-32, profiles-1m, vdi-morning (the files of scenarios/, built
+    /// into the binary, so `cbtsim run teaching` works from any directory).
     pub scenario: PathBuf,
     /// Print one JSON document.
     #[arg(long)]
@@ -76,7 +78,7 @@ pub struct GuestRunArgs {
     /// Run for this many seconds instead.
     #[arg(long)]
     pub seconds: Option<f64>,
-    /// vCPU threads.
+    /// vCPU threads, 1 to 256.
     #[arg(long, default_value_t = 1)]
     pub threads: u32,
     /// The workload's seed.
@@ -127,8 +129,9 @@ fn pct(share: f64) -> String {
     format!("{:.3}%", share * 100.0)
 }
 
-/// Runs `cbtsim replay`.
-pub fn replay(a: &ReplayArgs) -> anyhow::Result<()> {
+/// Runs `cbtsim replay`. Its temporary datastore is made in `--datastore` when given
+/// (else the temporary directory) and removed at the end, on Ctrl-C too.
+pub fn replay(ctx: &Ctx, a: &ReplayArgs) -> anyhow::Result<()> {
     let granularity =
         Granularity::new(a.granularity).with_context(|| format!("invalid --granularity {}", a.granularity))?;
     let opts = ReplayOptions {
@@ -136,10 +139,11 @@ pub fn replay(a: &ReplayArgs) -> anyhow::Result<()> {
         granularity,
         device: a.device.clone(),
         skip_bad: a.skip_bad,
-        workdir: None,
+        workdir: scratch_dir(ctx)?,
     };
     const SPINNER: &str = "{spinner} {elapsed_precise} {pos} records replayed";
     let bar = Bar::stderr(SPINNER, SPINNER).ticking(Duration::from_millis(200));
+    catch_interrupts()?;
     let r = replay::replay_trace(&a.trace, a.format, &opts, &bar)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
@@ -211,9 +215,49 @@ fn bars(s: &Scenario) -> (Option<MultiProgress>, Vec<Bar>) {
     (Some(mp), bars)
 }
 
+/// The scenarios of the repository's scenarios/ directory, built in.
+const BUILT_IN: [(&str, &str); 6] = [
+    ("teaching", include_str!("../../../scenarios/teaching.toml")),
+    ("databases", include_str!("../../../scenarios/databases.toml")),
+    ("edge-cases", include_str!("../../../scenarios/edge-cases.toml")),
+    ("host-32", include_str!("../../../scenarios/host-32.toml")),
+    ("profiles-1m", include_str!("../../../scenarios/profiles-1m.toml")),
+    ("vdi-morning", include_str!("../../../scenarios/vdi-morning.toml")),
+];
+
+/// The scenario at `path`, or the built-in one it names (`teaching`, `teaching.toml` or
+/// `scenarios/teaching.toml` where no such file exists).
+fn load_scenario(path: &std::path::Path) -> anyhow::Result<Scenario> {
+    if path.exists() {
+        return Ok(Scenario::load(path)?);
+    }
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+    let under_scenarios = path
+        .parent()
+        .is_none_or(|p| p.as_os_str().is_empty() || p.ends_with("scenarios"));
+    let ext_ok = path.extension().is_none_or(|e| e == "toml");
+    match BUILT_IN.iter().find(|(name, _)| *name == stem) {
+        Some((name, text)) if under_scenarios && ext_ok => {
+            let mut s = Scenario::parse(text, &format!("{name}.toml (built in)"))?;
+            if s.name.is_empty() {
+                s.name = (*name).to_owned();
+            }
+            Ok(s)
+        }
+        _ => {
+            let names: Vec<&str> = BUILT_IN.iter().map(|(n, _)| *n).collect();
+            bail!(
+                "no scenario file {} and no built-in scenario of that name (built in: {})",
+                path.display(),
+                names.join(", ")
+            )
+        }
+    }
+}
+
 /// Runs `cbtsim run`.
 pub fn run(ctx: &Ctx, a: &RunArgs) -> anyhow::Result<()> {
-    let s = Scenario::load(&a.scenario)?;
+    let s = load_scenario(&a.scenario)?;
     let tmp;
     let dir = match &ctx.datastore {
         Some(d) => d.clone(),
@@ -343,17 +387,11 @@ pub fn guest(ctx: &Ctx, cmd: &GuestCmd) -> anyhow::Result<()> {
     let GuestCmd::Run(a) = cmd;
     let host = ctx.host()?;
     let vm = host.vm(&a.vm)?;
+    check_run_limits(u64::from(a.threads), a.ops, a.seconds)?;
     let limit = match (a.ops, a.seconds) {
-        (_, Some(s)) if !(s > 0.0 && s <= 86_400.0) => {
-            bail!("invalid --seconds {s}: give more than 0 and at most 86400")
-        }
         (_, Some(s)) => Limit::Time(Duration::from_secs_f64(s)),
-        (Some(0), None) => bail!("invalid --ops 0: give at least 1"),
         (n, None) => Limit::Ops(n.unwrap_or(10_000)),
     };
-    if a.threads == 0 || a.threads > 256 {
-        bail!("invalid --threads {}: give 1 to 256", a.threads);
-    }
     if a.snapshot_every == Some(0) {
         bail!("invalid --snapshot-every 0: give at least 1");
     }

@@ -89,7 +89,7 @@ fn check_final_backup(b: &VmBackup<'_>, vm: &Vm, scratch: &Path) -> Result<Backu
     let (mut compared, mut mismatched) = (0, 0);
     for d in 0..vm.disk_count() {
         let file = scratch.join(format!("{}.disk{d}.img", b.vm));
-        restore_to_file(b.repo, &backup.point, d, &file, &()).map_err(backup_err)?;
+        restore_to_file(b.repo, &backup.point, d, &file, true, &()).map_err(backup_err)?;
         let read_err = |source| ScenarioError::Restored {
             path: file.clone(),
             source,

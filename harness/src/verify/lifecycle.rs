@@ -109,7 +109,7 @@ impl Lifecycle<'_> {
             let by_ops = self.cfg.ops.map(|n| ops as f64 / n.max(1) as f64);
             let by_time = self.cfg.seconds.map(|s| elapsed.as_secs_f64() / s.max(1e-9));
             let fraction = by_ops.into_iter().chain(by_time).fold(0.0f64, f64::max);
-            if fraction >= 1.0 || (by_ops.is_none() && by_time.is_none()) {
+            if fraction >= 1.0 || (by_ops.is_none() && by_time.is_none()) || progress.cancelled() {
                 return Ok(());
             }
             if self.inline {
@@ -486,6 +486,8 @@ impl Lifecycle<'_> {
             stun_p50_us: us(self.stun.value_at_quantile(0.5)),
             stun_p99_us: us(self.stun.value_at_quantile(0.99)),
             stun_max_us: us(self.stun.max()),
+            interrupted: false,
+            passed: st.violations.load(Ordering::Relaxed) == 0 && st.missed_blocks.load(Ordering::Relaxed) == 0,
         }
     }
 }

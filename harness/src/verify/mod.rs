@@ -185,13 +185,10 @@ pub struct VerifyReport {
     pub stun_p99_us: f64,
     /// Longest stun, microseconds.
     pub stun_max_us: f64,
-}
-
-impl VerifyReport {
-    /// Whether the run found nothing wrong.
-    pub fn passed(&self) -> bool {
-        self.violations == 0 && self.missed_blocks == 0
-    }
+    /// The run was interrupted (Ctrl-C) before its end: what it checked is above.
+    pub interrupted: bool,
+    /// Whether the run found nothing wrong: no violation, no missed block.
+    pub passed: bool,
 }
 
 /// Runs the torture test. `progress` gets one phase of [`PROGRESS_TOTAL`] units, advanced
@@ -283,5 +280,7 @@ pub fn run(cfg: &VerifyConfig, progress: &dyn Progress) -> Result<VerifyReport, 
     // A last snapshot after the writers stopped, checked against every baseline.
     lc.create()?;
     lc.stun.add(crate::drive::stun_histogram(&world.vm())).ok();
-    Ok(lc.report(start.elapsed()))
+    let mut report = lc.report(start.elapsed());
+    report.interrupted = progress.cancelled();
+    Ok(report)
 }

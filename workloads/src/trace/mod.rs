@@ -224,6 +224,34 @@ pub enum TraceError {
         /// Bytes present.
         bytes: usize,
     },
+    /// The trace has no record to replay: it is empty, no line parses as the format, or
+    /// the device filter matches none of its records.
+    #[error("{file}: no valid {format} record: {detail}")]
+    NoRecords {
+        /// The trace's name.
+        file: String,
+        /// The format tried.
+        format: TraceFormat,
+        /// Why: what was found instead (the first line that is not a record, quoted and
+        /// cut to about 200 bytes; the devices seen).
+        detail: String,
+    },
+    /// A line is too long to be a line of a text trace.
+    #[error(
+        "{file}:{line}: a line of more than {max} bytes: not a {format} trace (binary data?); it starts {start:?}"
+    )]
+    LineTooLong {
+        /// The trace's name.
+        file: String,
+        /// 1-based line number.
+        line: u64,
+        /// The limit.
+        max: usize,
+        /// The format tried.
+        format: TraceFormat,
+        /// The line's first 64 bytes.
+        start: String,
+    },
     /// The format name is not known.
     #[error(
         "unknown trace format {0:?} (expected msr, vscsi, cloudphysics-csv, blkparse, fio-iolog, alibaba or tencent)"
@@ -244,9 +272,25 @@ struct FieldError {
 fn field_err(field: &'static str, value: &str, reason: impl Into<String>) -> FieldError {
     FieldError {
         field,
-        value: value.to_string(),
+        value: excerpt(value),
         reason: reason.into(),
     }
+}
+
+/// Bytes of a line an error quotes at most.
+const EXCERPT: usize = 200;
+
+/// `s` cut to at most [`EXCERPT`] bytes (at a character boundary), saying how long it
+/// was; errors print it escaped (`{:?}`), so control bytes show as escapes.
+fn excerpt(s: &str) -> String {
+    if s.len() <= EXCERPT {
+        return s.to_string();
+    }
+    let mut end = EXCERPT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &s[..end], s.len())
 }
 
 fn parse_u64(field: &'static str, s: &str, radix: u32) -> Result<u64, FieldError> {
@@ -396,6 +440,14 @@ mod tests {
         }
         let err = "csv".parse::<TraceFormat>().unwrap_err().to_string();
         assert!(err.contains("\"csv\"") && err.contains("blkparse"));
+    }
+
+    #[test]
+    fn excerpts_are_short() {
+        assert_eq!(excerpt("abc"), "abc");
+        let long = "é".repeat(300);
+        let e = excerpt(&long);
+        assert!(e.len() < 230 && e.ends_with("(600 bytes in all)"), "{e}");
     }
 
     #[test]

@@ -7,7 +7,13 @@ use std::path::Path;
 
 use super::vscsi::parse_vscsi;
 use super::{alibaba, blkparse, fio, msr, tencent, vscsi};
-use super::{field_err, FieldError, Step, TraceError, TraceFormat, TraceRecord};
+use super::{excerpt, field_err, FieldError, Step, TraceError, TraceFormat, TraceRecord};
+
+/// The longest line a text trace may have (real ones are under 200 bytes): a longer one is
+/// an error, so a binary file read as text does not fill the memory.
+pub const MAX_LINE: usize = 64 * 1024;
+/// Devices a [`TraceError::NoRecords`] names.
+const DEVICES_NAMED: usize = 5;
 
 /// A streaming reader of one trace; an iterator of records (see the module docs).
 ///
@@ -36,6 +42,14 @@ pub struct TraceReader {
     /// fio iolog version, from the header.
     fio_version: u8,
     done: bool,
+    /// Records yielded.
+    yielded: u64,
+    /// Records the device filter dropped, and the first devices seen.
+    filtered: u64,
+    devices: Vec<String>,
+    /// The first line that was not a record (skipped as bad, or passed over by the
+    /// parser), for the error of a trace without records.
+    first_unused: Option<String>,
 }
 
 impl fmt::Debug for TraceReader {
@@ -77,6 +91,10 @@ impl TraceReader {
             started: false,
             fio_version: 0,
             done: false,
+            yielded: 0,
+            filtered: 0,
+            devices: Vec::new(),
+            first_unused: None,
         }
     }
 
@@ -130,14 +148,24 @@ impl TraceReader {
             return self.vscsi_step();
         }
         self.buf.clear();
-        let n = self
-            .input
+        let n = (&mut self.input)
+            .take(MAX_LINE as u64 + 1)
             .read_until(b'\n', &mut self.buf)
             .map_err(|e| self.read_error(e))?;
         if n == 0 {
             return Ok(Step::Eof);
         }
         self.line += 1;
+        if n > MAX_LINE {
+            self.done = true;
+            return Err(TraceError::LineTooLong {
+                file: self.file.clone(),
+                line: self.line,
+                max: MAX_LINE,
+                format: self.format,
+                start: String::from_utf8_lossy(&self.buf[..64]).into_owned(),
+            });
+        }
         let buf = std::mem::take(&mut self.buf);
         let result = match std::str::from_utf8(&buf) {
             Ok(text) => {
@@ -173,7 +201,7 @@ impl TraceReader {
                             file: self.file.clone(),
                             line: self.line,
                             expected: "\"fio version 2 iolog\" or \"fio version 3 iolog\"",
-                            found: line.to_string(),
+                            found: excerpt(line),
                         });
                     }
                 };
@@ -189,7 +217,41 @@ impl TraceReader {
             TraceFormat::Tencent => tencent::parse_tencent(line),
             TraceFormat::Vscsi => unreachable!("binary format"),
         };
+        if matches!(parsed, Ok(Step::Nothing)) && self.first_unused.is_none() {
+            self.first_unused = Some(format!("line {} is not one: {:?}", self.line, excerpt(line)));
+        }
         parsed.map_err(|e| self.bad(e))
+    }
+
+    /// The error of a trace that yielded no record.
+    fn no_records(&self) -> TraceError {
+        let detail = if self.filtered > 0 {
+            format!(
+                "the device filter {:?} matches none of its {} records (devices: {})",
+                self.device.as_deref().unwrap_or_default(),
+                self.filtered,
+                self.devices.join(", ")
+            )
+        } else if let Some(first) = &self.first_unused {
+            let skipped = if self.skipped > 0 {
+                format!("{} malformed line(s) skipped; the first: ", self.skipped)
+            } else {
+                String::new()
+            };
+            format!("{skipped}{first} (is the format right?)")
+        } else if self.ignored > 0 {
+            format!(
+                "{} operation(s) of other kinds, and no read, write, discard or flush",
+                self.ignored
+            )
+        } else {
+            "the trace is empty".to_string()
+        };
+        TraceError::NoRecords {
+            file: self.file.clone(),
+            format: self.format,
+            detail,
+        }
     }
 
     fn vscsi_step(&mut self) -> Result<Step, TraceError> {
@@ -225,16 +287,29 @@ impl Iterator for TraceReader {
     fn next(&mut self) -> Option<Self::Item> {
         while !self.done {
             match self.step() {
-                Ok(Step::Eof) => self.done = true,
+                Ok(Step::Eof) => {
+                    self.done = true;
+                    if self.yielded == 0 {
+                        return Some(Err(self.no_records()));
+                    }
+                }
                 Ok(Step::Nothing) => {}
                 Ok(Step::Ignored) => self.ignored += 1,
                 Ok(Step::Record(r)) => {
                     if self.device.as_deref().is_none_or(|d| d == r.device) {
+                        self.yielded += 1;
                         return Some(Ok(r));
                     }
+                    self.filtered += 1;
+                    if self.devices.len() < DEVICES_NAMED && !self.devices.contains(&r.device) {
+                        self.devices.push(r.device);
+                    }
                 }
-                Err(TraceError::BadField { .. } | TraceError::Truncated { .. }) if self.skip_bad => {
+                Err(e @ (TraceError::BadField { .. } | TraceError::Truncated { .. })) if self.skip_bad => {
                     self.skipped += 1;
+                    if self.first_unused.is_none() {
+                        self.first_unused = Some(e.to_string());
+                    }
                 }
                 Err(e) => {
                     if matches!(e, TraceError::Read { .. }) {
@@ -263,6 +338,62 @@ mod tests {
             .map(|r| r.unwrap().offset)
             .collect();
         assert_eq!(r, vec![0, 1024]);
+    }
+
+    #[test]
+    fn a_trace_without_records_is_an_error_that_says_why() {
+        let msr = "1,usr,0,Write,0,512,1\n2,web,1,Write,512,512,1\n";
+        let err = |content: &[u8], format, skip, device: Option<&str>| {
+            let f = temp(content);
+            let mut r = TraceReader::open(f.path(), format).unwrap().skip_bad(skip);
+            if let Some(d) = device {
+                r = r.device(d);
+            }
+            let (ok, err) = read_all(r);
+            assert!(ok.is_empty());
+            assert_eq!(err.len(), 1, "{err:?}");
+            err[0].clone()
+        };
+        let e = err(b"", TraceFormat::Msr, false, None);
+        assert!(e.contains("no valid msr record: the trace is empty"), "{e}");
+        let e = err(b"\n\nTimestamp,Hostname\n", TraceFormat::Msr, false, None);
+        assert!(e.contains("the trace is empty"), "{e}");
+        // blkparse passes over lines that are not events: an MSR trace gives none.
+        let e = err(msr.as_bytes(), TraceFormat::Blkparse, false, None);
+        assert!(
+            e.contains("no valid blkparse record: line 1 is not one: \"1,usr,0,Write,0,512,1\""),
+            "{e}"
+        );
+        let e = err(msr.as_bytes(), TraceFormat::Alibaba, true, None);
+        assert!(
+            e.contains("2 malformed line(s) skipped; the first: ") && e.contains(":1: field 'opcode'"),
+            "{e}"
+        );
+        let e = err(msr.as_bytes(), TraceFormat::Msr, false, Some("db_0"));
+        assert!(
+            e.contains("\"db_0\" matches none of its 2 records (devices: usr_0, web_1)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_lines_are_quoted_short_and_long_lines_refused() {
+        let long = format!("1,usr,0,Write,{},512,1\n", "9".repeat(5000));
+        let (_, err) = read_all(TraceReader::open(temp(long.as_bytes()).path(), TraceFormat::Msr).unwrap());
+        assert!(
+            err[0].len() < 400 && err[0].contains("(5000 bytes in all)"),
+            "{}",
+            err[0]
+        );
+        let binary = vec![0x01u8; 3 * super::super::reader::MAX_LINE];
+        let (_, err) = read_all(TraceReader::open(temp(&binary).path(), TraceFormat::Msr).unwrap());
+        assert_eq!(err.len(), 1);
+        assert!(
+            err[0].contains(":1: a line of more than 65536 bytes: not a msr trace"),
+            "{}",
+            err[0]
+        );
+        assert!(err[0].len() < 600 && err[0].contains("\\u{1}"), "escaped: {}", err[0]);
     }
 
     #[test]

@@ -1,0 +1,104 @@
+//! `cbtsim serve`: the host as a running service (HTTPS, NBD, a control
+//! socket) until SIGINT or SIGTERM. All the work is in the `service` crate;
+//! this parses flags, prints where it listens and waits for a signal.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+use service::{Daemon, ServeConfig};
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+use super::Ctx;
+
+/// Arguments of `cbtsim serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The HTTPS address (a self-signed certificate is made once per datastore).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+    /// Serve plain HTTP instead of HTTPS (for tests).
+    #[arg(long)]
+    pub plain_http: bool,
+    /// The NBD address; exports are VM/DISK (live) and VM/DISK@SNAPSHOT.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:10809")]
+    pub nbd: SocketAddr,
+    /// Allow addresses other than loopback (NBD has no authentication).
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Read the password of user root from this file (first line);
+    /// otherwise from CBTSIM_PASSWORD.
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Print where it listens as one line of JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn password(a: &ServeArgs) -> anyhow::Result<String> {
+    let p = match &a.password_file {
+        Some(f) => {
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("cannot read --password-file {}", f.display()))?;
+            text.lines().next().unwrap_or("").trim_end_matches('\r').to_owned()
+        }
+        None => std::env::var("CBTSIM_PASSWORD").unwrap_or_default(),
+    };
+    Ok(p)
+}
+
+/// Runs `cbtsim serve`.
+pub fn run(ctx: &Ctx, a: &ServeArgs) -> anyhow::Result<()> {
+    let Some(datastore) = ctx.datastore.clone() else {
+        bail!("no datastore: pass --datastore DIR or set CBTSIM_DATASTORE");
+    };
+    // Signals are caught before anything starts, so a signal during the
+    // start still shuts down cleanly.
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).context("cannot handle signals")?;
+    let config = ServeConfig {
+        datastore,
+        listen: a.listen,
+        plain_http: a.plain_http,
+        nbd: a.nbd,
+        allow_remote: a.allow_remote,
+        password: password(a)?,
+    };
+    let daemon = Daemon::start(config)?;
+    let s = daemon.status().clone();
+    for (what, addr) in [("HTTP", a.listen), ("NBD", a.nbd)] {
+        if !addr.ip().is_loopback() {
+            eprintln!(
+                "cbtsim: warning: {what} listens on {addr}, reachable from other machines (NBD has no authentication)"
+            );
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else {
+        println!("serving datastore {} (pid {})", s.datastore.display(), s.pid);
+        println!("  web:     {} (user root)", s.web);
+        println!(
+            "  nbd:     {} and {}",
+            s.nbd_uri("VM/DISK"),
+            s.nbd_uri("VM/DISK@SNAPSHOT")
+        );
+        println!("  control: {}", s.control.display());
+        println!("SIGINT (Ctrl-C) or SIGTERM stops it");
+    }
+    std::io::Write::flush(&mut std::io::stdout())?;
+    let signal = signals.forever().next();
+    eprintln!(
+        "cbtsim serve: {}, stopping: guest workloads stop, VMs close",
+        match signal {
+            Some(SIGINT) => "SIGINT",
+            Some(SIGTERM) => "SIGTERM",
+            _ => "signal",
+        }
+    );
+    if let Some(w) = daemon.shutdown() {
+        bail!("{w}");
+    }
+    eprintln!("cbtsim serve: stopped");
+    Ok(())
+}

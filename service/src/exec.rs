@@ -1,0 +1,556 @@
+//! [`Service`]: the host, opened once, and the one function every front end
+//! calls, [`Service::execute`].
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use backup::{BackupOptions, Compression, Progress, Repository};
+use base64::Engine as _;
+use parking_lot::{Mutex, RwLock};
+use sim::{DiskSpec, Host, Vm};
+use tracker::Granularity;
+use vadp::{DataProtection, DiskChangeInfo, SnapshotInfo, VadpError};
+
+use crate::action::{
+    ActionError, ChangedAreas, ErrorKind, IoDone, Request, Response, SnapshotEntry, VmInfo, WriteData,
+};
+use crate::guest::Guests;
+
+/// Bytes per call to the host when writing or reading large ranges.
+const CHUNK: u64 = 4 << 20;
+/// The most bytes a [`Request::DiskRead`] returns inline (larger reads need `out`).
+pub const MAX_INLINE_READ: u64 = 4 << 20;
+
+/// Whether a snapshot may still be read through an export: set once, under
+/// the write lock, before the snapshot is removed. Readers hold the read lock
+/// for the whole read, so a removal waits for reads in flight and every read
+/// after it fails: never a read of a snapshot that is gone, nor of a new one
+/// that took its name.
+#[derive(Debug, Default)]
+pub(crate) struct Liveness {
+    gone: RwLock<bool>,
+}
+
+impl Liveness {
+    /// Runs `f` if the snapshot is still there (under the read lock).
+    pub(crate) fn read<T>(&self, f: impl FnOnce() -> T) -> Option<T> {
+        let gone = self.gone.read();
+        if *gone {
+            None
+        } else {
+            Some(f())
+        }
+    }
+}
+
+/// The host as a service: one process owns the datastore and keeps its VMs
+/// open; every front end calls [`execute`](Self::execute).
+///
+/// Lifecycle operations on one VM (snapshot create, remove, revert, and the
+/// snapshots a backup takes) are serialised by a per-VM lock here, and every
+/// snapshot removal goes through [`Liveness`], so an NBD export of a snapshot
+/// fails cleanly once its snapshot is gone.
+#[derive(Debug)]
+pub struct Service {
+    host: Host,
+    /// (VM, snapshot) -> liveness, for snapshots with an export open or
+    /// being removed.
+    watched: Mutex<HashMap<(String, String), Arc<Liveness>>>,
+    /// Per-VM lifecycle locks.
+    lifecycle: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    pub(crate) guests: Guests,
+    stopping: AtomicBool,
+}
+
+impl Service {
+    /// Opens the datastore at `root` (creating it if needed) and every VM in
+    /// it, taking their locks: while the service runs no other process can
+    /// open them.
+    pub fn open(root: &Path) -> Result<Self, ActionError> {
+        let host = Host::open(root)?;
+        for v in host.list()? {
+            host.vm(&v.name)
+                .map_err(|e| ActionError::from(e).context(format_args!("cannot open VM {:?}", v.name)))?;
+        }
+        Ok(Service {
+            host,
+            watched: Mutex::new(HashMap::new()),
+            lifecycle: Mutex::new(HashMap::new()),
+            guests: Guests::default(),
+            stopping: AtomicBool::new(false),
+        })
+    }
+
+    /// The datastore directory.
+    pub fn root(&self) -> &Path {
+        self.host.root()
+    }
+
+    pub(crate) fn host(&self) -> &Host {
+        &self.host
+    }
+
+    /// Refuses new requests ([`ErrorKind::ShuttingDown`]) and stops every
+    /// guest workload, waiting for them. Idempotent.
+    pub fn shut_down(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.guests.stop_all();
+    }
+
+    /// Whether [`shut_down`](Self::shut_down) was called.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Runs one request. `progress` hears about long transfers (writes and
+    /// reads of many chunks, backups, guest workloads that wait).
+    pub fn execute(&self, request: Request, progress: &dyn Progress) -> Result<Response, ActionError> {
+        if self.is_stopping() {
+            return Err(ActionError::new(
+                ErrorKind::ShuttingDown,
+                "the service is shutting down",
+            ));
+        }
+        match request {
+            Request::VmCreate { vm, disks, granularity } => {
+                sim::check_name(&vm)?;
+                let g = Granularity::new(granularity)
+                    .map_err(|e| ActionError::invalid(format!("invalid granularity {granularity}: {e}")))?;
+                if disks.is_empty() {
+                    return Err(ActionError::invalid("a VM needs at least one disk"));
+                }
+                let specs: Vec<DiskSpec> = disks
+                    .iter()
+                    .map(|&capacity| DiskSpec {
+                        capacity,
+                        granularity: g,
+                    })
+                    .collect();
+                let v = self.host.create_vm(&vm, &specs)?;
+                Ok(Response::VmCreated(self.info(&v)))
+            }
+            Request::VmList {} => Ok(Response::Vms(self.host.list()?.into_iter().map(VmInfo::from).collect())),
+            Request::VmCbt { vm, on } => {
+                let v = self.host.vm(&vm)?;
+                let _l = self.lock_lifecycle(&vm);
+                let was = v.cbt();
+                v.set_cbt(on)?;
+                Ok(Response::Cbt { vm, was, on })
+            }
+            Request::VmPower { vm, on } => {
+                self.host.vm(&vm)?.set_power(on)?;
+                Ok(Response::Power { vm, on })
+            }
+            Request::DiskWrite { vm, disk, offset, data } => self.write(vm, disk, offset, data, progress),
+            Request::DiskRead {
+                vm,
+                disk,
+                offset,
+                length,
+                snapshot,
+                out,
+            } => self.read(vm, disk, offset, length, snapshot, out, progress),
+            Request::DiskUnmap {
+                vm,
+                disk,
+                offset,
+                length,
+            } => {
+                self.host.vm(&vm)?.unmap(disk, offset, length)?;
+                Ok(Response::Unmapped(IoDone {
+                    vm,
+                    disk,
+                    offset,
+                    length,
+                }))
+            }
+            Request::DiskExtend { vm, disk, size } => {
+                self.host.vm(&vm)?.extend_disk(disk, size)?;
+                Ok(Response::Extended { vm, disk, size })
+            }
+            Request::SnapshotCreate { vm, name } => Ok(Response::SnapshotCreated(self.create_snapshot(&vm, &name)?)),
+            Request::SnapshotList { vm } => {
+                let v = self.host.vm(&vm)?;
+                let snapshots = v.snapshots().into_iter().map(SnapshotEntry::from).collect();
+                Ok(Response::Snapshots { vm, snapshots })
+            }
+            Request::SnapshotRemove { vm, name } => {
+                self.remove_snapshot(&vm, &name)?;
+                Ok(Response::SnapshotRemoved { vm, name })
+            }
+            Request::SnapshotRevert { vm, name } => {
+                self.revert(&vm, &name)?;
+                Ok(Response::Reverted { vm, name })
+            }
+            Request::Query {
+                vm,
+                snapshot,
+                disk,
+                since,
+            } => Ok(Response::ChangedAreas(self.query(vm, snapshot, disk, since)?)),
+            Request::BackupRun {
+                vm,
+                repository,
+                full,
+                no_compress,
+            } => {
+                let repository = absolute("repository", repository)?;
+                let repo = Repository::create_or_open(&repository)?;
+                let opts = BackupOptions {
+                    full,
+                    compression: if no_compress {
+                        Compression::None
+                    } else {
+                        Compression::Zstd
+                    },
+                    time: None,
+                };
+                let report = backup::backup_vm(&Guarded(self), &vm, &repo, &opts, progress)?;
+                Ok(Response::Backup(report.into()))
+            }
+            Request::GuestRun(run) => {
+                let v = self.host.vm(&run.vm)?;
+                self.guests.run(v, run, progress)
+            }
+            Request::GuestList {} => Ok(Response::Guests(self.guests.list())),
+            Request::GuestStop { id } => Ok(Response::Guest(self.guests.stop(id)?)),
+        }
+    }
+
+    fn info(&self, v: &Vm) -> VmInfo {
+        VmInfo {
+            name: v.name().to_owned(),
+            powered_on: v.powered_on(),
+            cbt: v.cbt(),
+            disks: (0..v.disk_count()).filter_map(|d| v.capacity(d).ok()).collect(),
+            snapshots: v.snapshots().into_iter().map(|s| s.name).collect(),
+        }
+    }
+
+    fn write(
+        &self,
+        vm: String,
+        disk: usize,
+        offset: u64,
+        data: WriteData,
+        progress: &dyn Progress,
+    ) -> Result<Response, ActionError> {
+        let v = self.host.vm(&vm)?;
+        let (length, mut source): (u64, Box<dyn Read>) = match data {
+            WriteData::Pattern { byte, length } => (length, Box::new(std::io::repeat(byte))),
+            WriteData::Base64(s) => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(s.as_bytes())
+                    .map_err(|e| ActionError::invalid(format!("data is not valid base64: {e}")))?;
+                (bytes.len() as u64, Box::new(std::io::Cursor::new(bytes)))
+            }
+            WriteData::File { path, length } => {
+                let path = absolute("file", path)?;
+                let f = std::fs::File::open(&path).map_err(|e| io_error("cannot open", &path, e))?;
+                let have = f.metadata().map_err(|e| io_error("cannot stat", &path, e))?.len();
+                if have < length {
+                    return Err(ActionError::invalid(format!(
+                        "{} holds {have} bytes, fewer than the {length} to write",
+                        path.display()
+                    )));
+                }
+                (length, Box::new(f))
+            }
+        };
+        // Checked up front, so a bad range writes nothing.
+        check_range(&vm, disk, offset, length, v.capacity(disk)?)?;
+        if !v.powered_on() {
+            return Err(sim::SimError::PoweredOff(vm).into());
+        }
+        progress.begin("write", Some(length));
+        let mut buf = vec![0u8; CHUNK.min(length) as usize];
+        let mut done = 0;
+        while done < length {
+            let n = CHUNK.min(length - done) as usize;
+            source
+                .read_exact(&mut buf[..n])
+                .map_err(|e| ActionError::new(ErrorKind::Io, format!("cannot read the data to write: {e}")))?;
+            v.write(disk, offset + done, &buf[..n])?;
+            done += n as u64;
+            progress.advance(n as u64);
+        }
+        progress.end();
+        Ok(Response::Written(IoDone {
+            vm,
+            disk,
+            offset,
+            length,
+        }))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &self,
+        vm: String,
+        disk: usize,
+        offset: u64,
+        length: u64,
+        snapshot: Option<String>,
+        out: Option<PathBuf>,
+        progress: &dyn Progress,
+    ) -> Result<Response, ActionError> {
+        let v = self.host.vm(&vm)?;
+        let capacity = match &snapshot {
+            Some(s) => v.snapshot_capacity(s, disk)?,
+            None => v.capacity(disk)?,
+        };
+        check_range(&vm, disk, offset, length, capacity)?;
+        let read = |at: u64, buf: &mut [u8]| -> Result<(), ActionError> {
+            match &snapshot {
+                Some(s) => Ok(v.read_snapshot(s, disk, at, buf)?),
+                None => Ok(v.read(disk, at, buf)?),
+            }
+        };
+        let io = IoDone {
+            vm: vm.clone(),
+            disk,
+            offset,
+            length,
+        };
+        let Some(out) = out else {
+            if length > MAX_INLINE_READ {
+                return Err(ActionError::new(
+                    ErrorKind::TooLarge,
+                    format!("a read of {length} bytes is over the {MAX_INLINE_READ} returned inline: give a file"),
+                ));
+            }
+            let mut buf = vec![0u8; length as usize];
+            read(offset, &mut buf)?;
+            return Ok(Response::Read {
+                io,
+                snapshot,
+                out: None,
+                data: Some(base64::engine::general_purpose::STANDARD.encode(&buf)),
+            });
+        };
+        let out = absolute("out", out)?;
+        let dir = out.parent().unwrap_or(Path::new("/"));
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".cbtsim-read")
+            .tempfile_in(dir)
+            .map_err(|e| io_error("cannot create a file in", dir, e))?;
+        progress.begin("read", Some(length));
+        let mut buf = vec![0u8; CHUNK.min(length) as usize];
+        let mut done = 0;
+        while done < length {
+            let n = CHUNK.min(length - done) as usize;
+            read(offset + done, &mut buf[..n])?;
+            tmp.write_all(&buf[..n])
+                .map_err(|e| io_error("cannot write", &out, e))?;
+            done += n as u64;
+            progress.advance(n as u64);
+        }
+        progress.end();
+        tmp.as_file()
+            .sync_all()
+            .map_err(|e| io_error("cannot write", &out, e))?;
+        tmp.persist(&out).map_err(|e| io_error("cannot write", &out, e.error))?;
+        Ok(Response::Read {
+            io,
+            snapshot,
+            out: Some(out),
+            data: None,
+        })
+    }
+
+    fn query(&self, vm: String, snapshot: String, disk: usize, since: String) -> Result<ChangedAreas, ActionError> {
+        let since = since.trim().to_owned();
+        if since != "*" {
+            since.parse::<tracker::ChangeId>()?;
+        }
+        let v = self.host.vm(&vm)?;
+        let disk_size = v.snapshot_capacity(&snapshot, disk)?;
+        let granularity = v.granularity(disk)?.bytes();
+        let change_id = v
+            .snapshots()
+            .into_iter()
+            .find(|s| s.name == snapshot)
+            .and_then(|s| s.disks.into_iter().nth(disk))
+            .and_then(|d| d.change_id);
+        let areas = vadp::changed_areas(&self.host, &vm, &snapshot, disk, &since)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                ActionError::from(e).context(format_args!(
+                    "query of disk {disk} of snapshot {snapshot} of VM {vm} since {since}"
+                ))
+            })?;
+        let changed_bytes = areas.iter().map(|a| a.length).sum();
+        Ok(ChangedAreas {
+            vm,
+            snapshot,
+            disk,
+            disk_size,
+            granularity,
+            since,
+            change_id,
+            areas,
+            changed_bytes,
+        })
+    }
+
+    fn lock_lifecycle(&self, vm: &str) -> parking_lot::ArcMutexGuard<parking_lot::RawMutex, ()> {
+        let m = self.lifecycle.lock().entry(vm.to_owned()).or_default().clone();
+        m.lock_arc()
+    }
+
+    pub(crate) fn create_snapshot(&self, vm: &str, name: &str) -> Result<SnapshotInfo, ActionError> {
+        let v = self.host.vm(vm)?;
+        let _l = self.lock_lifecycle(vm);
+        Ok(v.create_snapshot(name)?)
+    }
+
+    /// The liveness of snapshot `snap` of `vm`, for an export about to open it.
+    pub(crate) fn watch(&self, vm: &str, snap: &str) -> Arc<Liveness> {
+        self.watched
+            .lock()
+            .entry((vm.to_owned(), snap.to_owned()))
+            .or_default()
+            .clone()
+    }
+
+    /// Runs `remove`, which deletes snapshots `names` of `vm`, after marking
+    /// them gone for their exports (waiting for reads in flight).
+    fn retiring<T>(&self, vm: &str, names: &[String], remove: impl FnOnce() -> T) -> T {
+        let marks: Vec<Arc<Liveness>> = names.iter().map(|n| self.watch(vm, n)).collect();
+        for m in &marks {
+            *m.gone.write() = true;
+        }
+        let out = remove();
+        let mut watched = self.watched.lock();
+        for (n, m) in names.iter().zip(&marks) {
+            let key = (vm.to_owned(), n.clone());
+            if watched.get(&key).is_some_and(|w| Arc::ptr_eq(w, m)) {
+                watched.remove(&key);
+            }
+        }
+        out
+    }
+
+    pub(crate) fn remove_snapshot(&self, vm: &str, name: &str) -> Result<(), ActionError> {
+        let v = self.host.vm(vm)?;
+        let _l = self.lock_lifecycle(vm);
+        if !v.snapshots().iter().any(|s| s.name == name) {
+            return Err(sim::SimError::NoSuchSnapshot {
+                vm: vm.to_owned(),
+                name: name.to_owned(),
+            }
+            .into());
+        }
+        Ok(self.retiring(vm, &[name.to_owned()], || v.remove_snapshot(name))?)
+    }
+
+    fn revert(&self, vm: &str, name: &str) -> Result<(), ActionError> {
+        let v = self.host.vm(vm)?;
+        if let Some(id) = self.guests.running_on(vm) {
+            return Err(ActionError::new(
+                ErrorKind::InUse,
+                format!("guest workload {id} is running on VM {vm:?}: stop it before reverting"),
+            ));
+        }
+        let _l = self.lock_lifecycle(vm);
+        let snaps = v.snapshots();
+        let Some(idx) = snaps.iter().position(|s| s.name == name) else {
+            return Err(sim::SimError::NoSuchSnapshot {
+                vm: vm.to_owned(),
+                name: name.to_owned(),
+            }
+            .into());
+        };
+        let newer: Vec<String> = snaps[idx + 1..].iter().map(|s| s.name.clone()).collect();
+        Ok(self.retiring(vm, &newer, || v.revert_to_snapshot(name))?)
+    }
+}
+
+/// The host as the backup client sees it: snapshots it takes and removes go
+/// through the service's lifecycle locks and export liveness.
+struct Guarded<'a>(&'a Service);
+
+impl DataProtection for Guarded<'_> {
+    fn query_changed_disk_areas(
+        &self,
+        vm: &str,
+        snapshot: &str,
+        disk: usize,
+        start_offset: u64,
+        change_id: &str,
+    ) -> Result<DiskChangeInfo, VadpError> {
+        self.0
+            .host
+            .query_changed_disk_areas(vm, snapshot, disk, start_offset, change_id)
+    }
+
+    fn disk_capacity(&self, vm: &str, snapshot: &str, disk: usize) -> Result<u64, VadpError> {
+        self.0.host.disk_capacity(vm, snapshot, disk)
+    }
+
+    fn read_snapshot(
+        &self,
+        vm: &str,
+        snapshot: &str,
+        disk: usize,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), VadpError> {
+        self.0.host.read_snapshot(vm, snapshot, disk, offset, buf)
+    }
+
+    fn create_snapshot(&self, vm: &str, name: &str) -> Result<SnapshotInfo, VadpError> {
+        let v = self.0.host.vm(vm)?;
+        let _l = self.0.lock_lifecycle(vm);
+        Ok(v.create_snapshot(name)?)
+    }
+
+    fn remove_snapshot(&self, vm: &str, name: &str) -> Result<(), VadpError> {
+        let v = self.0.host.vm(vm)?;
+        let _l = self.0.lock_lifecycle(vm);
+        Ok(self.0.retiring(vm, &[name.to_owned()], || v.remove_snapshot(name))?)
+    }
+
+    fn enable_change_tracking(&self, vm: &str) -> Result<(), VadpError> {
+        let v = self.0.host.vm(vm)?;
+        let _l = self.0.lock_lifecycle(vm);
+        self.0.host.enable_change_tracking(v.name())
+    }
+}
+
+fn check_range(vm: &str, disk: usize, offset: u64, len: u64, capacity: u64) -> Result<(), ActionError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= capacity => Ok(()),
+        _ => Err(ActionError::from(sim::SimError::OutOfRange {
+            disk,
+            offset,
+            len,
+            capacity,
+        })
+        .context(format_args!("VM {vm:?}"))),
+    }
+}
+
+/// Paths travel between processes: only absolute ones are taken.
+fn absolute(what: &str, p: PathBuf) -> Result<PathBuf, ActionError> {
+    if p.is_absolute() {
+        Ok(p)
+    } else {
+        Err(ActionError::invalid(format!(
+            "{what} path {} is relative: the service needs an absolute path",
+            p.display()
+        )))
+    }
+}
+
+fn io_error(what: &str, path: &Path, e: std::io::Error) -> ActionError {
+    let kind = match e.kind() {
+        std::io::ErrorKind::NotFound => ErrorKind::NotFound,
+        std::io::ErrorKind::PermissionDenied => ErrorKind::InvalidArgument,
+        _ => ErrorKind::Io,
+    };
+    ActionError::new(kind, format!("{what} {}: {e}", path.display()))
+}
