@@ -81,7 +81,12 @@ fn serve_on(ds: &Path, nbd: &str) -> Command {
 
 impl Serve {
     fn start(ds: &Path) -> Serve {
+        Self::start_with(ds, &[])
+    }
+
+    fn start_with(ds: &Path, extra: &[&str]) -> Serve {
         let mut child = serve_cmd(ds)
+            .args(extra)
             .env("CBTSIM_PASSWORD", "secret")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -1050,5 +1055,91 @@ fn a_killed_serve_leaves_nothing_that_confuses_the_commands() {
     let s = Serve::start(ds);
     let l = cli_json(ds, &["snapshot", "list", "web01", "--json"]);
     assert_eq!(l[0]["name"], "s1");
+    s.stop();
+}
+
+#[test]
+fn serve_repo_exports_backup_points_that_copy_as_a_restore_does() {
+    if !tool("qemu-img") || !tool("nbdinfo") || !tool("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let aux = tempfile::tempdir().unwrap();
+    let ds = dir.path();
+    let repo = aux.path().join("repo");
+    let repo_s = repo.to_str().unwrap();
+    // A first point before the serve (the repository must exist), a second through it.
+    cli_json(
+        ds,
+        &["vm", "create", "web01", "--disk", "16M", "--disk", "2M", "--json"],
+    );
+    cli_json(
+        ds,
+        &["disk", "write", "web01", "0", "1M", "3M", "--pattern", "5", "--json"],
+    );
+    let p1 = cli_json(ds, &["backup", "run", "web01", "--repo", repo_s, "--json"]);
+    let s = Serve::start_with(ds, &["--repo", repo_s]);
+    assert_eq!(
+        s.status.repository.as_deref(),
+        Some(repo.canonicalize().unwrap().as_path())
+    );
+    cli_json(
+        ds,
+        &["disk", "write", "web01", "0", "2M", "64K", "--pattern", "6", "--json"],
+    );
+    cli_json(
+        ds,
+        &["disk", "write", "web01", "1", "0", "4K", "--pattern", "7", "--json"],
+    );
+    let p2 = cli_json(ds, &["backup", "run", "web01", "--repo", repo_s, "--json"]);
+    let (p1, p2) = (p1["point"].as_str().unwrap(), p2["point"].as_str().unwrap());
+    let list = run(Command::new("nbdinfo").args(["--json", "--list", &s.uri("")]));
+    for name in [format!("repo:{p1}/0"), format!("repo:{p2}/0"), format!("repo:{p2}/1")] {
+        assert!(list.contains(&format!("\"{name}\"")), "{name} not listed: {list}");
+    }
+    for (point, disk) in [(p1, "0"), (p2, "0"), (p2, "1")] {
+        let copy = aux.path().join(format!("copy-{point}-{disk}"));
+        let restored = aux.path().join(format!("restored-{point}-{disk}"));
+        run(Command::new("qemu-img")
+            .args([
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "raw",
+                &s.uri(&format!("repo:{point}/{disk}")),
+            ])
+            .arg(&copy));
+        let (code, _, err) = cli(
+            ds,
+            &[
+                "restore",
+                "--repo",
+                repo_s,
+                "--point",
+                point,
+                "--disk",
+                disk,
+                "--to",
+                restored.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(code, Some(0), "{err}");
+        assert!(
+            std::fs::read(&copy).unwrap() == std::fs::read(&restored).unwrap(),
+            "repo:{point}/{disk} copies as its restore"
+        );
+    }
+    // Read-only, and unknown points, disks and names are refused.
+    let w = run_fails(Command::new("qemu-io").args(["-f", "raw", "-c", "write 0 4k", &s.uri(&format!("repo:{p2}/0"))]));
+    assert!(w.contains("read-only") || w.contains("ermission"), "{w}");
+    for bad in ["repo:ffffffff/0", &format!("repo:{p2}/9"), "repo:../0"] {
+        run_fails(Command::new("qemu-img").args(["info", &s.uri(bad)]));
+    }
+    s.stop();
+    // A serve without --repo has no such exports.
+    let s = Serve::start(ds);
+    let err = run_fails(Command::new("qemu-img").args(["info", &s.uri(&format!("repo:{p2}/0"))]));
+    assert!(err.contains("no repository") || err.contains("repo:"), "{err}");
     s.stop();
 }

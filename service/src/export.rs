@@ -81,16 +81,27 @@ impl std::fmt::Display for ExportName {
     }
 }
 
-/// The exports of a [`Service`]'s host.
+/// The exports of a [`Service`]'s host (and of a backup repository's points, see
+/// [`point_export`](crate::point_export)).
 #[derive(Debug)]
 pub struct HostExports {
     service: Arc<Service>,
+    repository: Option<backup::Repository>,
 }
 
 impl HostExports {
     /// The exports of `service`'s VMs.
     pub fn new(service: Arc<Service>) -> Self {
-        HostExports { service }
+        HostExports {
+            service,
+            repository: None,
+        }
+    }
+
+    /// Also the points of `repository`, as `repo:POINT/DISK` (read-only).
+    pub fn with_repository(mut self, repository: backup::Repository) -> Self {
+        self.repository = Some(repository);
+        self
     }
 }
 
@@ -138,12 +149,18 @@ impl Exports for HostExports {
                 }
             }
         }
+        if let Some(repo) = &self.repository {
+            out.extend(crate::point_export::list(repo));
+        }
         out
     }
 
     fn open(&self, name: &str) -> Result<Arc<dyn Export>, OpenError> {
         if self.service.is_stopping() {
             return Err(OpenError::Shutdown);
+        }
+        if name.starts_with(crate::point_export::PREFIX) {
+            return Ok(Arc::new(crate::point_export::open(self.repository.as_ref(), name)?));
         }
         let Some(n) = ExportName::parse(name) else {
             return Err(OpenError::Unknown(format!(

@@ -22,7 +22,8 @@
 //!   every `cbtsim` command on the datastore uses while a serve runs; without
 //!   one, the command runs the same request on a [`Service::local`] of its
 //!   own.
-//! * [`export`]: the NBD backend over the host ([`HostExports`]).
+//! * [`export`]: the NBD backend over the host ([`HostExports`]); with a
+//!   repository, [`point_export`] serves its backup points read-only.
 //! * [`http`]: the HTTPS router (basic authentication, rustls).
 //! * [`daemon`]: `cbtsim serve`: the lock and status files, starting and
 //!   stopping the front ends in order.
@@ -53,6 +54,7 @@ mod exec;
 pub mod export;
 mod guest;
 pub mod http;
+pub mod point_export;
 mod reader;
 
 pub use action::{
