@@ -4,6 +4,7 @@
 //! | --- | --- | --- |
 //! | `VM/DISK` | the live disk | guest writes ([`Vm::write`], trims and zeroing as [`Vm::unmap`]): tracked, gated, stunned like any other |
 //! | `VM/DISK@SNAPSHOT` | the snapshot's frozen view | `EPERM` |
+//! | `repo:POINT/DISK` | a backup point's disk, with `serve --repo` ([`point_export`](crate::point_export)) | `EPERM` |
 //!
 //! Metadata contexts:
 //! * `base:allocation` on a snapshot: the `*` answer of

@@ -240,6 +240,11 @@ impl Guests {
             }
         };
         progress.end();
+        // The thread lets go of the VM before this returns (a command of its own process
+        // closes the VM cleanly right after).
+        if let Some(h) = g.thread.lock().take() {
+            let _ = h.join();
+        }
         Ok(report)
     }
 
