@@ -10,7 +10,7 @@
 //! ```text
 //!  control socket (JSON lines) ──┐
 //!  HTTPS (axum; /sdk, / later) ──┼──▶ Request ──▶ Service::execute ──▶ sim::Host, backup, harness::drive
-//!  CLI (later, via the socket) ──┘                    │
+//!  cbtsim, no serve (in-process)─┘                    │
 //!  NBD (exports VM/DISK[@SNAP]) ──▶ sim::Vm read/write/unmap, QueryChangedDiskAreas
 //! ```
 //!
@@ -18,8 +18,12 @@
 //! * [`Service`]: the host, its per-VM lifecycle locks, the liveness of
 //!   snapshots that NBD exports read, and guest workloads on threads.
 //! * [`control`] and [`client`]: the control socket (one request per
-//!   connection, progress events, then the result) and its client.
-//! * [`export`]: the NBD backend over the host ([`HostExports`]).
+//!   connection, progress events, then the result) and its client, which
+//!   every `cbtsim` command on the datastore uses while a serve runs; without
+//!   one, the command runs the same request on a [`Service::local`] of its
+//!   own.
+//! * [`export`]: the NBD backend over the host ([`HostExports`]); with a
+//!   repository, [`point_export`] serves its backup points read-only.
 //! * [`http`]: the HTTPS router (basic authentication, rustls).
 //! * [`daemon`]: `cbtsim serve`: the lock and status files, starting and
 //!   stopping the front ends in order.
@@ -50,8 +54,13 @@ mod exec;
 pub mod export;
 mod guest;
 pub mod http;
+pub mod point_export;
+mod reader;
 
-pub use action::{ActionError, ErrorKind, GuestRun, Request, Response, WriteData};
+pub use action::{
+    ActionError, DiskDetails, ErrorKind, GuestReport, GuestRun, GuestState, GuestStatus, Request, Response,
+    SnapshotEntry, VmDetails, WriteData,
+};
 pub use daemon::{Daemon, ServeConfig, ServeError, ServeStatus};
 pub use exec::{Service, MAX_INLINE_READ};
 pub use export::HostExports;

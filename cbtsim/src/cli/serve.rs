@@ -31,6 +31,10 @@ pub struct ServeArgs {
     /// otherwise from CBTSIM_PASSWORD.
     #[arg(long, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
+    /// Export the points of this backup repository over NBD too, read-only, as
+    /// repo:POINT/DISK (read in place from the chunks, each checked).
+    #[arg(long, value_name = "DIR")]
+    pub repo: Option<PathBuf>,
     /// Print where it listens as one line of JSON.
     #[arg(long)]
     pub json: bool,
@@ -63,6 +67,7 @@ pub fn run(ctx: &Ctx, a: &ServeArgs) -> anyhow::Result<()> {
         nbd: a.nbd,
         allow_remote: a.allow_remote,
         password: password(a)?,
+        repository: a.repo.clone(),
     };
     let daemon = Daemon::start(config)?;
     let s = daemon.status().clone();
@@ -83,6 +88,13 @@ pub fn run(ctx: &Ctx, a: &ServeArgs) -> anyhow::Result<()> {
             s.nbd_uri("VM/DISK"),
             s.nbd_uri("VM/DISK@SNAPSHOT")
         );
+        if let Some(r) = &s.repository {
+            println!(
+                "  backups: {} (points of {})",
+                s.nbd_uri("repo:POINT/DISK"),
+                r.display()
+            );
+        }
         println!("  control: {}", s.control.display());
         println!("SIGINT (Ctrl-C) or SIGTERM stops it");
     }
