@@ -169,6 +169,26 @@ pub enum Request {
         /// The workload's ID, as [`Response::GuestStarted`] gave it.
         id: u64,
     },
+    /// One page of `QueryChangedDiskAreas`, as the vSphere API answers it:
+    /// the window from `start_offset` with at most `max_areas` areas (the
+    /// caller pages; [`Request::Query`] pages for it).
+    QueryPage {
+        /// The VM.
+        vm: String,
+        /// The snapshot whose disk is asked about.
+        snapshot: String,
+        /// The disk's index.
+        #[serde(default)]
+        disk: usize,
+        /// Where the window starts (below the disk's capacity at the snapshot).
+        #[serde(default)]
+        start_offset: u64,
+        /// A change ID, or `*` for every allocated area.
+        since: String,
+        /// The most areas in the page (1 or more; 2000 if absent, as ESXi).
+        #[serde(default)]
+        max_areas: Option<usize>,
+    },
 }
 
 fn default_granularity() -> u64 {
@@ -323,6 +343,8 @@ pub enum Response {
     Guest(GuestReport),
     /// [`Request::GuestList`].
     Guests(Vec<GuestStatus>),
+    /// [`Request::QueryPage`]: one window and the changed areas inside it.
+    ChangedAreaPage(vadp::DiskChangeInfo),
 }
 
 /// A VM, as listed.

@@ -48,6 +48,9 @@ pub struct ServeConfig {
     pub allow_remote: bool,
     /// The password of user `root`.
     pub password: String,
+    /// The most changed areas in one `QueryChangedDiskAreas` answer of the
+    /// vSphere API (ESXi: 2000).
+    pub max_areas: usize,
 }
 
 /// A running serve, as `serve.json` and `cbtsim serve --json` describe it.
@@ -227,10 +230,18 @@ impl Daemon {
         let nbd = nbd::Server::new(Arc::new(HostExports::new(service.clone())))
             .serve_tcp(nbd_listener)
             .map_err(io_at(&dir))?;
+        let password: Arc<str> = config.password.as_str().into();
+        let vsphere = Arc::new(crate::vsphere::Api::new(
+            service.clone(),
+            password.clone(),
+            config.max_areas,
+            !config.plain_http,
+        ));
         let router = http::router(WebState {
             service: service.clone(),
-            password: config.password.as_str().into(),
+            password,
             nbd: Some(nbd_addr),
+            vsphere,
         });
         let web = HttpServer::start(http_listener, tls, router).map_err(io_at(&dir))?;
         let control_path = socket_path(&datastore);

@@ -217,6 +217,24 @@ impl Service {
             }
             Request::GuestList {} => Ok(Response::Guests(self.guests.list())),
             Request::GuestStop { id } => Ok(Response::Guest(self.guests.stop(id)?)),
+            Request::QueryPage {
+                vm,
+                snapshot,
+                disk,
+                start_offset,
+                since,
+                max_areas,
+            } => {
+                let max = max_areas.unwrap_or(sim::DEFAULT_MAX_AREAS);
+                if max == 0 {
+                    return Err(ActionError::invalid("max_areas must be at least 1"));
+                }
+                let page =
+                    self.host
+                        .vm(&vm)?
+                        .query_changed_disk_areas_max(&snapshot, disk, start_offset, &since, max)?;
+                Ok(Response::ChangedAreaPage(page))
+            }
         }
     }
 

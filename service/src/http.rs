@@ -39,14 +39,20 @@ pub struct WebState {
     pub password: Arc<str>,
     /// The NBD server's address, for the page.
     pub nbd: Option<SocketAddr>,
+    /// The vSphere API at `/sdk`.
+    pub vsphere: Arc<crate::vsphere::Api>,
 }
 
-/// The whole router: every front end's routes, behind authentication.
+/// The whole router: every front end's routes, behind authentication,
+/// except the vSphere API at `/sdk`, which authenticates itself (`Login` and
+/// its session cookie, as vSphere clients expect).
 pub fn router(state: WebState) -> Router {
+    let sdk = crate::vsphere::router(state.vsphere.clone());
     Router::new()
         .merge(placeholder())
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)
+        .merge(sdk)
 }
 
 /// `/`: a placeholder page naming the VMs (rendered from `vm-list`).

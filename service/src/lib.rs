@@ -21,6 +21,8 @@
 //!   connection, progress events, then the result) and its client.
 //! * [`export`]: the NBD backend over the host ([`HostExports`]).
 //! * [`http`]: the HTTPS router (basic authentication, rustls).
+//! * [`vsphere`]: the vSphere API of change tracking at `/sdk` (SOAP,
+//!   its own logins).
 //! * [`daemon`]: `cbtsim serve`: the lock and status files, starting and
 //!   stopping the front ends in order.
 //!
@@ -50,6 +52,7 @@ mod exec;
 pub mod export;
 mod guest;
 pub mod http;
+pub mod vsphere;
 
 pub use action::{ActionError, ErrorKind, GuestRun, Request, Response, WriteData};
 pub use daemon::{Daemon, ServeConfig, ServeError, ServeStatus};

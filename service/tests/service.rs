@@ -783,6 +783,7 @@ fn config(ds: &Path) -> ServeConfig {
         nbd: "127.0.0.1:0".parse().unwrap(),
         allow_remote: false,
         password: "secret".into(),
+        max_areas: service::vsphere::DEFAULT_MAX_AREAS,
     }
 }
 
