@@ -1060,7 +1060,12 @@ impl Api {
                     disk,
                     size,
                 })
-                .map_err(|e| host_fault(e, &objects::disk_file(vm, disk)))?;
+                .map_err(|e| match e.kind {
+                    ErrorKind::InvalidArgument => {
+                        Fault::invalid_argument("deviceChange.device.capacityInBytes", e.message)
+                    }
+                    _ => host_fault(e, &objects::disk_file(vm, disk)),
+                })?;
             }
             if let Some(on) = spec.change_tracking_enabled {
                 self.execute(Request::VmCbt { vm: vm.to_owned(), on })
