@@ -192,7 +192,9 @@ fn assert_restores(s: &Serve, vm: &str, dir: &Path, size: u64) {
 fn pyvmomi_backs_up_full_and_incremental_across_revert_extend_and_a_tracking_reset() {
     let Some(py) = pyvmomi() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let s = Serve::start(&dir.path().join("ds"), true, &[]);
+    // HTTPS with the datastore's certificate; two areas per answer, so the
+    // tool pages.
+    let s = Serve::start(&dir.path().join("ds"), true, &["--max-areas", "2"]);
     let images = dir.path().join("backup");
     std::fs::create_dir(&images).unwrap();
     let size = 16 * MIB;
@@ -203,6 +205,11 @@ fn pyvmomi_backs_up_full_and_incremental_across_revert_extend_and_a_tracking_res
     let full = backup(&s, &py, "web01", &images);
     assert_eq!(full["kind"], "full", "{full}");
     assert_eq!(full["since"], "*");
+    assert_eq!(
+        (full["areas"].as_u64(), full["calls"].as_u64()),
+        (Some(4), Some(2)),
+        "{full}"
+    );
     let cid = full["change_id"].as_str().unwrap();
     assert!(
         cid.len() > 48 && cid.as_bytes()[23] == b'-' && cid.split('/').count() == 2,
@@ -297,4 +304,43 @@ fn pyvmomi_paging_a_single_call_sees_only_the_first_window() {
         })
         .collect();
     assert_eq!(paged, expected, "the paging loop finds every area");
+}
+
+#[test]
+fn pyvmomi_backs_up_while_the_guest_writes_and_the_next_incremental_is_exact() {
+    let Some(py) = pyvmomi() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let s = Serve::start(&dir.path().join("ds"), false, &[]);
+    let images = dir.path().join("backup");
+    std::fs::create_dir(&images).unwrap();
+    let size = 32 * MIB;
+    create(&s, "app01", size, 64 << 10);
+    let Response::GuestStarted { id, .. } = s.call(Request::GuestRun(service::GuestRun {
+        vm: "app01".into(),
+        profile: "oltp-db".into(),
+        disk: 0,
+        threads: 2,
+        seed: 11,
+        ops: None,
+        seconds: None,
+        verify: false,
+        snapshot_every: None,
+        detach: true,
+    })) else {
+        panic!("no guest started")
+    };
+    // Two backups while the guest writes (requests of both kinds served at once).
+    let full = backup(&s, &py, "app01", &images);
+    assert_eq!(full["kind"], "full", "{full}");
+    let during = backup(&s, &py, "app01", &images);
+    assert_eq!(during["kind"], "incremental", "{during}");
+    let Response::Guest(report) = s.call(Request::GuestStop { id }) else {
+        panic!("no guest report")
+    };
+    assert!(report.writes > 0, "the guest wrote while the backups ran");
+    // The image holds the disk as of the last snapshot; the incremental
+    // since it must bring it to the disk as the guest left it.
+    let last = backup(&s, &py, "app01", &images);
+    assert_eq!(last["kind"], "incremental", "{last}");
+    assert_restores(&s, "app01", &images, size);
 }

@@ -4,7 +4,8 @@
 //!
 //! Only a placeholder page is served at `/` now. The router is the extension
 //! point: [`router`] merges one sub-router per front end (the vSphere SOAP
-//! API at `/sdk` and a live page at `/` come next), each calling
+//! API at `/sdk`, which authenticates itself and so sits outside basic
+//! authentication; a live page at `/` comes next), each calling
 //! [`Service::execute`] like every other front end.
 
 use std::net::SocketAddr;
