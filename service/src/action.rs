@@ -189,6 +189,12 @@ pub enum Request {
         #[serde(default)]
         max_areas: Option<usize>,
     },
+    /// Each disk's current change ID (its newest snapshot's, as the VM's
+    /// `backing.changeId` shows it on vSphere).
+    VmChangeIds {
+        /// The VM.
+        vm: String,
+    },
 }
 
 fn default_granularity() -> u64 {
@@ -345,6 +351,8 @@ pub enum Response {
     Guests(Vec<GuestStatus>),
     /// [`Request::QueryPage`]: one window and the changed areas inside it.
     ChangedAreaPage(vadp::DiskChangeInfo),
+    /// [`Request::VmChangeIds`]: per disk, absent while tracking is off.
+    ChangeIds(Vec<Option<String>>),
 }
 
 /// A VM, as listed.

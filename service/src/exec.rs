@@ -235,6 +235,16 @@ impl Service {
                         .query_changed_disk_areas_max(&snapshot, disk, start_offset, &since, max)?;
                 Ok(Response::ChangedAreaPage(page))
             }
+            Request::VmChangeIds { vm } => {
+                let v = self.host.vm(&vm)?;
+                let ids = (0..v.disk_count())
+                    .map(|d| {
+                        let t = v.tracker(d)?;
+                        Ok(t.change_id(t.last_closed()).map(|c| c.to_string()))
+                    })
+                    .collect::<Result<_, sim::SimError>>()?;
+                Ok(Response::ChangeIds(ids))
+            }
         }
     }
 

@@ -135,10 +135,14 @@ def cbt_reset(c):
     remove(s1)
     WaitForTask(c.vm.ReconfigVM_Task(vim.vm.ConfigSpec(changeTrackingEnabled=False)))
     assert c.vm.config.changeTrackingEnabled is False
+    live = [d for d in c.vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)][0]
+    assert live.backing.changeId is None, "no change ID while tracking is off"
     WaitForTask(c.vm.ReconfigVM_Task(vim.vm.ConfigSpec(changeTrackingEnabled=True)))
     assert c.vm.config.changeTrackingEnabled is True
     s2, d2 = snapshot(c, "faults-cbt2")
     try:
+        live = [d for d in c.vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)][0]
+        assert live.backing.changeId == d2.backing.changeId, (live.backing.changeId, d2.backing.changeId)
         assert d2.backing.changeId.split("/")[0] != d1.backing.changeId.split("/")[0], "a new tracking session"
         e = raises(vim.fault.FileFault, c.vm.QueryChangedDiskAreas, snapshot=s2, deviceKey=2000, startOffset=0,
                    changeId=d1.backing.changeId)

@@ -580,13 +580,18 @@ impl Api {
             Entity::Vm(name) => {
                 let v = self.vm(name)?;
                 let snaps = self.snapshots(name)?;
+                let change_ids = match self.execute(Request::VmChangeIds { vm: name.clone() }) {
+                    Ok(Response::ChangeIds(ids)) => ids,
+                    Ok(r) => return Err(unexpected(r)),
+                    Err(e) => return Err(host_fault(e, &objects::disk_file(name, 0))),
+                };
                 let mut reg = self.registry.lock();
                 let mut props = vec![
                     ("name", Val::str(name.clone())),
                     ("parent", vm_folder.into()),
                     (
                         "config",
-                        objects::config_info(name, &objects::live_disks(&v), v.cbt).into(),
+                        objects::config_info(name, &objects::live_disks(&v, &change_ids), v.cbt).into(),
                     ),
                     ("runtime", objects::runtime_info(&v).into()),
                     ("summary", objects::summary(r, &v).into()),

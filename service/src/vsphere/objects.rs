@@ -391,14 +391,19 @@ pub fn config_info(vm: &str, disks: &[DiskView], cbt: bool) -> Obj {
         .with("changeTrackingEnabled", Val::Bool(cbt))
 }
 
-/// The disks of a VM now (no change IDs: the host hands those out with
-/// snapshots).
-pub fn live_disks(v: &VmInfo) -> Vec<DiskView> {
+/// The disks of a VM now, with their current change IDs (the host's form).
+pub fn live_disks(v: &VmInfo, change_ids: &[Option<String>]) -> Vec<DiskView> {
     v.disks
         .iter()
-        .map(|&capacity| DiskView {
+        .enumerate()
+        .map(|(i, &capacity)| DiskView {
             capacity,
-            change_id: None,
+            change_id: change_ids
+                .get(i)
+                .cloned()
+                .flatten()
+                .as_deref()
+                .map(change_id::to_vmware),
         })
         .collect()
 }
