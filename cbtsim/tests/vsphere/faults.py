@@ -164,6 +164,9 @@ def task_errors(c):
     assert c.vm.summary.runtime.powerState == "poweredOn"
     e = raises(vmodl.fault.NotSupported, WaitForTask, c.vm.ReconfigVM_Task(vim.vm.ConfigSpec(name="renamed")))
     assert "name" in e.msg, e.msg
+    raises(vmodl.fault.NotSupported, WaitForTask,
+           c.vm.CreateSnapshot_Task(name="with-memory", description="", memory=True, quiesce=False))
+    assert c.vm.snapshot is None, "a refused snapshot leaves nothing behind"
 
 
 @check("snapshot tree: names as given, a chain, currentSnapshot, revert to current")

@@ -465,11 +465,11 @@ impl Api {
                 Method::CreateSnapshotTask {
                     name,
                     description,
+                    memory,
                     quiesce,
-                    ..
                 },
             ) => Some(
-                self.create_snapshot(vm, name, description.as_deref().unwrap_or(""), *quiesce)
+                self.create_snapshot(vm, name, description.as_deref().unwrap_or(""), *memory, *quiesce)
                     .into(),
             ),
             (Entity::Vm(vm), Method::PowerOnVmTask) => Some(self.power(vm, true).into()),
@@ -1080,8 +1080,14 @@ impl Api {
         })
     }
 
-    fn create_snapshot(&self, vm: &str, name: &str, description: &str, quiesce: bool) -> MoRef {
+    fn create_snapshot(&self, vm: &str, name: &str, description: &str, memory: bool, quiesce: bool) -> MoRef {
         self.vm_task(vm, "vim.VirtualMachine.createSnapshot", || {
+            if memory {
+                return Err(Fault::new(
+                    FaultKind::NotSupported,
+                    "cbtsim VMs have no memory state: snapshot with memory=False",
+                ));
+            }
             let info = self.vm(vm)?;
             let before = self.snapshots(vm)?;
             let host_name = host_snapshot_name(name, &before);
