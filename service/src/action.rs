@@ -206,6 +206,32 @@ pub enum Request {
         /// The repository directory (an absolute path).
         repository: PathBuf,
     },
+    /// One page of `QueryChangedDiskAreas`, as the vSphere API answers it:
+    /// the window from `start_offset` with at most `max_areas` areas (the
+    /// caller pages; [`Request::Query`] pages for it).
+    QueryPage {
+        /// The VM.
+        vm: String,
+        /// The snapshot whose disk is asked about.
+        snapshot: String,
+        /// The disk's index.
+        #[serde(default)]
+        disk: usize,
+        /// Where the window starts (below the disk's capacity at the snapshot).
+        #[serde(default)]
+        start_offset: u64,
+        /// A change ID, or `*` for every allocated area.
+        since: String,
+        /// The most areas in the page (1 or more; 2000 if absent, as ESXi).
+        #[serde(default)]
+        max_areas: Option<usize>,
+    },
+    /// Each disk's current change ID (its newest snapshot's, as the VM's
+    /// `backing.changeId` shows it on vSphere).
+    VmChangeIds {
+        /// The VM.
+        vm: String,
+    },
 }
 
 fn default_granularity() -> u64 {
@@ -377,6 +403,10 @@ pub enum Response {
     Restored(RestoreOutcome),
     /// [`Request::BackupRepair`].
     Repaired(RepairOutcome),
+    /// [`Request::QueryPage`]: one window and the changed areas inside it.
+    ChangedAreaPage(vadp::DiskChangeInfo),
+    /// [`Request::VmChangeIds`]: per disk, absent while tracking is off.
+    ChangeIds(Vec<Option<String>>),
 }
 
 /// A VM, as listed.

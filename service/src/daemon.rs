@@ -50,6 +50,9 @@ pub struct ServeConfig {
     pub password: String,
     /// A backup repository whose points NBD exports as `repo:POINT/DISK` (read-only).
     pub repository: Option<PathBuf>,
+    /// The most changed areas in one `QueryChangedDiskAreas` answer of the
+    /// vSphere API (ESXi: 2000).
+    pub max_areas: usize,
 }
 
 /// A running serve, as `serve.json` and `cbtsim serve --json` describe it.
@@ -246,10 +249,18 @@ impl Daemon {
         let nbd = nbd::Server::new(Arc::new(exports))
             .serve_tcp(nbd_listener)
             .map_err(io_at(&dir))?;
+        let password: Arc<str> = config.password.as_str().into();
+        let vsphere = Arc::new(crate::vsphere::Api::new(
+            service.clone(),
+            password.clone(),
+            config.max_areas,
+            !config.plain_http,
+        ));
         let router = http::router(WebState {
             service: service.clone(),
-            password: config.password.as_str().into(),
+            password,
             nbd: Some(nbd_addr),
+            vsphere,
         });
         let web = HttpServer::start(http_listener, tls, router).map_err(io_at(&dir))?;
         let control_path = socket_path(&datastore);

@@ -270,6 +270,34 @@ impl Service {
             Request::GuestWait { id } => Ok(Response::Guest(self.guests.wait_for(id, progress)?)),
             Request::RestoreToVm { repository, point, vm } => self.restore_to_vm(repository, point, vm, progress),
             Request::BackupRepair { repository } => self.repair(repository, progress),
+            Request::QueryPage {
+                vm,
+                snapshot,
+                disk,
+                start_offset,
+                since,
+                max_areas,
+            } => {
+                let max = max_areas.unwrap_or(sim::DEFAULT_MAX_AREAS);
+                if max == 0 {
+                    return Err(ActionError::invalid("max_areas must be at least 1"));
+                }
+                let page =
+                    self.host
+                        .vm(&vm)?
+                        .query_changed_disk_areas_max(&snapshot, disk, start_offset, &since, max)?;
+                Ok(Response::ChangedAreaPage(page))
+            }
+            Request::VmChangeIds { vm } => {
+                let v = self.host.vm(&vm)?;
+                let ids = (0..v.disk_count())
+                    .map(|d| {
+                        let t = v.tracker(d)?;
+                        Ok(t.change_id(t.last_closed()).map(|c| c.to_string()))
+                    })
+                    .collect::<Result<_, sim::SimError>>()?;
+                Ok(Response::ChangeIds(ids))
+            }
         }
     }
 

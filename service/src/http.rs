@@ -4,7 +4,8 @@
 //!
 //! Only a placeholder page is served at `/` now. The router is the extension
 //! point: [`router`] merges one sub-router per front end (the vSphere SOAP
-//! API at `/sdk` and a live page at `/` come next), each calling
+//! API at `/sdk`, which authenticates itself and so sits outside basic
+//! authentication; a live page at `/` comes next), each calling
 //! [`Service::execute`] like every other front end.
 
 use std::net::SocketAddr;
@@ -39,14 +40,20 @@ pub struct WebState {
     pub password: Arc<str>,
     /// The NBD server's address, for the page.
     pub nbd: Option<SocketAddr>,
+    /// The vSphere API at `/sdk`.
+    pub vsphere: Arc<crate::vsphere::Api>,
 }
 
-/// The whole router: every front end's routes, behind authentication.
+/// The whole router: every front end's routes, behind authentication,
+/// except the vSphere API at `/sdk`, which authenticates itself (`Login` and
+/// its session cookie, as vSphere clients expect).
 pub fn router(state: WebState) -> Router {
+    let sdk = crate::vsphere::router(state.vsphere.clone());
     Router::new()
         .merge(placeholder())
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)
+        .merge(sdk)
 }
 
 /// `/`: a placeholder page naming the VMs (rendered from `vm-list`).

@@ -25,6 +25,8 @@
 //! * [`export`]: the NBD backend over the host ([`HostExports`]); with a
 //!   repository, [`point_export`] serves its backup points read-only.
 //! * [`http`]: the HTTPS router (basic authentication, rustls).
+//! * [`vsphere`]: the vSphere API of change tracking at `/sdk` (SOAP,
+//!   its own logins).
 //! * [`daemon`]: `cbtsim serve`: the lock and status files, starting and
 //!   stopping the front ends in order.
 //!
@@ -56,6 +58,7 @@ mod guest;
 pub mod http;
 pub mod point_export;
 mod reader;
+pub mod vsphere;
 
 pub use action::{
     ActionError, DiskDetails, ErrorKind, GuestReport, GuestRun, GuestState, GuestStatus, Request, Response,

@@ -784,6 +784,7 @@ fn config(ds: &Path) -> ServeConfig {
         allow_remote: false,
         password: "secret".into(),
         repository: None,
+        max_areas: service::vsphere::DEFAULT_MAX_AREAS,
     }
 }
 

@@ -38,6 +38,11 @@ pub struct ServeArgs {
     /// Print where it listens as one line of JSON.
     #[arg(long)]
     pub json: bool,
+    /// The most changed areas one QueryChangedDiskAreas answer of the
+    /// vSphere API (/sdk) holds; clients page for the rest (ESXi: 2000).
+    #[arg(long, value_name = "N", default_value_t = service::vsphere::DEFAULT_MAX_AREAS as u32,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_areas: u32,
 }
 
 fn password(a: &ServeArgs) -> anyhow::Result<String> {
@@ -68,6 +73,7 @@ pub fn run(ctx: &Ctx, a: &ServeArgs) -> anyhow::Result<()> {
         allow_remote: a.allow_remote,
         password: password(a)?,
         repository: a.repo.clone(),
+        max_areas: a.max_areas as usize,
     };
     let daemon = Daemon::start(config)?;
     let s = daemon.status().clone();
