@@ -13,7 +13,6 @@ use parking_lot::Mutex;
 use crate::action::{ActionError, ErrorKind, Request, Response, SnapshotEntry, VmInfo};
 use crate::exec::Service;
 
-use super::change_id;
 use super::envelope::{self, Call, ConfigSpec, FilterSpec, Method, ObjectSpec, Selection, TraversalSpec};
 use super::faults::{Fault, FaultKind};
 use super::objects::{self, key_of, Entity, Registry, SnapKey};
@@ -1240,7 +1239,7 @@ impl Api {
             snapshot: key.name.clone(),
             disk,
             start_offset: start,
-            since: change_id::from_vmware(change_id),
+            since: change_id.trim().to_owned(),
             max_areas: Some(self.max_areas),
         }) {
             Ok(Response::ChangedAreaPage(p)) => p,
