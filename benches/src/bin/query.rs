@@ -48,9 +48,12 @@ struct Opts {
     /// Sections to run, comma separated: size, areas, stun.
     #[arg(long, value_delimiter = ',', default_value = "size,areas,stun")]
     sections: Vec<String>,
-    /// The guest writer's pace in the stun section, 4 KiB writes per second.
+    /// The pace of each guest writer in the stun section, 4 KiB writes per second.
     #[arg(long, default_value_t = 20_000)]
     guest_iops: u64,
+    /// Guest writer threads in the stun section.
+    #[arg(long, default_value_t = 2)]
+    writers: usize,
     /// Directory of the stun section's datastore [default: the temp dir: a real
     /// file system, since a snapshot writes its change-tracking header].
     #[arg(long)]
@@ -251,24 +254,29 @@ fn main() -> anyhow::Result<()> {
             // Stun times of snapshot creates and of removes (consolidation), apart.
             let mut by_op = [latency_histogram(), latency_histogram()];
             std::thread::scope(|s| -> anyhow::Result<()> {
-                let writer = s.spawn(|| -> anyhow::Result<()> {
-                    let mut rng = SplitMix64::new(5);
-                    let buf = [0x3cu8; 4096];
-                    let start = Instant::now();
-                    let mut n = 0u64;
-                    // Relaxed: a stop flag; nothing is published through it.
-                    while !stop.load(Ordering::Relaxed) {
-                        vm.write(0, hot + rng.below(hot_len / 4096) * 4096, &buf)?;
-                        n += 1;
-                        // Pace to `guest_iops`: sleep whenever ahead of schedule.
-                        let due = Duration::from_secs_f64(n as f64 / o.guest_iops.max(1) as f64);
-                        if let Some(ahead) = due.checked_sub(start.elapsed()) {
-                            std::thread::sleep(ahead);
-                        }
-                    }
-                    writes.store(n, Ordering::Relaxed);
-                    Ok(())
-                });
+                let writers: Vec<_> = (0..o.writers.max(1) as u64)
+                    .map(|w| {
+                        let (vm, stop, writes) = (&vm, &stop, &writes);
+                        s.spawn(move || -> anyhow::Result<()> {
+                            let mut rng = SplitMix64::new(5 + w);
+                            let buf = [0x3cu8; 4096];
+                            let start = Instant::now();
+                            let mut n = 0u64;
+                            // Relaxed: a stop flag; nothing is published through it.
+                            while !stop.load(Ordering::Relaxed) {
+                                vm.write(0, hot + rng.below(hot_len / 4096) * 4096, &buf)?;
+                                n += 1;
+                                // Pace to `guest_iops`: sleep whenever ahead of schedule.
+                                let due = Duration::from_secs_f64(n as f64 / o.guest_iops.max(1) as f64);
+                                if let Some(ahead) = due.checked_sub(start.elapsed()) {
+                                    std::thread::sleep(ahead);
+                                }
+                            }
+                            writes.fetch_add(n, Ordering::Relaxed);
+                            Ok(())
+                        })
+                    })
+                    .collect();
                 let mut stuns = |op: usize, f: &dyn Fn() -> Result<(), sim::SimError>| -> anyhow::Result<()> {
                     let before = vm.stun_times_ns().len();
                     f()?;
@@ -297,9 +305,9 @@ fn main() -> anyhow::Result<()> {
                     result = stuns(1, &|| vm.remove_snapshot(&format!("s{}", cycles - 1)));
                 }
                 stop.store(true, Ordering::Relaxed);
-                writer
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("the writer thread panicked"))??;
+                for w in writers {
+                    w.join().map_err(|_| anyhow::anyhow!("a writer thread panicked"))??;
+                }
                 result
             })?;
             let mut all = by_op[0].clone();
@@ -325,7 +333,8 @@ fn main() -> anyhow::Result<()> {
             host.close_vm(&format!("stun{i}"));
         }
         rep.note(&format!(
-            "stun: {cycles} create/remove cycles per size, guest {} 4 KiB writes/s into {}, datastore in {}",
+            "stun: {cycles} create/remove cycles per size, {} guest writers of {} 4 KiB writes/s each into {}, datastore in {}",
+            o.writers.max(1),
             o.guest_iops,
             human_size(HOT_WINDOW),
             ds_parent.display()

@@ -54,6 +54,8 @@ impl Vm {
         src: Src<'_>,
     ) -> Result<(), SimError> {
         fault_point!(crate::fault::Point::BeforeGate { disk, offset, len });
+        // The mark's bitmap word starts loading now, while the gate is taken.
+        marker.prefetch(offset);
         let io = self.gate();
         if !io.powered_on {
             return Err(SimError::PoweredOff(self.name.clone()));
