@@ -218,6 +218,17 @@ impl AtomicBitmap {
         self.leaf()[w].fetch_or(mask, order) & mask != 0
     }
 
+    /// Faults in, writable, the pages that setting `bit` writes (its leaf
+    /// word and its summary word), changing nothing: for a caller that must
+    /// not take a page fault at the moment it sets the bit.
+    pub fn prefault(&self, bit: u64) {
+        let w = (bit / 64) as usize;
+        if w < self.leaf_words {
+            self.region.populate_words(w, 1);
+            self.region.populate_words(self.leaf_words + w / PAGE_WORDS / 64, 1);
+        }
+    }
+
     /// Counts the set bits (reads only the pages the summary names).
     pub fn count(&self) -> u64 {
         let mut n = 0;

@@ -113,6 +113,19 @@ impl Region {
         }
     }
 
+    /// Faults in, writable, the pages holding words `w..w + n` as a store to
+    /// them would, changing nothing (`MADV_POPULATE_WRITE`, Linux 5.14 and
+    /// later). Best effort; nothing for a read-only region.
+    pub(crate) fn populate_words(&self, w: usize, n: usize) {
+        if w + n > self.words {
+            return;
+        }
+        #[cfg(target_os = "linux")]
+        if let Map::Rw(m) = &self.map {
+            let _ = m.advise_range(memmap2::Advice::PopulateWrite, 8 * w, 8 * n);
+        }
+    }
+
     /// The region as 32-bit atomic words.
     #[inline]
     pub(crate) fn words32(&self) -> &[AtomicU32] {

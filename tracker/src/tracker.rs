@@ -809,7 +809,12 @@ impl Cold {
         h.write(page);
         if sync {
             self.header_unsynced = false;
-            header_region.flush()
+            header_region.flush()?;
+            // Writing the page back left it write-protected: the next update
+            // through the mapping would take a page fault, and `close_epoch`
+            // updates it inside the host's stun. Fault it in now.
+            header_region.populate_words(0, HEADER_BYTES as usize / 8);
+            Ok(())
         } else {
             self.header_unsynced = true;
             Ok(())

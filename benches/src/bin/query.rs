@@ -253,7 +253,22 @@ fn main() -> anyhow::Result<()> {
             let hot = (cap / 2).min(cap - hot_len) / 4096 * 4096;
             // Stun times of snapshot creates and of removes (consolidation), apart.
             let mut by_op = [latency_histogram(), latency_histogram()];
+            // How late a thread that sleeps 1 ms wakes up: the machine's
+            // scheduling delay, which bounds every stun that waits for a thread.
+            let sched = parking_lot::Mutex::new(latency_histogram());
             std::thread::scope(|s| -> anyhow::Result<()> {
+                let (stop_probe, sched) = (&stop, &sched);
+                s.spawn(move || {
+                    let mut h = latency_histogram();
+                    // Relaxed: a stop flag.
+                    while !stop_probe.load(Ordering::Relaxed) {
+                        let t0 = Instant::now();
+                        std::thread::sleep(Duration::from_millis(1));
+                        let late = t0.elapsed().saturating_sub(Duration::from_millis(1));
+                        let _ = h.record((late.as_nanos() as u64).max(1));
+                    }
+                    *sched.lock() = h;
+                });
                 let writers: Vec<_> = (0..o.writers.max(1) as u64)
                     .map(|w| {
                         let (vm, stop, writes) = (&vm, &stop, &writes);
@@ -329,6 +344,17 @@ fn main() -> anyhow::Result<()> {
                     goals.push((format!("stun p99 at {}, {op} (us)", human_size(cap)), p99, 1000.0));
                 }
             }
+            let sched = sched.into_inner();
+            rep.push(
+                Row::new()
+                    .text("disk", human_size(cap))
+                    .text("op", "wakeup lateness (1 ms sleep)")
+                    .int("stuns", sched.len())
+                    .num("p50_us", sched.value_at_quantile(0.5) as f64 / 1e3)
+                    .num("p99_us", sched.value_at_quantile(0.99) as f64 / 1e3)
+                    .num("max_us", sched.max() as f64 / 1e3)
+                    .int("guest_writes", writes.load(Ordering::Relaxed)),
+            );
             drop(vm);
             host.close_vm(&format!("stun{i}"));
         }
