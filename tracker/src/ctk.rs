@@ -29,7 +29,8 @@ use crate::epochmap::EpochMapLayout;
 
 pub(crate) const MAGIC: &[u8; 8] = b"CBTSCTK\0";
 /// 3: marking bitmaps are flat with one summary bit per 4 KiB page (2 had
-/// summary levels of one bit per word).
+/// summary levels of one bit per word), and the epoch map's summary fanout is
+/// 16 (2 had 64).
 pub(crate) const VERSION: u32 = 3;
 pub(crate) const HEADER_BYTES: u64 = 4096;
 const SLOT_BYTES: usize = 2048;
