@@ -142,12 +142,6 @@ impl AtomicBitmap {
         self.or_word(lw, hi);
     }
 
-    /// Starts loading the cache line holding `bit` (a hint; see [`Tracker::prefetch`](crate::Tracker::prefetch)).
-    #[inline(always)]
-    pub fn prefetch(&self, bit: u64) {
-        self.region.prefetch_word((bit / 64) as usize);
-    }
-
     /// Sets one bit of the leaf: [`or_word`](Self::or_word) with the test
     /// written as a bit test, so a re-mark builds no mask.
     #[inline(always)]

@@ -60,11 +60,6 @@ pub use tracker::{AreaPage, Granularity, Since, Tracker, TrackerStats, TrackerVi
 pub trait MarkDirty: Send + Sync {
     /// Records a write of `[offset, offset + len)`.
     fn mark(&self, offset: u64, len: u64);
-
-    /// A hint that a write at `offset` is coming: may start loading what
-    /// [`mark`](Self::mark) will touch. Does nothing by default.
-    #[inline]
-    fn prefetch(&self, _offset: u64) {}
 }
 
 impl MarkDirty for () {
@@ -76,10 +71,5 @@ impl MarkDirty for Tracker {
     #[inline(always)]
     fn mark(&self, offset: u64, len: u64) {
         Tracker::mark(self, offset, len);
-    }
-
-    #[inline(always)]
-    fn prefetch(&self, offset: u64) {
-        Tracker::prefetch(self, offset);
     }
 }

@@ -93,26 +93,6 @@ impl Region {
         unsafe { std::slice::from_raw_parts(self.addr as *const AtomicU64, self.words) }
     }
 
-    /// Asks the CPU to start loading the cache line of word `w` (nothing if
-    /// `w` is past the region). A hint only: it reads nothing the caller
-    /// sees, never faults, and is not ordered with the lock instructions
-    /// that follow it, so the line arrives while they run.
-    #[inline(always)]
-    pub(crate) fn prefetch_word(&self, w: usize) {
-        if w >= self.words {
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            let p = (self.addr + 8 * w) as *const i8;
-            // SAFETY: `_mm_prefetch` needs SSE, which every x86_64 CPU has. A
-            // prefetch does not access memory as far as the program can tell
-            // (it cannot fault, and loads nothing into a register), and `p`
-            // lies inside the mapping anyway (checked above).
-            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p) }
-        }
-    }
-
     /// Faults in, writable, the pages holding words `w..w + n` as a store to
     /// them would, changing nothing (`MADV_POPULATE_WRITE`, Linux 5.14 and
     /// later). Best effort; nothing for a read-only region.

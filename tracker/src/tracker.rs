@@ -383,18 +383,6 @@ impl Tracker {
         b.set_range(offset >> s, (offset + len - 1) >> s);
     }
 
-    /// A hint before [`mark`](Self::mark)`(offset, ..)`: starts loading the
-    /// bitmap word that mark will test, so its cache miss overlaps with what
-    /// the caller does in between (the host calls it before taking its I/O
-    /// gate, whose lock instruction would otherwise wait for the miss). Reads
-    /// and writes nothing; may be called at any time, without the gate.
-    #[inline(always)]
-    pub fn prefetch(&self, offset: u64) {
-        // Relaxed: a hint; a stale index only prefetches the other bitmap.
-        let b = &self.bitmaps[self.active.load(Ordering::Relaxed) & 1];
-        b.prefetch(offset >> self.granularity.shift);
-    }
-
     /// Whether change tracking is enabled (change IDs are issued and queries answered).
     pub fn is_enabled(&self) -> bool {
         self.cold.lock().h.enabled

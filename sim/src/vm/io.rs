@@ -64,8 +64,6 @@ impl Vm {
         src: Src<'_>,
     ) -> Result<(), SimError> {
         fault_point!(crate::fault::Point::BeforeGate { disk, offset, len });
-        // The mark's bitmap word starts loading now, while the gate is taken.
-        marker.prefetch(offset);
         let mut prefaulted = 0;
         loop {
             let io = self.gate();
