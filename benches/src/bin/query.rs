@@ -48,9 +48,12 @@ struct Opts {
     /// Sections to run, comma separated: size, areas, stun.
     #[arg(long, value_delimiter = ',', default_value = "size,areas,stun")]
     sections: Vec<String>,
-    /// The guest writer's pace in the stun section, 4 KiB writes per second.
+    /// The pace of each guest writer in the stun section, 4 KiB writes per second.
     #[arg(long, default_value_t = 20_000)]
     guest_iops: u64,
+    /// Guest writer threads in the stun section.
+    #[arg(long, default_value_t = 2)]
+    writers: usize,
     /// Directory of the stun section's datastore [default: the temp dir: a real
     /// file system, since a snapshot writes its change-tracking header].
     #[arg(long)]
@@ -137,8 +140,10 @@ fn both_paths(
     // Two more epochs release e1 and e2: everything up to e3 folds.
     o.new_epoch()?;
     let e4 = o.new_epoch()?;
+    // The pins are now e3 and e4: every epoch up to e3 is folded, and only
+    // e4 (empty, but every closed epoch after the horizon is kept) is not.
     anyhow::ensure!(
-        t.stats().unfolded_epochs == 0,
+        t.stats().unfolded_epochs == 1,
         "every epoch up to the oldest pin should be folded"
     );
     let folded = time_paging(t, Since::Change(cid), e4, cap, max_areas, n, reps)?;
@@ -250,25 +255,45 @@ fn main() -> anyhow::Result<()> {
             let hot = (cap / 2).min(cap - hot_len) / 4096 * 4096;
             // Stun times of snapshot creates and of removes (consolidation), apart.
             let mut by_op = [latency_histogram(), latency_histogram()];
+            // How late a thread that sleeps 1 ms wakes up: the machine's
+            // scheduling delay, which bounds every stun that waits for a thread.
+            let sched = parking_lot::Mutex::new(latency_histogram());
             std::thread::scope(|s| -> anyhow::Result<()> {
-                let writer = s.spawn(|| -> anyhow::Result<()> {
-                    let mut rng = SplitMix64::new(5);
-                    let buf = [0x3cu8; 4096];
-                    let start = Instant::now();
-                    let mut n = 0u64;
-                    // Relaxed: a stop flag; nothing is published through it.
-                    while !stop.load(Ordering::Relaxed) {
-                        vm.write(0, hot + rng.below(hot_len / 4096) * 4096, &buf)?;
-                        n += 1;
-                        // Pace to `guest_iops`: sleep whenever ahead of schedule.
-                        let due = Duration::from_secs_f64(n as f64 / o.guest_iops.max(1) as f64);
-                        if let Some(ahead) = due.checked_sub(start.elapsed()) {
-                            std::thread::sleep(ahead);
-                        }
+                let (stop_probe, sched) = (&stop, &sched);
+                s.spawn(move || {
+                    let mut h = latency_histogram();
+                    // Relaxed: a stop flag.
+                    while !stop_probe.load(Ordering::Relaxed) {
+                        let t0 = Instant::now();
+                        std::thread::sleep(Duration::from_millis(1));
+                        let late = t0.elapsed().saturating_sub(Duration::from_millis(1));
+                        let _ = h.record((late.as_nanos() as u64).max(1));
                     }
-                    writes.store(n, Ordering::Relaxed);
-                    Ok(())
+                    *sched.lock() = h;
                 });
+                let writers: Vec<_> = (0..o.writers.max(1) as u64)
+                    .map(|w| {
+                        let (vm, stop, writes) = (&vm, &stop, &writes);
+                        s.spawn(move || -> anyhow::Result<()> {
+                            let mut rng = SplitMix64::new(5 + w);
+                            let buf = [0x3cu8; 4096];
+                            let start = Instant::now();
+                            let mut n = 0u64;
+                            // Relaxed: a stop flag; nothing is published through it.
+                            while !stop.load(Ordering::Relaxed) {
+                                vm.write(0, hot + rng.below(hot_len / 4096) * 4096, &buf)?;
+                                n += 1;
+                                // Pace to `guest_iops`: sleep whenever ahead of schedule.
+                                let due = Duration::from_secs_f64(n as f64 / o.guest_iops.max(1) as f64);
+                                if let Some(ahead) = due.checked_sub(start.elapsed()) {
+                                    std::thread::sleep(ahead);
+                                }
+                            }
+                            writes.fetch_add(n, Ordering::Relaxed);
+                            Ok(())
+                        })
+                    })
+                    .collect();
                 let mut stuns = |op: usize, f: &dyn Fn() -> Result<(), sim::SimError>| -> anyhow::Result<()> {
                     let before = vm.stun_times_ns().len();
                     f()?;
@@ -297,9 +322,9 @@ fn main() -> anyhow::Result<()> {
                     result = stuns(1, &|| vm.remove_snapshot(&format!("s{}", cycles - 1)));
                 }
                 stop.store(true, Ordering::Relaxed);
-                writer
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("the writer thread panicked"))??;
+                for w in writers {
+                    w.join().map_err(|_| anyhow::anyhow!("a writer thread panicked"))??;
+                }
                 result
             })?;
             let mut all = by_op[0].clone();
@@ -321,11 +346,23 @@ fn main() -> anyhow::Result<()> {
                     goals.push((format!("stun p99 at {}, {op} (us)", human_size(cap)), p99, 1000.0));
                 }
             }
+            let sched = sched.into_inner();
+            rep.push(
+                Row::new()
+                    .text("disk", human_size(cap))
+                    .text("op", "wakeup lateness (1 ms sleep)")
+                    .int("stuns", sched.len())
+                    .num("p50_us", sched.value_at_quantile(0.5) as f64 / 1e3)
+                    .num("p99_us", sched.value_at_quantile(0.99) as f64 / 1e3)
+                    .num("max_us", sched.max() as f64 / 1e3)
+                    .int("guest_writes", writes.load(Ordering::Relaxed)),
+            );
             drop(vm);
             host.close_vm(&format!("stun{i}"));
         }
         rep.note(&format!(
-            "stun: {cycles} create/remove cycles per size, guest {} 4 KiB writes/s into {}, datastore in {}",
+            "stun: {cycles} create/remove cycles per size, {} guest writers of {} 4 KiB writes/s each into {}, datastore in {}",
+            o.writers.max(1),
             o.guest_iops,
             human_size(HOT_WINDOW),
             ds_parent.display()
