@@ -5,6 +5,8 @@
 //! bitmap[0]       active/frozen marking bitmap: flat leaf, then one summary bit per leaf page
 //! bitmap[1]       the other one
 //! epoch map       u32 per block + max-summary levels
+//! intents[0]      durable tracking: per region, the epoch whose writes into it bitmap[0] covers
+//! intents[1]      the same for bitmap[1]
 //! ```
 //! Regions are placed for the largest capacity the file can ever grow to
 //! (`MAX_CAPACITY`), so extending a disk never moves anything; the file is
@@ -28,10 +30,17 @@ use crate::bitmap::BitmapLayout;
 use crate::epochmap::EpochMapLayout;
 
 pub(crate) const MAGIC: &[u8; 8] = b"CBTSCTK\0";
+/// 4: the header records the boot it was opened in, whether tracking is
+/// durable (power-loss safe) and the intent region size, and the file ends
+/// with the two intent arrays. 3 had none of these; everything else is laid
+/// out alike, so a version 3 file is read (as not durable, boot unknown) and
+/// upgraded by its next writable open.
 /// 3: marking bitmaps are flat with one summary bit per 4 KiB page (2 had
 /// summary levels of one bit per word), and the epoch map's summary fanout is
 /// 16 (2 had 64).
-pub(crate) const VERSION: u32 = 3;
+pub(crate) const VERSION: u32 = 4;
+/// The previous version, still read.
+pub(crate) const PREV_VERSION: u32 = 3;
 pub(crate) const HEADER_BYTES: u64 = 4096;
 const SLOT_BYTES: usize = 2048;
 pub(crate) const MAX_PAST_SESSIONS: usize = 32;
@@ -101,6 +110,17 @@ pub(crate) struct Header {
     /// The closed epoch whose frozen bitmap (the inactive one) is not yet
     /// written to its epoch file; 0 if none.
     pub pending: u64,
+    /// Durable (power-loss safe) tracking: region intents are made durable
+    /// before the data they cover, and the epoch switch before any write of
+    /// the new epoch, so a host whose page cache was lost can recover.
+    pub durable: bool,
+    /// The boot (`/proc/sys/kernel/random/boot_id`) of the process that has
+    /// the file open, or had it when it stopped without a clean close: the
+    /// same boot means the page cache kept every store (a killed process);
+    /// another (or an unknown, nil one) means it may not have.
+    pub boot_id: Uuid,
+    /// log2 of the bytes of a region of the intent arrays.
+    pub region_shift: u32,
     pub session: Uuid,
     pub past: Vec<(Uuid, ResetReason)>,
     /// Live snapshot sequences and how many holders each has.
@@ -127,8 +147,15 @@ const O_NPINS: usize = 116;
 const O_LOST: usize = 120;
 const O_PAST: usize = 128; // 17 bytes each
 const O_PINS: usize = O_PAST + MAX_PAST_SESSIONS * 17; // 12 bytes each
+const O_BOOT: usize = O_PINS + MAX_PINS * 12; // version 4
+const O_RSHIFT: usize = O_BOOT + 16; // version 4
 const O_SUM: usize = SLOT_BYTES - 8;
-const _: () = assert!(O_PINS + MAX_PINS * 12 <= O_SUM);
+const _: () = assert!(O_RSHIFT + 4 <= O_SUM);
+
+/// Intent regions of 1 GiB unless the creator asks otherwise.
+pub(crate) const DEFAULT_REGION_SHIFT: u32 = 30;
+/// Intent regions from 1 MiB to 1 TiB.
+pub(crate) const REGION_SHIFTS: std::ops::RangeInclusive<u32> = 20..=40;
 
 impl Header {
     /// Writes the header into the older slot of `page`, generation bumped,
@@ -149,7 +176,10 @@ impl Header {
         put32(
             out,
             O_FLAGS,
-            u32::from(self.enabled) | (u32::from(self.allocation_unknown) << 1) | (u32::from(self.recreated) << 2),
+            u32::from(self.enabled)
+                | (u32::from(self.allocation_unknown) << 1)
+                | (u32::from(self.recreated) << 2)
+                | (u32::from(self.durable) << 3),
         );
         put64(out, O_CAPACITY, self.capacity);
         put64(out, O_MAX_BLOCKS, self.max_blocks);
@@ -173,9 +203,26 @@ impl Header {
             put64(out, at, seq);
             put32(out, at + 8, n);
         }
+        out[O_BOOT..O_BOOT + 16].copy_from_slice(self.boot_id.as_bytes());
+        put32(out, O_RSHIFT, self.region_shift);
         let sum = checksum(&out[..O_SUM]);
         // The checksum goes last: a slot is valid only once all of it is written.
         compiler_fence(Ordering::SeqCst);
+        put64(out, O_SUM, sum);
+    }
+
+    /// Writes the header as version 3 did (no boot id, durability or region
+    /// size): for tests of reading and upgrading an old file.
+    #[cfg(test)]
+    pub(crate) fn write_v3(&mut self, page: &mut [u8]) {
+        self.durable = false;
+        self.boot_id = Uuid::nil();
+        self.region_shift = 0;
+        self.write(page);
+        let slot = (self.generation % 2) as usize * SLOT_BYTES;
+        let out = &mut page[slot..slot + SLOT_BYTES];
+        put32(out, O_VERSION, PREV_VERSION);
+        let sum = checksum(&out[..O_SUM]);
         put64(out, O_SUM, sum);
     }
 
@@ -203,9 +250,9 @@ impl Header {
             return Err("not a cbtsim change-tracking file (bad magic)".into());
         }
         let version = get32(b, O_VERSION);
-        if version != VERSION {
+        if version != VERSION && version != PREV_VERSION {
             return Err(format!(
-                "version {version} is not supported (this build reads {VERSION})"
+                "version {version} is not supported (this build reads {PREV_VERSION} and {VERSION})"
             ));
         }
         if checksum(&b[..O_SUM]) != get64(b, O_SUM) {
@@ -240,12 +287,23 @@ impl Header {
             active: get64(b, O_ACTIVE),
             pending: get64(b, O_PENDING),
             marks_lost_through: get64(b, O_LOST),
+            // A version 3 writer zeroed the bytes of the fields it did not
+            // have: not durable, boot unknown (nil), default regions.
+            durable: flags & 8 != 0,
+            boot_id: uuid_at(O_BOOT),
+            region_shift: match get32(b, O_RSHIFT) {
+                0 if version == PREV_VERSION => DEFAULT_REGION_SHIFT,
+                r => r,
+            },
             session: uuid_at(O_SESSION),
             past,
             pins,
         };
         if !(9..=30).contains(&h.granularity_shift) {
             return Err(format!("granularity 2^{} is out of range", h.granularity_shift));
+        }
+        if !REGION_SHIFTS.contains(&h.region_shift) || h.region_shift < h.granularity_shift {
+            return Err(format!("intent region 2^{} is out of range", h.region_shift));
         }
         if h.active > 1
             || h.last_closed >= h.cur_epoch
@@ -287,22 +345,30 @@ pub(crate) struct Layout {
     pub bitmap_offsets: [u64; 2],
     pub emap: EpochMapLayout,
     pub emap_offset: u64,
+    /// Where the intent arrays start (the end of a version 3 file).
+    pub intents_offset: u64,
+    /// Regions of each intent array.
+    pub regions: u64,
     pub file_len: u64,
 }
 
 impl Layout {
-    pub(crate) fn new(max_blocks: u64) -> Self {
+    pub(crate) fn new(max_blocks: u64, region_shift: u32) -> Self {
         let bitmap = BitmapLayout::new(max_blocks);
         let b0 = HEADER_BYTES;
         let b1 = b0 + bitmap.bytes();
         let emap_offset = b1 + bitmap.bytes();
         let emap = EpochMapLayout::new(max_blocks);
-        let file_len = emap_offset + emap.bytes();
+        let intents_offset = emap_offset + emap.bytes();
+        let regions = crate::tracker::MAX_CAPACITY >> region_shift;
+        let file_len = intents_offset + 2 * crate::intents::side_bytes(regions);
         Self {
             bitmap,
             bitmap_offsets: [b0, b1],
             emap,
             emap_offset,
+            intents_offset,
+            regions,
             file_len,
         }
     }
@@ -329,6 +395,9 @@ mod tests {
             marks_lost_through: 2,
             active: 1,
             pending: 8,
+            durable: true,
+            boot_id: Uuid::new_v4(),
+            region_shift: 28,
             session: Uuid::new_v4(),
             past: vec![
                 (Uuid::new_v4(), ResetReason::Disabled),
@@ -353,9 +422,32 @@ mod tests {
         bad[slot + O_VERSION] = 99;
         assert!(Header::read(&bad).unwrap_err().contains("version"));
         let mut bad = page.clone();
+        put32(&mut bad[slot..], O_RSHIFT, 12);
+        let sum = checksum(&bad[slot..slot + O_SUM]);
+        put64(&mut bad[slot..], O_SUM, sum);
+        assert!(Header::read(&bad).unwrap_err().contains("region"));
+        let mut bad = page.clone();
         // A counter changed without its checksum: the slot is torn.
         bad[slot + O_LAST] ^= 1;
         assert!(Header::read(&bad).unwrap_err().contains("checksum"));
+    }
+
+    /// A version 3 slot (no boot, durability or region fields: zeros) reads
+    /// as not durable, boot unknown, default regions.
+    #[test]
+    fn a_version_3_header_reads_with_defaults() {
+        let mut h = header();
+        let mut page = vec![0u8; HEADER_BYTES as usize];
+        h.write_v3(&mut page);
+        let slot = SLOT_BYTES;
+        let got = Header::read(&page).unwrap();
+        assert_eq!(got.region_shift, DEFAULT_REGION_SHIFT);
+        assert!(!got.durable && got.boot_id.is_nil());
+        // Version 4 requires the field.
+        put32(&mut page[slot..], O_VERSION, VERSION);
+        let sum = checksum(&page[slot..slot + O_SUM]);
+        put64(&mut page[slot..], O_SUM, sum);
+        assert!(Header::read(&page).unwrap_err().contains("region"));
     }
 
     #[test]

@@ -46,7 +46,11 @@ pub(crate) fn write(ctk: &Path, epoch: u64, bits: &SparseBits) -> io::Result<()>
     let mut f = File::create(&tmp)?;
     f.write_all(&buf)?;
     f.sync_all()?;
+    #[cfg(feature = "crash-states")]
+    crate::crash_states::file_synced(&tmp, &buf);
     std::fs::rename(&tmp, &dst)?;
+    #[cfg(feature = "crash-states")]
+    crate::crash_states::renamed(&tmp, &dst);
     sync_dir(ctk)
 }
 
@@ -88,7 +92,16 @@ pub(crate) fn list(ctk: &Path) -> (Vec<u64>, Vec<PathBuf>) {
 
 /// Removes epoch `epoch`'s file (it was folded).
 pub(crate) fn remove(ctk: &Path, epoch: u64) {
-    let _ = std::fs::remove_file(path(ctk, epoch));
+    remove_file(&path(ctk, epoch));
+}
+
+/// Removes one of the tracker's files beside the ctk file (not durable until
+/// the directory is synced); a file already gone is fine.
+pub(crate) fn remove_file(p: &Path) {
+    if std::fs::remove_file(p).is_ok() {
+        #[cfg(feature = "crash-states")]
+        crate::crash_states::unlinked(p);
+    }
 }
 
 /// Loads the files of epochs `(folded, last_closed]` except `pending` (whose
@@ -98,7 +111,7 @@ pub(crate) fn remove(ctk: &Path, epoch: u64) {
 pub(crate) fn load(ctk: &Path, folded: u64, last_closed: u64, pending: u64) -> Option<BTreeMap<u64, SparseBits>> {
     let (have, temps) = list(ctk);
     for t in temps {
-        let _ = std::fs::remove_file(t);
+        remove_file(&t);
     }
     for &e in &have {
         if e <= folded || e > last_closed {
@@ -129,7 +142,10 @@ fn split(ctk: &Path) -> (&Path, String) {
 
 /// Makes a rename in the tracker's directory durable.
 pub(crate) fn sync_dir(ctk: &Path) -> io::Result<()> {
-    File::open(split(ctk).0)?.sync_all()
+    File::open(split(ctk).0)?.sync_all()?;
+    #[cfg(feature = "crash-states")]
+    crate::crash_states::dir_synced(ctk);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -57,6 +57,25 @@ pub enum TrackerError {
     /// An epoch counter would overflow its 32-bit field.
     #[error("the disk has used all 2^32 epochs; reset change tracking")]
     EpochsExhausted,
+    /// The intent region size is not a power of two from 1 MiB to 1 TiB, at
+    /// least the granularity.
+    #[error(
+        "intent region {bytes} is not a power of two from 1 MiB to 1 TiB of at least the granularity ({granularity})"
+    )]
+    BadRegion {
+        /// Asked for.
+        bytes: u64,
+        /// The granularity.
+        granularity: u64,
+    },
+    /// The file was left open by a host that did not shut down cleanly in
+    /// another boot (a power loss or reboot): only a writable open recovers
+    /// it, so a read-only view cannot read it yet.
+    #[error("change-tracking file {path} was left open by a host that lost power or rebooted; open it for writing once to recover it")]
+    Unrecovered {
+        /// The file.
+        path: PathBuf,
+    },
 }
 
 /// Why a changed-areas query could not be answered. Callers match on this.

@@ -19,6 +19,14 @@
 //!   `-ctk` file), so memory grows with the regions written, not capacity.
 //! * Anything that cannot be answered exactly is a typed [`QueryError`]:
 //!   tracking off, a change ID from before a reset, a foreign change ID.
+//! * A killed process loses nothing (the marks are in the page cache). A
+//!   power loss does, unless tracking is durable ([`TrackerOptions::durable`]):
+//!   then a region's intent is synced before the first write of an epoch into
+//!   it lands and the epoch switch inside the snapshot's stun, and the next
+//!   open marks the regions the intents name (`intents.rs`). Without it a
+//!   file left open in another boot resets the session (`TrackingReset`).
+//!   The feature `crash-states` (tests only) records what each sync makes
+//!   durable and builds the states a power loss may leave (`crash_states`).
 //!
 //! # Example
 //! ```
@@ -41,10 +49,13 @@
 
 mod bitmap;
 mod change_id;
+#[cfg(feature = "crash-states")]
+pub mod crash_states;
 mod ctk;
 mod epochmap;
 mod epochs;
 mod error;
+mod intents;
 mod mmap;
 mod sparse;
 mod tracker;
@@ -54,14 +65,32 @@ pub use change_id::{ChangeId, ParseChangeIdError};
 pub use ctk::ResetReason;
 pub use error::{QueryError, TrackerError};
 pub use sparse::SparseBits;
-pub use tracker::{AreaPage, Granularity, Since, Tracker, TrackerStats, TrackerView, MAX_CAPACITY};
+#[cfg(feature = "crash-states")]
+pub use tracker::BrokenRule;
+pub use tracker::{AreaPage, Granularity, Since, Tracker, TrackerOptions, TrackerStats, TrackerView, MAX_CAPACITY};
 
 /// Something the write path tells about every guest write.
 ///
-/// `()` does nothing: the baseline for measuring tracking overhead.
+/// `()` does nothing: the baseline for measuring tracking overhead. A write
+/// asks [`intents_durable`](Self::intents_durable) before its data lands and,
+/// if not, calls [`sync_intents`](Self::sync_intents) first (durable
+/// tracking's power-loss rule; both pass at once for anything else).
 pub trait MarkDirty: Send + Sync {
     /// Records a write of `[offset, offset + len)`.
     fn mark(&self, offset: u64, len: u64);
+
+    /// Whether the data of a write of `[offset, offset + len)` may land now:
+    /// what would record it survives a power loss.
+    #[inline(always)]
+    fn intents_durable(&self, _offset: u64, _len: u64) -> bool {
+        true
+    }
+
+    /// Makes [`intents_durable`](Self::intents_durable) true for the range
+    /// (it syncs, so the host calls it outside its I/O gate and checks again).
+    fn sync_intents(&self, _offset: u64, _len: u64) -> Result<(), TrackerError> {
+        Ok(())
+    }
 }
 
 impl MarkDirty for () {
@@ -73,5 +102,14 @@ impl MarkDirty for Tracker {
     #[inline(always)]
     fn mark(&self, offset: u64, len: u64) {
         Tracker::mark(self, offset, len);
+    }
+
+    #[inline(always)]
+    fn intents_durable(&self, offset: u64, len: u64) -> bool {
+        Tracker::intents_durable(self, offset, len)
+    }
+
+    fn sync_intents(&self, offset: u64, len: u64) -> Result<(), TrackerError> {
+        Tracker::sync_intents(self, offset, len)
     }
 }

@@ -19,6 +19,10 @@ pub(crate) struct Region {
     /// mapping this is.
     addr: usize,
     words: usize,
+    /// Which file and where in it (device, inode, offset): the crash-state
+    /// recorder learns from it what a write-back made durable.
+    #[cfg(feature = "crash-states")]
+    at: Option<(u64, u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -56,7 +60,22 @@ impl Region {
         // process except through this `Region`. All access goes through
         // atomics or `&mut self`, so concurrent modification is not UB.
         let map = unsafe { MmapOptions::new().offset(offset).len(len).map_mut(file)? };
-        Ok(Self::new(Map::Rw(map)))
+        #[allow(unused_mut)]
+        let mut r = Self::new(Map::Rw(map));
+        #[cfg(feature = "crash-states")]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let m = file.metadata()?;
+            r.at = Some((m.dev(), m.ino(), offset));
+        }
+        Ok(r)
+    }
+
+    /// `len` bytes of anonymous memory, zero until written (pages are
+    /// allocated on first write): per-process state laid out like a region.
+    pub(crate) fn anon(len: usize) -> io::Result<Self> {
+        assert!(len > 0, "empty regions are never mapped");
+        Ok(Self::new(Map::Rw(MmapOptions::new().len(len).map_anon()?)))
     }
 
     /// Maps `len` bytes of `file` at `offset` read-only and private: nothing is ever
@@ -75,7 +94,13 @@ impl Region {
 
     fn new(map: Map) -> Self {
         let (addr, words) = (map.as_ptr() as usize, map.len() / 8);
-        Self { map, addr, words }
+        Self {
+            map,
+            addr,
+            words,
+            #[cfg(feature = "crash-states")]
+            at: None,
+        }
     }
 
     /// The region as 64-bit atomic words.
@@ -109,11 +134,11 @@ impl Region {
     /// The region as 32-bit atomic words.
     #[inline]
     pub(crate) fn words32(&self) -> &[AtomicU32] {
-        let bytes = self.map.as_ptr();
-        debug_assert_eq!(bytes as usize % std::mem::align_of::<AtomicU32>(), 0);
-        // SAFETY: as in `words`: page-aligned, valid for the borrow, any bit
-        // pattern is a valid u32, and all mutation goes through atomics.
-        unsafe { std::slice::from_raw_parts(bytes.cast::<AtomicU32>(), self.map.len() / 4) }
+        debug_assert_eq!(self.addr % std::mem::align_of::<AtomicU32>(), 0);
+        // SAFETY: as in `words`: `addr` is the page-aligned start of
+        // `self.map`, which is valid for `8 * words` bytes for the borrow; any
+        // bit pattern is a valid u32, and all mutation goes through atomics.
+        unsafe { std::slice::from_raw_parts(self.addr as *const AtomicU32, self.words * 2) }
     }
 
     /// The region as plain bytes (the header); `None` for a read-only mapping.
@@ -124,10 +149,18 @@ impl Region {
         }
     }
 
-    /// Writes dirty pages back to the file (nothing to do for a read-only mapping).
+    /// Writes dirty pages back to the file and waits until they are durable
+    /// (`msync(MS_SYNC)`; nothing to do for a read-only mapping).
     pub(crate) fn flush(&self) -> io::Result<()> {
         match &self.map {
-            Map::Rw(m) => m.flush(),
+            Map::Rw(m) => {
+                m.flush()?;
+                #[cfg(feature = "crash-states")]
+                if let Some((dev, ino, offset)) = self.at {
+                    crate::crash_states::synced(dev, ino, offset, m.len() as u64);
+                }
+                Ok(())
+            }
             Map::Ro(_) => Ok(()),
         }
     }

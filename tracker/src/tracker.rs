@@ -5,15 +5,20 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use parking_lot::Mutex;
 use uuid::Uuid;
 
 use crate::bitmap::AtomicBitmap;
-use crate::ctk::{Header, Layout, ResetReason, HEADER_BYTES, MAX_PAST_SESSIONS, MAX_PINS, STATE_CLEAN, STATE_OPEN};
+use crate::ctk::{
+    Header, Layout, ResetReason, DEFAULT_REGION_SHIFT, HEADER_BYTES, MAX_PAST_SESSIONS, MAX_PINS, REGION_SHIFTS,
+    STATE_CLEAN, STATE_OPEN,
+};
 use crate::epochmap::EpochMap;
 use crate::epochs;
+use crate::intents::Intents;
 use crate::mmap::Region;
 use crate::sparse::SparseBits;
 use crate::{ChangeId, QueryError, TrackerError};
@@ -58,6 +63,103 @@ impl Granularity {
     }
 }
 
+/// How a tracker is created or opened.
+///
+/// ```
+/// use tracker::TrackerOptions;
+/// let durable = TrackerOptions::new().durable(true);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct TrackerOptions {
+    durable: bool,
+    region_bytes: Option<u64>,
+    #[cfg(feature = "crash-states")]
+    boot_id: Option<Uuid>,
+    #[cfg(feature = "crash-states")]
+    broken: Option<BrokenRule>,
+}
+
+impl TrackerOptions {
+    /// The defaults: not durable, 1 GiB intent regions.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Durable (power-loss safe) tracking: a region's intent is synced
+    /// before the first write of each epoch into it lands, and the epoch
+    /// switch is synced inside the snapshot's stun, so after a power loss
+    /// every change ID still answers, over-reporting whole regions written
+    /// in the open and pending epochs (see [`Tracker::set_durable`]). Off,
+    /// a power loss or reboot without a clean close resets the tracking
+    /// session (`TrackingReset`); a killed process never does either way.
+    pub fn durable(mut self, on: bool) -> Self {
+        self.durable = on;
+        self
+    }
+
+    /// The bytes of disk one intent covers: a power of two from 1 MiB to
+    /// 1 TiB, at least the granularity (default 1 GiB). Used when a file is
+    /// created; an open reads it from the file.
+    pub fn region_bytes(mut self, bytes: u64) -> Self {
+        self.region_bytes = Some(bytes);
+        self
+    }
+
+    /// Opens as if booted with `id` (a test's power loss: another boot id
+    /// than the one the file records).
+    #[cfg(feature = "crash-states")]
+    pub fn boot_id(mut self, id: Uuid) -> Self {
+        self.boot_id = Some(id);
+        self
+    }
+
+    /// Breaks the power-loss rule on purpose, to show that the crash-state
+    /// tests find what it prevents.
+    #[cfg(feature = "crash-states")]
+    pub fn break_rule(mut self, rule: BrokenRule) -> Self {
+        self.broken = Some(rule);
+        self
+    }
+
+    fn boot(&self) -> Uuid {
+        #[cfg(feature = "crash-states")]
+        if let Some(id) = self.boot_id {
+            return id;
+        }
+        this_boot()
+    }
+}
+
+/// A part of the power-loss rule a test turns off (feature `crash-states`).
+#[cfg(feature = "crash-states")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokenRule {
+    /// Durable mode without intents: data lands before anything that would
+    /// record it after a power loss is durable.
+    NoIntents,
+    /// The epoch switch is not synced inside the stun.
+    NoSwitchSync,
+}
+
+/// The id of this boot (Linux: `/proc/sys/kernel/random/boot_id`), nil if unknown.
+fn this_boot() -> Uuid {
+    static BOOT: OnceLock<Uuid> = OnceLock::new();
+    *BOOT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .and_then(|s| Uuid::parse_str(s.trim()).ok())
+            .unwrap_or_else(Uuid::nil)
+    })
+}
+
+/// The write path's view of the tracker in one word: `epoch << 2 | durable << 1 | side`.
+const SIDE: u64 = 1;
+const DURABLE: u64 = 2;
+
+fn pack(epoch: u64, durable: bool, side: usize) -> u64 {
+    (epoch << 2) | (u64::from(durable) << 1) | side as u64
+}
+
 /// What a query is relative to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Since {
@@ -92,6 +194,9 @@ pub struct TrackerStats {
     pub sync_drains: u64,
     /// The tracker was not closed cleanly last time and was recovered.
     pub recovered: bool,
+    /// Intent regions the open applied to the marks: durable tracking
+    /// recovering from a power loss (or reboot) without a clean close.
+    pub recovered_regions: u64,
 }
 
 /// The change tracker of one virtual disk.
@@ -125,14 +230,21 @@ pub struct Tracker {
     file: File,
     granularity: Granularity,
     bitmaps: [AtomicBitmap; 2],
-    /// Index of the bitmap writers mark. Changed only while the host has
-    /// quiesced all writers (see `close_epoch`).
-    active: AtomicUsize,
+    /// What the write path needs, in one word (see [`pack`]): the index of
+    /// the bitmap writers mark (bit 0), whether tracking is durable (bit 1)
+    /// and the open epoch. Changed only while the host has quiesced all
+    /// writers (see `close_epoch`).
+    state: AtomicU64,
+    /// The region intents of durable tracking (`None` in a read-only view).
+    intents: Option<Intents>,
     cold: Mutex<Cold>,
     abandoned: std::sync::atomic::AtomicBool,
     recovered: bool,
+    recovered_regions: u64,
     /// Opened by [`TrackerView::open`]: mapped read-only, never written.
     read_only: bool,
+    #[cfg(feature = "crash-states")]
+    broken: Option<BrokenRule>,
 }
 
 /// A change-tracking file opened read-only, to answer queries without writing
@@ -168,7 +280,17 @@ impl Tracker {
     /// Creates a new change-tracking file for a disk of `capacity` bytes.
     /// Tracking starts enabled, in a fresh session.
     pub fn create(path: &Path, capacity: u64, granularity: Granularity) -> Result<Self, TrackerError> {
-        Self::create_at(path, capacity, granularity, 1, false)
+        Self::create_with(path, capacity, granularity, &TrackerOptions::default())
+    }
+
+    /// [`create`](Self::create) with options (durable tracking, intent region size).
+    pub fn create_with(
+        path: &Path,
+        capacity: u64,
+        granularity: Granularity,
+        opts: &TrackerOptions,
+    ) -> Result<Self, TrackerError> {
+        Self::create_at(path, capacity, granularity, 1, false, opts)
     }
 
     /// Replaces a damaged change-tracking file with a new one: a new session
@@ -193,9 +315,16 @@ impl Tracker {
             epochs::remove(path, e);
         }
         for t in temps {
-            let _ = std::fs::remove_file(t);
+            epochs::remove_file(&t);
         }
-        Self::create_at(path, capacity, granularity, next_epoch.max(2), true)
+        Self::create_at(
+            path,
+            capacity,
+            granularity,
+            next_epoch.max(2),
+            true,
+            &TrackerOptions::default(),
+        )
     }
 
     fn create_at(
@@ -204,6 +333,7 @@ impl Tracker {
         granularity: Granularity,
         first_epoch: u64,
         recreated: bool,
+        opts: &TrackerOptions,
     ) -> Result<Self, TrackerError> {
         if capacity > MAX_CAPACITY {
             return Err(TrackerError::CapacityTooLarge {
@@ -211,8 +341,19 @@ impl Tracker {
                 max: MAX_CAPACITY,
             });
         }
+        let region_bytes = opts
+            .region_bytes
+            .unwrap_or(1 << DEFAULT_REGION_SHIFT.max(granularity.shift));
+        let region_shift = region_bytes.trailing_zeros();
+        if !region_bytes.is_power_of_two() || !REGION_SHIFTS.contains(&region_shift) || region_shift < granularity.shift
+        {
+            return Err(TrackerError::BadRegion {
+                bytes: region_bytes,
+                granularity: granularity.bytes(),
+            });
+        }
         let max_blocks = granularity.blocks(MAX_CAPACITY);
-        let layout = Layout::new(max_blocks);
+        let layout = Layout::new(max_blocks, region_shift);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -238,12 +379,17 @@ impl Tracker {
             marks_lost_through: if recreated { first_epoch } else { 0 },
             active: 0,
             pending: 0,
+            durable: opts.durable,
+            boot_id: opts.boot(),
+            region_shift,
             session: Uuid::new_v4(),
             past: Vec::new(),
             pins: Vec::new(),
         };
-        let t = Self::assemble(path, file, h, layout, false)?;
+        let t = Self::assemble(path, file, h, layout, false, opts)?;
         t.cold.lock().write_header(true).map_err(io_err(path))?;
+        // The file's name is durable before anything relies on it.
+        epochs::sync_dir(path).map_err(io_err(path))?;
         Ok(t)
     }
 
@@ -255,7 +401,20 @@ impl Tracker {
     /// [`QueryError::TrackingReset`]) and `*` needs the host's
     /// [`seed_allocation`](Self::seed_allocation). A damaged header is
     /// [`TrackerError::BadFile`]: the host then calls [`recreate`](Self::recreate).
+    ///
+    /// A file left open by another boot (a power loss, or a reboot without a
+    /// clean close) may have lost what its page cache held: if its tracking
+    /// was durable, every region whose intent names the open or the pending
+    /// epoch is marked whole in that epoch; if not, the session is reset.
+    /// Opens with the default options: tracking is not durable from now on.
     pub fn open(path: &Path) -> Result<Self, TrackerError> {
+        Self::open_with(path, &TrackerOptions::default())
+    }
+
+    /// [`open`](Self::open) with options: `durable` sets the mode from now on
+    /// (recovery follows the mode the file was left in); the region size is
+    /// the file's.
+    pub fn open_with(path: &Path, opts: &TrackerOptions) -> Result<Self, TrackerError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -275,62 +434,118 @@ impl Tracker {
         if h.max_blocks != granularity.blocks(MAX_CAPACITY) {
             return Err(bad("block count does not match the granularity".into()));
         }
-        let layout = Layout::new(h.max_blocks);
+        let layout = Layout::new(h.max_blocks, h.region_shift);
         let len = file.metadata().map_err(io_err(path))?.len();
-        if len < layout.file_len {
+        if len < layout.intents_offset {
             return Err(bad(format!("file is {len} bytes, expected {}", layout.file_len)));
         }
+        if len < layout.file_len {
+            // A version 3 file: it gains the intent arrays (sparse).
+            file.set_len(layout.file_len).map_err(io_err(path))?;
+        }
         let recovered = h.state != STATE_CLEAN;
-        let t = Self::assemble(path, file, h, layout, recovered)?;
-        {
+        let boot = opts.boot();
+        // Another boot, or an unknown one: the page cache may have lost stores.
+        let lost_cache = recovered && (h.boot_id.is_nil() || h.boot_id != boot);
+        let mut t = Self::assemble(path, file, h, layout, recovered, opts)?;
+        let (regions, state) = {
             let mut c = t.cold.lock();
-            let active = t.active.load(Ordering::Relaxed);
+            let active = t.active();
+            let mut lost_marks = false;
+            let mut regions = 0;
+            if lost_cache && c.h.durable {
+                let i = t.intents.as_ref().expect("a writable tracker maps its intents");
+                let (cap, gs) = (c.h.capacity, c.h.granularity_shift);
+                regions = i.apply(active, c.h.cur_epoch, cap, gs, &t.bitmaps[active]);
+                if c.h.pending != 0 {
+                    regions += i.apply(1 - active, c.h.pending, cap, gs, &t.bitmaps[1 - active]);
+                }
+            } else if lost_cache {
+                // Marks that were only in the page cache are gone, and
+                // nothing tells which: the session cannot go on.
+                lost_marks = true;
+                c.h.pending = 0;
+            }
             if c.h.pending != 0 {
                 // Killed between a snapshot and its drain: the frozen bitmap
                 // still holds the epoch; write it out now.
                 c.drain_pending(&t.bitmaps, active).map_err(io_err(path))?;
             } else {
                 // Whatever the inactive bitmap holds was written to its epoch
-                // file already (killed before it was cleared).
+                // file already (killed before it was cleared), or was lost.
                 t.bitmaps[1 - active].drain(|_, _| {});
             }
             let (folded, last) = (c.h.folded, c.h.last_closed);
-            match epochs::load(path, folded, last, 0) {
+            let loaded = if lost_marks {
+                None
+            } else {
+                epochs::load(path, folded, last, 0)
+            };
+            match loaded {
                 Some(unfolded) => c.unfolded = unfolded,
                 None => {
                     // An epoch after the fold horizon is lost: answers that
                     // need it cannot be exact any more.
-                    reset_session(&mut c.h, ResetReason::Corrupt);
+                    let reason = if lost_marks {
+                        ResetReason::Unclean
+                    } else {
+                        ResetReason::Corrupt
+                    };
+                    reset_session(&mut c.h, reason);
                     c.h.allocation_unknown = true;
                     c.h.folded = c.h.last_closed;
                     c.h.marks_lost_through = c.h.cur_epoch;
                     c.unfolded.clear();
-                    let (have, _) = epochs::list(path);
+                    let (have, temps) = epochs::list(path);
                     for e in have {
                         epochs::remove(path, e);
+                    }
+                    for t in temps {
+                        epochs::remove_file(&t);
                     }
                 }
             }
             // An interrupted fold is done again (folding is idempotent).
             c.fold();
+            if opts.durable && !c.h.durable {
+                // Marks made before are durable before intents stand for them.
+                for b in &t.bitmaps {
+                    b.flush().map_err(io_err(path))?;
+                }
+            }
+            c.h.durable = opts.durable;
+            c.h.boot_id = boot;
             c.h.state = STATE_OPEN;
             c.write_header(true).map_err(io_err(path))?;
-        }
+            (regions, pack(c.h.cur_epoch, c.h.durable, active))
+        };
+        t.recovered_regions = regions;
+        *t.state.get_mut() = state;
         Ok(t)
     }
 
-    fn assemble(path: &Path, file: File, h: Header, layout: Layout, recovered: bool) -> Result<Self, TrackerError> {
+    fn assemble(
+        path: &Path,
+        file: File,
+        h: Header,
+        layout: Layout,
+        recovered: bool,
+        #[allow(unused_variables)] opts: &TrackerOptions,
+    ) -> Result<Self, TrackerError> {
         let e = io_err(path);
         let b0 = AtomicBitmap::map(&file, layout.bitmap_offsets[0], layout.bitmap.clone()).map_err(io_err(path))?;
         let b1 = AtomicBitmap::map(&file, layout.bitmap_offsets[1], layout.bitmap.clone()).map_err(io_err(path))?;
         let emap = EpochMap::map(&file, layout.emap_offset, layout.emap.clone()).map_err(io_err(path))?;
+        let intents =
+            Intents::map(&file, layout.intents_offset, layout.regions, h.region_shift).map_err(io_err(path))?;
         let header_region = Region::map(&file, 0, HEADER_BYTES as usize).map_err(e)?;
         Ok(Self {
             path: path.to_owned(),
             granularity: Granularity {
                 shift: h.granularity_shift,
             },
-            active: AtomicUsize::new(h.active as usize),
+            state: AtomicU64::new(pack(h.cur_epoch, h.durable, h.active as usize)),
+            intents: Some(intents),
             bitmaps: [b0, b1],
             file,
             cold: Mutex::new(Cold {
@@ -344,8 +559,19 @@ impl Tracker {
             }),
             abandoned: false.into(),
             recovered,
+            recovered_regions: 0,
             read_only: false,
+            #[cfg(feature = "crash-states")]
+            broken: opts.broken,
         })
+    }
+
+    /// The index of the bitmap writers mark.
+    #[inline(always)]
+    fn active(&self) -> usize {
+        // Relaxed: changed only while writers are quiesced by the host's I/O
+        // gate, whose lock orders this load after the change.
+        (self.state.load(Ordering::Relaxed) & SIDE) as usize
     }
 
     /// The tracking granularity.
@@ -376,11 +602,96 @@ impl Tracker {
             return;
         }
         let s = self.granularity.shift;
-        // Relaxed: `active` changes only while writers are quiesced by the
-        // host's I/O gate, whose lock orders this load after the change.
-        // (`& 1`: the index is 0 or 1, and the compiler then knows it.)
-        let b = &self.bitmaps[self.active.load(Ordering::Relaxed) & 1];
+        // (`active` masks the index to 0 or 1, and the compiler then knows it.)
+        let b = &self.bitmaps[self.active()];
         b.set_range(offset >> s, (offset + len - 1) >> s);
+    }
+
+    /// Whether the data of a guest write of `[offset, offset + len)` may land
+    /// now: tracking is not durable, or the write's regions have durable
+    /// intents for the open epoch. One load when not durable; one more for a
+    /// write inside one region. Lock-free, allocation-free. When it is
+    /// false, [`sync_intents`](Self::sync_intents) makes it true (until the
+    /// next epoch switch).
+    ///
+    /// The caller checks it, like [`mark`](Self::mark), while holding the
+    /// host's I/O gate, between the mark and the data copy.
+    #[inline(always)]
+    pub fn intents_durable(&self, offset: u64, len: u64) -> bool {
+        // Relaxed: as in `active`.
+        let s = self.state.load(Ordering::Relaxed);
+        if s & DURABLE == 0 || len == 0 {
+            return true;
+        }
+        #[cfg(feature = "crash-states")]
+        if self.broken == Some(BrokenRule::NoIntents) {
+            return true;
+        }
+        match &self.intents {
+            Some(i) => i.ready(offset, len, (s >> 2) as u32),
+            None => true,
+        }
+    }
+
+    /// Durable tracking's slow path: makes the intents of the regions of
+    /// `[offset, offset + len)` durable for the open epoch (stores them,
+    /// syncs their pages, batched with concurrent callers). It waits on the
+    /// file system, so a host calls it without holding its I/O gate and then
+    /// checks [`intents_durable`](Self::intents_durable) again under the gate
+    /// (a snapshot in between closes the epoch it prepared for).
+    #[cold]
+    #[inline(never)]
+    pub fn sync_intents(&self, offset: u64, len: u64) -> Result<(), TrackerError> {
+        // Acquire: pairs with `close_epoch`'s Release, for a caller outside the gate.
+        let s = self.state.load(Ordering::Acquire);
+        let Some(i) = self.intents.as_ref().filter(|_| s & DURABLE != 0 && len > 0) else {
+            return Ok(());
+        };
+        let (first, last) = (offset >> i.shift(), (offset + len - 1) >> i.shift());
+        i.make_durable((s & SIDE) as usize, (s >> 2) as u32, first, last)
+            .map_err(io_err(&self.path))
+    }
+
+    /// Whether tracking is durable (power-loss safe).
+    pub fn is_durable(&self) -> bool {
+        self.state.load(Ordering::Relaxed) & DURABLE != 0
+    }
+
+    /// Turns durable (power-loss safe) tracking on or off (see
+    /// [`TrackerOptions::durable`]). **The caller must have quiesced every
+    /// writer** (the host's stun). Turning it on writes the marks made so far
+    /// back to the file first (a host does most of that before its stun with
+    /// [`sync`](Self::sync)); either way the header records the mode durably
+    /// before the next write, so a power loss at any point is recovered by
+    /// the mode that was in force.
+    pub fn set_durable(&self, on: bool) -> Result<(), TrackerError> {
+        let mut c = self.cold.lock();
+        if c.h.durable == on {
+            return Ok(());
+        }
+        if on {
+            for b in &self.bitmaps {
+                b.flush().map_err(io_err(&self.path))?;
+            }
+        }
+        c.h.durable = on;
+        c.write_header(true).map_err(io_err(&self.path))?;
+        let s = self.state.load(Ordering::Relaxed);
+        // Release: as in `close_epoch`.
+        self.state
+            .store(if on { s | DURABLE } else { s & !DURABLE }, Ordering::Release);
+        Ok(())
+    }
+
+    /// Writes every mark and the header back to the file and waits until
+    /// they are durable: a host makes marks that are not a guest write's (a
+    /// revert's) survive a power loss before it relies on them.
+    pub fn sync(&self) -> Result<(), TrackerError> {
+        let mut c = self.cold.lock();
+        for b in &self.bitmaps {
+            b.flush().map_err(io_err(&self.path))?;
+        }
+        c.write_header(true).map_err(io_err(&self.path))
     }
 
     /// Whether change tracking is enabled (change IDs are issued and queries answered).
@@ -426,7 +737,7 @@ impl Tracker {
     /// next call, or the next `close_epoch`, tries again).
     pub fn settle(&self) {
         let mut c = self.cold.lock();
-        let active = self.active.load(Ordering::Relaxed);
+        let active = self.active();
         if c.drain_pending(&self.bitmaps, active).is_ok() {
             c.fold();
         }
@@ -443,10 +754,12 @@ impl Tracker {
     /// the new epoch. O(1) when [`settle`](Self::settle) ran since the last
     /// switch; otherwise the previous frozen bitmap is drained here. No file
     /// I/O: the header page is updated in the mapping (where a killed process
-    /// leaves it) and written back by the next `settle`.
+    /// leaves it) and written back by the next `settle`. Durable tracking
+    /// syncs the header page here (inside the stun): the switch must survive
+    /// a power loss before any write of the new epoch lands.
     pub fn close_epoch(&self) -> Result<u64, TrackerError> {
         let mut c = self.cold.lock();
-        let old = self.active.load(Ordering::Relaxed);
+        let old = self.active();
         if c.h.pending != 0 {
             c.sync_drains += 1;
             c.drain_pending(&self.bitmaps, old).map_err(io_err(&self.path))?;
@@ -458,18 +771,26 @@ impl Tracker {
         if c.h.pins.len() >= MAX_PINS {
             return Err(TrackerError::TooManyPins(MAX_PINS));
         }
-        // Relaxed: writers are quiesced; the host's gate publishes this store.
-        self.active.store(1 - old, Ordering::Relaxed);
         c.h.pending = e;
         c.h.active = (1 - old) as u64;
         c.h.last_closed = e;
         c.h.cur_epoch = e + 1;
         add_pin(&mut c.h.pins, e);
-        // Only the mapped page changes here: a synchronous write-back inside
-        // the stun waits on the file system (measured: p99 13 ms at 1 GiB,
-        // 67 ms at 1 TiB on ext4). `settle`, which the host calls right after
-        // the stun, writes it back; a killed process leaves it in the page cache.
-        c.write_header(false).map_err(io_err(&self.path))?;
+        // Not durable: only the mapped page changes here. A synchronous
+        // write-back inside the stun waits on the file system (measured: p99
+        // 13 ms at 1 GiB, 67 ms at 1 TiB on ext4). `settle`, which the host
+        // calls right after the stun, writes it back; a killed process leaves
+        // it in the page cache. Durable: the switch must be on disk before a
+        // write of the new epoch lands, or a power loss would leave that
+        // write's marks and intents in a bitmap the header does not name.
+        let sync = c.h.durable;
+        #[cfg(feature = "crash-states")]
+        let sync = sync && self.broken != Some(BrokenRule::NoSwitchSync);
+        let written = c.write_header(sync);
+        // Release: writers are quiesced and the host's gate publishes this
+        // store to them; a `sync_intents` outside the gate acquires it.
+        self.state.store(pack(e + 1, c.h.durable, 1 - old), Ordering::Release);
+        written.map_err(io_err(&self.path))?;
         Ok(e)
     }
 
@@ -493,7 +814,7 @@ impl Tracker {
             }
         }
         let _ = c.write_header(false);
-        let active = self.active.load(Ordering::Relaxed);
+        let active = self.active();
         if c.drain_pending(&self.bitmaps, active).is_ok() {
             c.fold();
         }
@@ -524,7 +845,7 @@ impl Tracker {
         }
         c.h.pins = pins;
         c.write_header(false).map_err(io_err(&self.path))?;
-        let active = self.active.load(Ordering::Relaxed);
+        let active = self.active();
         if c.drain_pending(&self.bitmaps, active).is_ok() {
             c.fold();
         }
@@ -553,10 +874,10 @@ impl Tracker {
         if seq > c.h.last_closed {
             return Err(QueryError::PointNotRetained(seq));
         }
-        let active = &self.bitmaps[self.active.load(Ordering::Relaxed)];
+        let active = &self.bitmaps[self.active()];
         if c.h.pending > seq {
             // Epochs in the frozen bitmap changed back too.
-            self.bitmaps[1 - self.active.load(Ordering::Relaxed)].for_each_word(0, |w, m| active.or_leaf_word(w, m));
+            self.bitmaps[1 - self.active()].for_each_word(0, |w, m| active.or_leaf_word(w, m));
         }
         for bits in c.unfolded.range(seq + 1..).map(|(_, b)| b) {
             bits.for_each_word(|w, m| active.or_leaf_word(w as usize, m));
@@ -586,7 +907,10 @@ impl Tracker {
             });
         }
         c.h.capacity = capacity;
-        c.write_header(false).map_err(io_err(&self.path))
+        // Durable: a power loss must not leave the old capacity, which
+        // bounds the intents recovery reads.
+        let sync = c.h.durable;
+        c.write_header(sync).map_err(io_err(&self.path))
     }
 
     /// Whether `*` needs the host's allocation (the state was damaged and
@@ -686,7 +1010,7 @@ impl Tracker {
         // query writes nothing; the bitmap has no writers).
         let frozen = (h.pending > s && h.pending <= at).then(|| {
             let mut bits = SparseBits::default();
-            self.bitmaps[1 - self.active.load(Ordering::Relaxed)].for_each_word(0, |w, m| bits.or_word(w as u64, m));
+            self.bitmaps[1 - self.active()].for_each_word(0, |w, m| bits.or_word(w as u64, m));
             bits
         });
         let mut sources: Vec<Box<dyn Iterator<Item = (u64, u64)> + '_>> = Vec::new();
@@ -739,6 +1063,7 @@ impl Tracker {
             unfolded_epochs: c.unfolded.len(),
             sync_drains: c.sync_drains,
             recovered: self.recovered,
+            recovered_regions: self.recovered_regions,
         }
     }
 
@@ -762,7 +1087,7 @@ impl Tracker {
     fn persist(&self) -> Result<(), TrackerError> {
         let e = || io_err(&self.path);
         let mut c = self.cold.lock();
-        let active = self.active.load(Ordering::Relaxed);
+        let active = self.active();
         c.drain_pending(&self.bitmaps, active).map_err(e())?;
         c.fold();
         for b in &self.bitmaps {
@@ -922,10 +1247,15 @@ impl TrackerView {
         if h.max_blocks != granularity.blocks(MAX_CAPACITY) {
             return Err(bad("block count does not match the granularity".into()));
         }
-        let layout = Layout::new(h.max_blocks);
+        let layout = Layout::new(h.max_blocks, h.region_shift);
         let len = file.metadata().map_err(io_err(path))?.len();
-        if len < layout.file_len {
+        // A view does not read the intent arrays (a version 3 file has none).
+        if len < layout.intents_offset {
             return Err(bad(format!("file is {len} bytes, expected {}", layout.file_len)));
+        }
+        if h.state != STATE_CLEAN && (h.boot_id.is_nil() || h.boot_id != this_boot()) {
+            // What a power loss left needs a writable open to recover.
+            return Err(TrackerError::Unrecovered { path: path.to_owned() });
         }
         // The epoch still in the frozen bitmap is read from it by queries.
         let unfolded = (h.folded + 1..=h.last_closed)
@@ -953,7 +1283,8 @@ impl TrackerView {
         Ok(Self(Tracker {
             path: path.to_owned(),
             granularity,
-            active: AtomicUsize::new(h.active as usize),
+            state: AtomicU64::new(pack(h.cur_epoch, false, h.active as usize)),
+            intents: None,
             bitmaps: [b0, b1],
             file,
             cold: Mutex::new(Cold {
@@ -967,7 +1298,10 @@ impl TrackerView {
             }),
             abandoned: false.into(),
             recovered,
+            recovered_regions: 0,
             read_only: true,
+            #[cfg(feature = "crash-states")]
+            broken: None,
         }))
     }
 
@@ -1199,6 +1533,69 @@ mod crash_tests {
     #[test]
     fn killed_in_the_middle_of_a_fold() {
         run("fold: one epoch folded");
+    }
+
+    /// Writes the newest header of the file at `p` as version 3 did and cuts
+    /// the file to a version 3 length (no intent arrays).
+    fn make_v3(p: &Path) {
+        let mut page = vec![0u8; HEADER_BYTES as usize];
+        let f = OpenOptions::new().read(true).write(true).open(p).unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut page, 0).unwrap();
+        let mut h = Header::read(&page).unwrap();
+        let layout = Layout::new(h.max_blocks, h.region_shift);
+        h.write_v3(&mut page);
+        std::os::unix::fs::FileExt::write_all_at(&f, &page, 0).unwrap();
+        f.set_len(layout.intents_offset).unwrap();
+    }
+
+    /// A version 3 file closed cleanly opens in the same session (and is
+    /// upgraded); one a killed version 3 process left cannot tell a reboot
+    /// from a kill (no boot id) and resets, never answering short.
+    #[test]
+    fn a_version_3_file_opens_and_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.ctk");
+        let t = Tracker::create(&p, GIB, Granularity::DEFAULT).unwrap();
+        t.mark(0, 1);
+        let e1 = t.close_epoch().unwrap();
+        let id1 = t.change_id(e1).unwrap();
+        t.mark(5 << 16, 1);
+        let e2 = t.close_epoch().unwrap();
+        t.close().unwrap();
+        make_v3(&p);
+        let view = TrackerView::open(&p).unwrap();
+        assert_eq!(
+            view.changed_areas(Since::Change(id1), e2, GIB, 0, 10).unwrap().areas,
+            vec![(5 << 16, 1 << 16)]
+        );
+        drop(view);
+        let t = Tracker::open_with(&p, &TrackerOptions::new().durable(true)).unwrap();
+        assert_eq!(
+            t.changed_areas(Since::Change(id1), e2, GIB, 0, 10).unwrap().areas,
+            vec![(5 << 16, 1 << 16)]
+        );
+        assert!(t.is_durable());
+        t.mark(7 << 16, 1);
+        assert!(!t.intents_durable(7 << 16, 1));
+        t.sync_intents(7 << 16, 1).unwrap();
+        assert!(t.intents_durable(7 << 16, 1));
+        t.close().unwrap();
+        let mut page = vec![0u8; HEADER_BYTES as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&File::open(&p).unwrap(), &mut page, 0).unwrap();
+        let h = Header::read(&page).unwrap();
+        assert_eq!((h.region_shift, h.durable), (crate::ctk::DEFAULT_REGION_SHIFT, true));
+
+        // Left open by a killed version 3 process.
+        let t = Tracker::open(&p).unwrap();
+        t.abandon();
+        drop(t);
+        make_v3(&p);
+        let t = Tracker::open(&p).unwrap();
+        assert!(matches!(
+            t.changed_areas(Since::Change(id1), e2, GIB, 0, 10),
+            Err(QueryError::TrackingReset { .. })
+        ));
+        assert!(t.needs_allocation(), "`*` waits for the host's allocation");
     }
 
     #[test]
