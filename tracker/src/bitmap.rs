@@ -223,6 +223,27 @@ impl AtomicBitmap {
         }
     }
 
+    /// Sets the summary bit of every leaf page among `pages` that holds a
+    /// non-zero word. After a power loss the pages of the region reached the
+    /// disk in any order, so a leaf word may be set while its summary bit is
+    /// not: iteration would skip it, and a later mark of the same word would
+    /// not set the bit either (the word is not zero). Recovery calls this on
+    /// the leaf pages the file holds data for.
+    pub(crate) fn resummarize(&self, pages: impl IntoIterator<Item = usize>) {
+        let leaf = self.leaf();
+        for p in pages {
+            let mut words = leaf.iter().skip(p * PAGE_WORDS).take(PAGE_WORDS);
+            if let Some(w) = words.position(|w| w.load(Ordering::Relaxed) != 0) {
+                self.note_page(p * PAGE_WORDS + w);
+            }
+        }
+    }
+
+    /// Bytes of the leaf, which starts the region (for finding its pages in the file).
+    pub(crate) fn leaf_bytes(&self) -> u64 {
+        self.leaf_words as u64 * 8
+    }
+
     /// Counts the set bits (reads only the pages the summary names).
     pub fn count(&self) -> u64 {
         let mut n = 0;

@@ -32,6 +32,19 @@ const PAGE: u64 = 4096;
 
 thread_local! {
     static REC: RefCell<Option<Recorder>> = const { RefCell::new(None) };
+    static BOOT: std::cell::Cell<Option<uuid::Uuid>> = const { std::cell::Cell::new(None) };
+}
+
+/// Makes the trackers this thread opens or creates from now on see `id` as
+/// the boot they run in (`None`: the real one): a test's reboot, after which
+/// a file left open is recovered as after a power loss.
+pub fn set_boot_id(id: Option<uuid::Uuid>) {
+    BOOT.set(id);
+}
+
+/// The boot id a test set for this thread.
+pub(crate) fn boot_id() -> Option<uuid::Uuid> {
+    BOOT.get()
 }
 
 #[derive(Debug, Clone)]

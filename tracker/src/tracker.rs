@@ -74,8 +74,6 @@ pub struct TrackerOptions {
     durable: bool,
     region_bytes: Option<u64>,
     #[cfg(feature = "crash-states")]
-    boot_id: Option<Uuid>,
-    #[cfg(feature = "crash-states")]
     broken: Option<BrokenRule>,
 }
 
@@ -105,28 +103,12 @@ impl TrackerOptions {
         self
     }
 
-    /// Opens as if booted with `id` (a test's power loss: another boot id
-    /// than the one the file records).
-    #[cfg(feature = "crash-states")]
-    pub fn boot_id(mut self, id: Uuid) -> Self {
-        self.boot_id = Some(id);
-        self
-    }
-
     /// Breaks the power-loss rule on purpose, to show that the crash-state
     /// tests find what it prevents.
     #[cfg(feature = "crash-states")]
     pub fn break_rule(mut self, rule: BrokenRule) -> Self {
         self.broken = Some(rule);
         self
-    }
-
-    fn boot(&self) -> Uuid {
-        #[cfg(feature = "crash-states")]
-        if let Some(id) = self.boot_id {
-            return id;
-        }
-        this_boot()
     }
 }
 
@@ -141,8 +123,13 @@ pub enum BrokenRule {
     NoSwitchSync,
 }
 
-/// The id of this boot (Linux: `/proc/sys/kernel/random/boot_id`), nil if unknown.
+/// The id of this boot (Linux: `/proc/sys/kernel/random/boot_id`), nil if
+/// unknown; with the feature `crash-states`, what the test set for its thread.
 fn this_boot() -> Uuid {
+    #[cfg(feature = "crash-states")]
+    if let Some(id) = crate::crash_states::boot_id() {
+        return id;
+    }
     static BOOT: OnceLock<Uuid> = OnceLock::new();
     *BOOT.get_or_init(|| {
         std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -380,7 +367,7 @@ impl Tracker {
             active: 0,
             pending: 0,
             durable: opts.durable,
-            boot_id: opts.boot(),
+            boot_id: this_boot(),
             region_shift,
             session: Uuid::new_v4(),
             past: Vec::new(),
@@ -444,15 +431,27 @@ impl Tracker {
             file.set_len(layout.file_len).map_err(io_err(path))?;
         }
         let recovered = h.state != STATE_CLEAN;
-        let boot = opts.boot();
+        let boot = this_boot();
         // Another boot, or an unknown one: the page cache may have lost stores.
         let lost_cache = recovered && (h.boot_id.is_nil() || h.boot_id != boot);
+        let layout_offsets = layout.bitmap_offsets;
         let mut t = Self::assemble(path, file, h, layout, recovered, opts)?;
         let (regions, state) = {
             let mut c = t.cold.lock();
             let active = t.active();
             let mut lost_marks = false;
             let mut regions = 0;
+            if lost_cache {
+                // The bitmaps' pages reached the disk in any order: a leaf
+                // word may be set without its summary bit. Set the summary
+                // over every leaf page that holds a bit (the pages the file
+                // has data for), or iteration would miss them and a later
+                // mark of the same word would too.
+                for (b, &off) in t.bitmaps.iter().zip(&layout_offsets) {
+                    let pages = data_pages(&t.file, off, b.leaf_bytes()).map_err(io_err(path))?;
+                    b.resummarize(pages);
+                }
+            }
             if lost_cache && c.h.durable {
                 let i = t.intents.as_ref().expect("a writable tracker maps its intents");
                 let (cap, gs) = (c.h.capacity, c.h.granularity_shift);
@@ -1360,6 +1359,29 @@ fn reset_session(h: &mut Header, reason: ResetReason) {
     h.session_start = h.cur_epoch;
 }
 
+/// The pages (4 KiB, counted from `offset`) of `len` bytes of `file` at
+/// `offset` that hold data: the rest are holes of the sparse file, never
+/// written, so all zeros (`SEEK_DATA`/`SEEK_HOLE`).
+fn data_pages(file: &File, offset: u64, len: u64) -> io::Result<Vec<usize>> {
+    use rustix::fs::{seek, SeekFrom};
+    let mut pages = Vec::new();
+    let (mut at, end) = (offset, offset + len);
+    while at < end {
+        let data = match seek(file, SeekFrom::Data(at)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek(file, SeekFrom::Hole(data))?.min(end);
+        pages.extend(((data - offset) / 4096) as usize..(hole - offset).div_ceil(4096) as usize);
+        at = hole;
+    }
+    Ok(pages)
+}
+
 fn lock(file: &File, path: &Path) -> Result<(), TrackerError> {
     file.try_lock().map_err(|e| match e {
         std::fs::TryLockError::WouldBlock => TrackerError::InUse { path: path.to_owned() },
@@ -1533,6 +1555,53 @@ mod crash_tests {
     #[test]
     fn killed_in_the_middle_of_a_fold() {
         run("fold: one epoch folded");
+    }
+
+    /// After a power loss a leaf page of a bitmap may have reached the disk
+    /// while its summary page did not: recovery sets the summary again, so
+    /// the bit is found, and a later mark of the same word too (durable or not).
+    #[cfg(feature = "crash-states")]
+    #[test]
+    fn a_leaf_bit_without_its_summary_is_found_after_a_power_loss() {
+        for durable in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("d.ctk");
+            let opts = TrackerOptions::new().durable(durable);
+            let t = Tracker::create_with(&p, GIB, Granularity::DEFAULT, &opts).unwrap();
+            let e1 = t.close_epoch().unwrap();
+            t.settle();
+            let active = t.active();
+            t.abandon();
+            drop(t);
+            // Block 3 set in the active leaf (word 0), its summary bit not.
+            let layout = Layout::new(Granularity::DEFAULT.blocks(MAX_CAPACITY), DEFAULT_REGION_SHIFT);
+            let f = OpenOptions::new().write(true).open(&p).unwrap();
+            std::os::unix::fs::FileExt::write_all_at(&f, &(1u64 << 3).to_le_bytes(), layout.bitmap_offsets[active])
+                .unwrap();
+            crate::crash_states::set_boot_id(Some(Uuid::new_v4()));
+            let t = Tracker::open_with(&p, &opts).unwrap();
+            crate::crash_states::set_boot_id(None);
+            let e2 = t.close_epoch().unwrap();
+            t.settle();
+            let b = |n: u64| (n << 16, 1 << 16);
+            if durable {
+                // The same session: the bit is epoch 2's.
+                let id1 = t.change_id(e1).unwrap();
+                assert_eq!(areas(&t, Since::Change(id1), e2), vec![b(3)]);
+                assert_eq!(areas(&t, Since::Allocated, e2), vec![b(3)]);
+            } else {
+                assert!(t.needs_allocation(), "a reset: `*` waits for the host's layers");
+            }
+            // Block 5 is in the same word, in the bitmap that is active again.
+            let id2 = t.change_id(e2).unwrap();
+            t.mark(5 << 16, 1);
+            let _ = t.close_epoch().unwrap();
+            t.mark(5 << 16, 1);
+            let e4 = t.close_epoch().unwrap();
+            let id3 = t.change_id(e4 - 1).unwrap();
+            assert_eq!(areas(&t, Since::Change(id3), e4), vec![b(5)], "durable: {durable}");
+            assert_eq!(areas(&t, Since::Change(id2), e4), vec![b(5)], "durable: {durable}");
+        }
     }
 
     /// Writes the newest header of the file at `p` as version 3 did and cuts

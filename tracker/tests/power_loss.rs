@@ -73,8 +73,9 @@ struct Workload {
     opts: TrackerOptions,
     /// Blocks `first..=last` written in epoch `e`, by index (notes `WRITE | i`).
     writes: Vec<(u64, u64, u64)>,
-    /// The live snapshots after each save of the host's configuration (notes `CONFIG | i`).
-    configs: Vec<Vec<u64>>,
+    /// The live snapshots after each save of the host's configuration, and
+    /// the revert it journals, if any (notes `CONFIG | i`).
+    configs: Vec<(Vec<u64>, Option<u64>)>,
     /// The change ID of every snapshot taken.
     ids: BTreeMap<u64, ChangeId>,
     log: CrashLog,
@@ -98,30 +99,39 @@ fn write(t: &Tracker, rng: &mut Rng, writes: &mut Vec<(u64, u64, u64)>) {
     crash_states::note(WRITE | (writes.len() as u64 - 1));
 }
 
-/// `toggles`: durable tracking is also turned off and on while it runs.
-fn run_workload(seed: u64, opts: TrackerOptions, toggles: bool, dir: &Path) -> Workload {
+/// What a workload does besides writes, snapshots, removals and settles.
+#[derive(Debug, Clone, Copy, Default)]
+struct Extra {
+    /// Durable tracking is turned off and on.
+    toggles: bool,
+    /// Reverts, as `sim` does them: journal, rewind, sync the marks, clear
+    /// the journal (`false`: without the sync).
+    reverts: Option<bool>,
+}
+
+fn run_workload(seed: u64, opts: TrackerOptions, extra: Extra, dir: &Path) -> Workload {
     let mut rng = Rng(seed);
     let p = dir.join("d.ctk");
     let mut t = Tracker::create_with(&p, CAP, Granularity::new(G).unwrap(), &opts).unwrap();
     t.sync().unwrap();
     crash_states::record(&p).unwrap();
     let mut writes = Vec::new();
-    let mut configs: Vec<Vec<u64>> = Vec::new();
+    let mut configs: Vec<(Vec<u64>, Option<u64>)> = Vec::new();
     let mut live: Vec<u64> = Vec::new();
     let mut ids = BTreeMap::new();
-    let save = |configs: &mut Vec<Vec<u64>>, live: &[u64]| {
-        configs.push(live.to_vec());
+    let save = |configs: &mut Vec<(Vec<u64>, Option<u64>)>, live: &[u64], revert: Option<u64>| {
+        configs.push((live.to_vec(), revert));
         crash_states::note(CONFIG | (configs.len() as u64 - 1));
     };
     for _ in 0..STEPS {
-        match rng.below(if toggles { 22 } else { 20 }) {
+        match rng.below(24) {
             12..=14 if live.len() < 6 => {
                 // The host saves the snapshot in its configuration, then
                 // closes the epoch in the stun; the guest writes on while the
                 // host settles after it.
                 let seq = t.last_closed() + 1;
                 live.push(seq);
-                save(&mut configs, &live);
+                save(&mut configs, &live, None);
                 assert_eq!(t.close_epoch().unwrap(), seq);
                 ids.insert(seq, t.change_id(seq).unwrap());
                 crash_states::checkpoint();
@@ -132,7 +142,7 @@ fn run_workload(seed: u64, opts: TrackerOptions, toggles: bool, dir: &Path) -> W
             }
             15..=16 if !live.is_empty() => {
                 let seq = live.remove(rng.below(live.len() as u64) as usize);
-                save(&mut configs, &live);
+                save(&mut configs, &live, None);
                 t.unpin(seq);
             }
             17 => t.settle(),
@@ -147,7 +157,34 @@ fn run_workload(seed: u64, opts: TrackerOptions, toggles: bool, dir: &Path) -> W
                 drop(t);
                 t = Tracker::open_with(&p, &opts.clone().durable(durable)).unwrap();
             }
-            20 | 21 => t.set_durable(!t.is_durable()).unwrap(),
+            20 | 21 if extra.toggles => t.set_durable(!t.is_durable()).unwrap(),
+            22 | 23 if extra.reverts.is_some() && !live.is_empty() => {
+                // The journal (with the reverted chain) is saved first: from
+                // then on the disk reads as the target, so every block
+                // written after it changed again, in the open epoch.
+                let target = live[rng.below(live.len() as u64) as usize];
+                let newer: Vec<u64> = live.iter().copied().filter(|&s| s > target).collect();
+                live.retain(|&s| s <= target);
+                save(&mut configs, &live, Some(target));
+                let cur = t.last_closed() + 1;
+                let back: BTreeSet<(u64, u64)> = writes
+                    .iter()
+                    .filter(|&&(_, _, e)| e > target)
+                    .map(|&(a, z, _)| (a, z))
+                    .collect();
+                for (a, z) in back {
+                    writes.push((a, z, cur));
+                    crash_states::note(WRITE | (writes.len() as u64 - 1));
+                }
+                t.rewind_to(target).unwrap();
+                for s in newer {
+                    t.unpin(s);
+                }
+                if extra.reverts == Some(true) && t.is_durable() {
+                    t.sync().unwrap();
+                }
+                save(&mut configs, &live, None);
+            }
             _ => write(&t, &mut rng, &mut writes),
         }
         crash_states::checkpoint();
@@ -186,19 +223,22 @@ fn check(w: &Workload, k: usize, rng: &mut Rng, out: &mut Outcome) {
         .filter(|&&n| n & WRITE != 0)
         .map(|&n| w.writes[(n & 0xffff_ffff) as usize])
         .collect();
-    let saved: Vec<&Vec<u64>> = notes
+    let saved: Vec<&(Vec<u64>, Option<u64>)> = notes
         .iter()
         .filter(|&&n| n & CONFIG != 0)
         .map(|&n| &w.configs[(n & 0xffff_ffff) as usize])
         .collect();
-    let live: Vec<u64> = saved.last().map_or_else(Vec::new, |c| (*c).clone());
-    let known: BTreeSet<u64> = saved.iter().flat_map(|c| c.iter().copied()).collect();
+    let (live, revert) = saved.last().map_or_else(|| (Vec::new(), None), |c| (*c).clone());
+    let known: BTreeSet<u64> = saved.iter().flat_map(|c| c.0.iter().copied()).collect();
 
     let dir = scratch();
     let p = w.log.build(k, &mut || rng.next(), dir.path()).unwrap();
     out.states += 1;
-    let reboot = w.opts.clone().boot_id(Uuid::new_v4());
-    let t = match Tracker::open_with(&p, &reboot) {
+    // Opened in another boot.
+    crash_states::set_boot_id(Some(Uuid::new_v4()));
+    let opened = Tracker::open_with(&p, &w.opts);
+    crash_states::set_boot_id(None);
+    let t = match opened {
         Ok(t) => t,
         // The host would recreate it: every change ID is then a reset.
         Err(TrackerError::BadFile { .. }) => {
@@ -215,6 +255,10 @@ fn check(w: &Workload, k: usize, rng: &mut Rng, out: &mut Outcome) {
         t.close_epoch().unwrap();
     }
     t.retain_pins(&live).unwrap();
+    if let Some(target) = revert {
+        // A journalled revert is marked again.
+        t.rewind_to(target).unwrap();
+    }
     let now = t.close_epoch().unwrap();
     t.settle();
     let points: Vec<u64> = live.iter().copied().chain([now]).collect();
@@ -249,14 +293,36 @@ fn check(w: &Workload, k: usize, rng: &mut Rng, out: &mut Outcome) {
         out.missed
             .push(format!("point {k}: * at {now}: blocks {missed:?} missed"));
     }
+    // Tracking goes on exactly: what the recovery left in the bitmaps hides
+    // no later write (after a reset too: `now` is of the new session).
+    let mut later = Vec::new();
+    for _ in 0..8 {
+        write(&t, rng, &mut later);
+    }
+    let next = t.close_epoch().unwrap();
+    let id = t.change_id(now).unwrap();
+    let got = covered(
+        &t.changed_areas(Since::Change(id), next, CAP, 0, usize::MAX)
+            .unwrap()
+            .areas,
+    );
+    let missed: Vec<u64> = later
+        .iter()
+        .flat_map(|&(a, z, _)| a..=z)
+        .filter(|b| !got.contains(b))
+        .collect();
+    if !missed.is_empty() {
+        out.missed
+            .push(format!("point {k}: since {now} at {next}: blocks {missed:?} missed"));
+    }
 }
 
 /// Runs the workload of each seed and checks every crash state of it.
-fn explore(seeds: impl IntoIterator<Item = u64>, opts: &TrackerOptions, toggles: bool, stop_at_miss: bool) -> Outcome {
+fn explore(seeds: impl IntoIterator<Item = u64>, opts: &TrackerOptions, extra: Extra, stop_at_miss: bool) -> Outcome {
     let mut out = Outcome::default();
     for seed in seeds {
         let dir = scratch();
-        let w = run_workload(seed, opts.clone(), toggles, dir.path());
+        let w = run_workload(seed, opts.clone(), extra, dir.path());
         let mut rng = Rng(seed ^ 0xc4a5);
         let points = w.log.sync_points();
         let before = out.missed.len();
@@ -291,7 +357,11 @@ fn durable() -> TrackerOptions {
 
 #[test]
 fn durable_tracking_answers_every_change_id_after_any_power_loss() {
-    let out = explore(seeds(6), &durable(), false, false);
+    let reverts = Extra {
+        reverts: Some(true),
+        ..Extra::default()
+    };
+    let out = explore(seeds(24), &durable(), reverts, false);
     println!("{out:?}");
     assert!(out.missed.is_empty(), "{:#?}", &out.missed[..out.missed.len().min(10)]);
     assert_eq!(out.reset, 0, "durable tracking never resets after a power loss");
@@ -301,7 +371,12 @@ fn durable_tracking_answers_every_change_id_after_any_power_loss() {
 
 #[test]
 fn the_generator_finds_the_blocks_intents_save() {
-    let out = explore(seeds(20), &durable().break_rule(BrokenRule::NoIntents), false, true);
+    let out = explore(
+        seeds(20),
+        &durable().break_rule(BrokenRule::NoIntents),
+        Extra::default(),
+        true,
+    );
     println!("{:?}", out.missed.first());
     assert!(
         !out.missed.is_empty(),
@@ -311,7 +386,12 @@ fn the_generator_finds_the_blocks_intents_save() {
 
 #[test]
 fn the_generator_finds_an_epoch_switch_not_synced_in_the_stun() {
-    let out = explore(seeds(20), &durable().break_rule(BrokenRule::NoSwitchSync), false, true);
+    let out = explore(
+        seeds(20),
+        &durable().break_rule(BrokenRule::NoSwitchSync),
+        Extra::default(),
+        true,
+    );
     println!("{:?}", out.missed.first());
     assert!(
         !out.missed.is_empty(),
@@ -321,7 +401,11 @@ fn the_generator_finds_an_epoch_switch_not_synced_in_the_stun() {
 
 #[test]
 fn default_tracking_resets_after_a_power_loss_and_never_answers_short() {
-    let out = explore(seeds(3), &TrackerOptions::new().region_bytes(REGION), false, false);
+    let extra = Extra {
+        toggles: false,
+        reverts: Some(true),
+    };
+    let out = explore(seeds(8), &TrackerOptions::new().region_bytes(REGION), extra, false);
     println!("{out:?}");
     assert!(out.missed.is_empty(), "{:#?}", &out.missed[..out.missed.len().min(10)]);
     assert!(out.reset > 0, "{out:?}");
@@ -331,10 +415,28 @@ fn default_tracking_resets_after_a_power_loss_and_never_answers_short() {
 /// stun, as the host does): a power loss is recovered by the mode in force.
 #[test]
 fn turning_durable_tracking_off_and_on_never_answers_short() {
-    let out = explore(seeds(6), &durable(), true, false);
+    let extra = Extra {
+        toggles: true,
+        reverts: Some(true),
+    };
+    let out = explore(seeds(12), &durable(), extra, false);
     println!("{out:?}");
     assert!(out.missed.is_empty(), "{:#?}", &out.missed[..out.missed.len().min(10)]);
     assert!(out.answered > 0 && out.reset > 0, "both modes were hit: {out:?}");
+}
+
+/// A revert's marks are no guest write's: no intent covers them. Without the
+/// host's sync before it clears the revert's journal, a power loss loses
+/// them (which is why `sim` syncs there).
+#[test]
+fn the_generator_finds_a_revert_not_synced_before_its_journal_is_cleared() {
+    let extra = Extra {
+        toggles: false,
+        reverts: Some(false),
+    };
+    let out = explore(seeds(40), &durable(), extra, true);
+    println!("{:?}", out.missed.first());
+    assert!(!out.missed.is_empty(), "an unsynced revert loses its marks: {out:?}");
 }
 
 /// A read-only view cannot recover what a power loss (or reboot) left: it
@@ -344,8 +446,10 @@ fn a_view_of_a_file_left_open_in_another_boot_asks_for_a_writable_open() {
     let dir = scratch();
     let p = dir.path().join("d.ctk");
     let g = Granularity::new(G).unwrap();
-    // Opened "in another boot", then the host stops without a clean close.
-    let t = Tracker::create_with(&p, CAP, g, &durable().boot_id(Uuid::new_v4())).unwrap();
+    // Opened in another boot, then the host stops without a clean close.
+    crash_states::set_boot_id(Some(Uuid::new_v4()));
+    let t = Tracker::create_with(&p, CAP, g, &durable()).unwrap();
+    crash_states::set_boot_id(None);
     t.mark(0, 1);
     let e = t.close_epoch().unwrap();
     let id = t.change_id(e).unwrap();
