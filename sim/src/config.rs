@@ -30,6 +30,13 @@ pub struct VmConfig {
     /// revert changed back (marking again is harmless), then clears it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_revert: Option<Vec<u64>>,
+    /// Durable (power-loss safe) change tracking: the trackers sync a
+    /// region's intent before the first guest write of an epoch into it
+    /// lands, and the epoch switch inside the snapshot's stun, so change IDs
+    /// survive a power loss (over-reporting whole regions). Off (the
+    /// default), a power loss or reboot without a clean stop resets tracking.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub durable_tracking: bool,
 }
 
 /// A disk's persistent configuration.
@@ -88,7 +95,8 @@ impl VmConfig {
         Ok(c)
     }
 
-    /// Writes to a temporary file, syncs it, and renames it over `path`.
+    /// Writes to a temporary file, syncs it, renames it over `path` and syncs
+    /// the directory (so the rename, too, survives a power loss).
     pub(crate) fn save(&self, path: &Path) -> Result<(), SimError> {
         let io = |source| SimError::Io {
             path: path.to_owned(),
@@ -99,6 +107,11 @@ impl VmConfig {
         let text = serde_json::to_vec_pretty(self).expect("config serialises");
         f.write_all(&text).map_err(io)?;
         f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        std::fs::rename(&tmp, path).map_err(io)?;
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)
     }
 }

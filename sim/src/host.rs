@@ -98,7 +98,17 @@ impl Host {
             // cannot make: recover once with a writable open, then read.
             drop(Vm::open(&dir)?);
         }
-        VmView::open(&dir)
+        match VmView::open(&dir) {
+            // A power loss (or reboot) left a tracker that only a writable
+            // open recovers: recover once, then read.
+            Err(SimError::Tracker(tracker::TrackerError::Unrecovered { .. }))
+                if !self.vms.lock().contains_key(name) =>
+            {
+                drop(Vm::open(&dir)?);
+                VmView::open(&dir)
+            }
+            r => r,
+        }
     }
 
     /// Closes the VM's handle in this process (it is reopened on next use).

@@ -8,7 +8,11 @@
 //! (the `tracker` crate): lock-free, no allocation. Snapshots stun I/O for an
 //! O(1) epoch switch, consolidation and revert keep tracking exact, and the
 //! host and each VM answer the `vadp` data-protection API, so callers page
-//! changed areas with the checked `vadp::changed_areas`.
+//! changed areas with the checked `vadp::changed_areas`. A killed host
+//! resumes tracking exactly; a host that lost power (or rebooted without a
+//! clean stop) resumes it only for VMs with durable tracking
+//! ([`Vm::set_durable_tracking`]: a region's intent is synced before the
+//! first write of an epoch into it, off the gate), and resets it otherwise.
 //!
 //! Features: `bench` adds `Vm::write_with` (the write path marking another
 //! `tracker::MarkDirty`, for the benchmarks); `fault-injection` adds the

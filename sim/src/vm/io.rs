@@ -48,9 +48,10 @@ impl Vm {
     /// The write path: under the gate, check, mark `marker`, copy.
     ///
     /// A write that would create an extent file or fault in fresh pages of
-    /// the top layer (its first write to a grain of a new delta) does that
-    /// first without the gate, then takes it again: a stun never waits for a
-    /// writer inside a page fault it could have taken before. Such a write
+    /// the top layer (its first write to a grain of a new delta), or with
+    /// durable tracking sync a region's intent, does that first without the
+    /// gate, then takes it again: a stun never waits for a writer inside a
+    /// page fault or a sync it could have done before. Such a write
     /// holds a reference to the layer while the gate is not held (the only
     /// case that touches a reference count); the write itself runs only
     /// under the gate, after it checked everything again.
@@ -64,7 +65,7 @@ impl Vm {
         src: Src<'_>,
     ) -> Result<(), SimError> {
         fault_point!(crate::fault::Point::BeforeGate { disk, offset, len });
-        let mut prefaulted = 0;
+        let (mut prefaulted, mut synced) = (0, 0);
         loop {
             let io = self.gate();
             if !io.powered_on {
@@ -84,6 +85,20 @@ impl Vm {
                 top.prefault(offset, len, src)?;
                 prefaulted += 1;
                 continue;
+            }
+            // Durable tracking: the first write of an epoch into a region
+            // syncs the region's intent before its data lands. That waits on
+            // the file system, so it runs without the gate (a snapshot in
+            // between closes the epoch it was for: check again); after two
+            // tries, under the gate.
+            if !marker.intents_durable(offset, len) {
+                if synced < 2 {
+                    drop(io);
+                    marker.sync_intents(offset, len)?;
+                    synced += 1;
+                    continue;
+                }
+                marker.sync_intents(offset, len)?;
             }
             // Mark first: a write that fails half-way is over-reported, never lost.
             marker.mark(offset, len);

@@ -30,7 +30,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteGuard};
 use parking_lot::Mutex;
-use tracker::{Granularity, Tracker, MAX_CAPACITY};
+use tracker::{Granularity, Tracker, TrackerOptions, MAX_CAPACITY};
 use vadp::SnapshotDisk;
 
 use crate::config::{DiskConfig, VmConfig, CONFIG_VERSION};
@@ -110,13 +110,17 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SimError + '_ {
     }
 }
 
-/// Opens a disk's tracker; a damaged one is set aside and recreated (a new
-/// tracking session, its first epoch after every snapshot the VM has).
-fn open_tracker(path: &Path, dc: &DiskConfig, newest: u64) -> Result<Tracker, SimError> {
-    match Tracker::open(path) {
+/// Opens a disk's tracker, durable or not; a damaged one is set aside and
+/// recreated (a new tracking session, its first epoch after every snapshot
+/// the VM has).
+fn open_tracker(path: &Path, dc: &DiskConfig, newest: u64, durable: bool) -> Result<Tracker, SimError> {
+    match Tracker::open_with(path, &TrackerOptions::new().durable(durable)) {
         Err(tracker::TrackerError::BadFile { .. }) => {
             let g = Granularity::new(dc.granularity)?;
-            Ok(Tracker::recreate(path, dc.capacity, g, newest + 1)?)
+            let t = Tracker::recreate(path, dc.capacity, g, newest + 1)?;
+            // Nothing writes to it yet.
+            t.set_durable(durable)?;
+            Ok(t)
         }
         r => Ok(r?),
     }
@@ -204,6 +208,7 @@ impl Vm {
             snapshots: Vec::new(),
             next_layer: 1,
             pending_revert: None,
+            durable_tracking: false,
         };
         let lock = lock_vm(dir, name)?;
         let mut trackers = Vec::new();
@@ -243,7 +248,7 @@ impl Vm {
             let newest = cfg.snapshots.iter().map(|s| s.disks[i].seq).max().unwrap_or(0);
             let tracker = match created.next() {
                 Some(t) => t,
-                None => open_tracker(&ddir.join("disk.ctk"), dc, newest)?,
+                None => open_tracker(&ddir.join("disk.ctk"), dc, newest, cfg.durable_tracking)?,
             };
             // A crash between saving a new snapshot and its stun leaves a
             // snapshot whose epoch was never closed. Its view is the disk as
@@ -440,6 +445,34 @@ impl Vm {
     /// Whether change tracking is on.
     pub fn cbt(&self) -> bool {
         self.meta.lock().cbt
+    }
+
+    /// Turns durable (power-loss safe) change tracking on or off for every
+    /// disk (see [`VmConfig::durable_tracking`]): the marks so far are written
+    /// back before the stun, and inside it the trackers switch and record the
+    /// mode durably, so a power loss at any point is recovered by the mode in
+    /// force. Change IDs stay valid either way.
+    pub fn set_durable_tracking(&self, on: bool) -> Result<(), SimError> {
+        let mut cfg = self.meta.lock();
+        if on {
+            // Most of the write-back, without the stun.
+            for d in &self.disks {
+                d.tracker.sync()?;
+            }
+        }
+        {
+            let _stun = self.stun();
+            for d in &self.disks {
+                d.tracker.set_durable(on)?;
+            }
+        }
+        cfg.durable_tracking = on;
+        cfg.save(&self.dir.join("vm.json"))
+    }
+
+    /// Whether change tracking is durable (power-loss safe).
+    pub fn durable_tracking(&self) -> bool {
+        self.meta.lock().durable_tracking
     }
 
     /// Powers the VM on or off. Off waits for in-flight I/O, refuses new

@@ -173,6 +173,7 @@ impl Vm {
                 self.disks[d].tracker.unpin(sd.seq);
             }
         }
+        self.sync_revert_marks(&next)?;
         next.pending_revert = None;
         next.save(&self.dir.join("vm.json"))?;
         for l in dropped {
@@ -196,7 +197,20 @@ impl Vm {
                 self.disks[d].tracker.rewind_to(seq)?;
             }
         }
+        self.sync_revert_marks(&cfg)?;
         cfg.pending_revert = None;
         cfg.save(&self.dir.join("vm.json"))
+    }
+
+    /// Durable tracking: a revert's marks are no guest write's, so no intent
+    /// covers them; they are written back before the journal that would mark
+    /// them again is cleared, or a power loss could lose them.
+    fn sync_revert_marks(&self, cfg: &VmConfig) -> Result<(), SimError> {
+        if cfg.durable_tracking {
+            for d in &self.disks {
+                d.tracker.sync()?;
+            }
+        }
+        Ok(())
     }
 }
