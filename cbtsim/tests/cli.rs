@@ -818,3 +818,46 @@ fn read_only_commands_write_nothing_and_share_the_vm() {
         "readers wait for a writer"
     );
 }
+
+/// Durable (power-loss safe) tracking: set at `vm create` or with `vm
+/// durable`, shown by `vm show`; change IDs stay valid across the switch.
+#[test]
+fn durable_tracking_is_a_vm_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path();
+    let v = json(
+        ds,
+        &["vm", "create", "web01", "--disk", "64M", "--durable-tracking", "--json"],
+    );
+    assert_eq!(v["durable_tracking"], true);
+    assert_eq!(json(ds, &["vm", "show", "web01", "--json"])["durable_tracking"], true);
+    assert!(ok(ds, &["vm", "show", "web01"]).contains("durable tracking on"));
+    ok(ds, &["disk", "write", "web01", "0", "0", "4096"]);
+    let s1 = json(ds, &["snapshot", "create", "web01", "s1", "--json"]);
+    let cid = s1["disks"][0]["change_id"].as_str().unwrap().to_owned();
+    let d = json(ds, &["vm", "durable", "web01", "off", "--json"]);
+    assert_eq!(
+        (d["was"].as_bool(), d["durable_tracking"].as_bool()),
+        (Some(true), Some(false))
+    );
+    assert_eq!(json(ds, &["vm", "show", "web01", "--json"])["durable_tracking"], false);
+    ok(ds, &["disk", "write", "web01", "0", "1048576", "4096"]);
+    ok(ds, &["vm", "durable", "web01", "on"]);
+    json(ds, &["snapshot", "create", "web01", "s2", "--json"]);
+    let q = json(
+        ds,
+        &[
+            "query",
+            "web01",
+            "--snapshot",
+            "s2",
+            "--disk",
+            "0",
+            "--since",
+            &cid,
+            "--json",
+        ],
+    );
+    assert_eq!(areas(&q), vec![(MIB, 65536)]);
+    assert!(run_in(ds, &["vm", "durable", "web01", "maybe"]).status.code() != Some(0));
+}

@@ -51,6 +51,16 @@ pub enum Request {
         /// On or off.
         on: bool,
     },
+    /// Turn durable (power-loss safe) change tracking on or off: change IDs
+    /// then survive a power loss or reboot without a clean stop, at the cost
+    /// of a sync per region (1 GiB) first written in each epoch and one inside
+    /// each snapshot's stun. Change IDs stay valid either way.
+    VmDurable {
+        /// The VM.
+        vm: String,
+        /// On or off.
+        on: bool,
+    },
     /// Power the VM on or off.
     VmPower {
         /// The VM.
@@ -317,6 +327,15 @@ pub enum Response {
         /// Whether it is on now.
         on: bool,
     },
+    /// [`Request::VmDurable`].
+    DurableTracking {
+        /// The VM.
+        vm: String,
+        /// Whether it was durable before.
+        was: bool,
+        /// Whether it is durable now.
+        on: bool,
+    },
     /// [`Request::VmPower`].
     Power {
         /// The VM.
@@ -484,6 +503,9 @@ pub struct VmDetails {
     pub powered_on: bool,
     /// Change tracking on.
     pub cbt: bool,
+    /// Durable (power-loss safe) change tracking on.
+    #[serde(default)]
+    pub durable_tracking: bool,
     /// Its disks.
     pub disks: Vec<DiskDetails>,
     /// Its snapshots, oldest first.
@@ -1060,6 +1082,10 @@ mod tests {
                 detach: true,
             }),
             Request::GuestStop { id: 3 },
+            Request::VmDurable {
+                vm: "a".into(),
+                on: true,
+            },
             Request::VmDelete { vm: "a".into() },
             Request::VmShow { vm: "a".into() },
             Request::GuestWait { id: 3 },

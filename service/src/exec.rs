@@ -170,6 +170,13 @@ impl Service {
                 v.set_cbt(on)?;
                 Ok(Response::Cbt { vm, was, on })
             }
+            Request::VmDurable { vm, on } => {
+                let v = self.host.vm(&vm)?;
+                let _l = self.lock_lifecycle(&vm);
+                let was = v.durable_tracking();
+                v.set_durable_tracking(on)?;
+                Ok(Response::DurableTracking { vm, was, on })
+            }
             Request::VmPower { vm, on } => {
                 self.host.vm(&vm)?.set_power(on)?;
                 Ok(Response::Power { vm, on })

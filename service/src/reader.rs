@@ -54,11 +54,17 @@ impl Reader {
 
     /// Everything `vm show` tells about the VM.
     pub(crate) fn details(&self) -> Result<VmDetails, SimError> {
-        let (name, powered_on, cbt, count) = match self {
-            Reader::Open(v) => (v.name().to_owned(), v.powered_on(), v.cbt(), v.disk_count()),
+        let (name, powered_on, cbt, durable_tracking, count) = match self {
+            Reader::Open(v) => (
+                v.name().to_owned(),
+                v.powered_on(),
+                v.cbt(),
+                v.durable_tracking(),
+                v.disk_count(),
+            ),
             Reader::View(v) => {
                 let c = v.config();
-                (c.name.clone(), c.powered_on, c.cbt, c.disks.len())
+                (c.name.clone(), c.powered_on, c.cbt, c.durable_tracking, c.disks.len())
             }
         };
         let mut disks = Vec::with_capacity(count);
@@ -95,6 +101,7 @@ impl Reader {
             name,
             powered_on,
             cbt,
+            durable_tracking,
             disks,
             snapshots,
             consolidation_needed,

@@ -45,7 +45,13 @@ pub fn print_snapshot(s: &SnapshotEntry) {
 
 /// `vm show`.
 pub fn print_vm(v: &VmDetails) {
-    println!("VM {}: power {}, CBT {}", v.name, on_off(v.powered_on), on_off(v.cbt));
+    println!(
+        "VM {}: power {}, CBT {}, durable tracking {}",
+        v.name,
+        on_off(v.powered_on),
+        on_off(v.cbt),
+        on_off(v.durable_tracking)
+    );
     print_disks(&v.disks);
     if v.snapshots.is_empty() {
         println!("no snapshots");

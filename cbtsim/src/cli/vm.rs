@@ -1,4 +1,5 @@
-//! `cbtsim vm`: create, list, change tracking on or off, power on or off.
+//! `cbtsim vm`: create, list, change tracking on or off, durable tracking on
+//! or off, power on or off.
 
 use clap::{Subcommand, ValueEnum};
 use service::{Request, Response};
@@ -34,6 +35,9 @@ pub enum VmCmd {
         /// Tracking granularity of every disk.
         #[arg(long, value_name = "SIZE", default_value = "64K")]
         granularity: String,
+        /// Durable (power-loss safe) change tracking (see `vm durable`).
+        #[arg(long)]
+        durable_tracking: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -71,6 +75,20 @@ pub enum VmCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Turn durable (power-loss safe) change tracking on or off: change IDs
+    /// survive a power loss or a reboot without a clean stop (over-reporting
+    /// the 1 GiB regions written since the last snapshot), for a sync per
+    /// region first written after each snapshot and one inside each
+    /// snapshot's stun. Off (the default), such a stop resets tracking.
+    Durable {
+        /// The VM.
+        vm: String,
+        /// `on` or `off`.
+        state: OnOff,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Power the VM on or off.
     Power {
         /// The VM.
@@ -97,6 +115,7 @@ struct Created<'a> {
     vm: &'a str,
     disks: Vec<CreatedDisk>,
     cbt: bool,
+    durable_tracking: bool,
     powered_on: bool,
 }
 
@@ -124,6 +143,7 @@ pub fn run(ctx: &Ctx, cmd: &VmCmd) -> anyhow::Result<()> {
             vm,
             disks,
             granularity,
+            durable_tracking,
             json,
         } => {
             let g = size_arg("--granularity", granularity)?;
@@ -131,7 +151,8 @@ pub fn run(ctx: &Ctx, cmd: &VmCmd) -> anyhow::Result<()> {
                 .iter()
                 .map(|d| size_arg("--disk", d))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let r = Backend::open_or_create(ctx)?.call(
+            let backend = Backend::open_or_create(ctx)?;
+            let r = backend.call(
                 Request::VmCreate {
                     vm: vm.clone(),
                     disks: sizes,
@@ -140,6 +161,16 @@ pub fn run(ctx: &Ctx, cmd: &VmCmd) -> anyhow::Result<()> {
                 &(),
             )?;
             let v = answer!(r, Response::VmCreated(v) => v);
+            if *durable_tracking {
+                let r = backend.call(
+                    Request::VmDurable {
+                        vm: vm.clone(),
+                        on: true,
+                    },
+                    &(),
+                )?;
+                answer!(r, Response::DurableTracking { .. } => ());
+            }
             if *json {
                 let disks = v
                     .disks
@@ -155,17 +186,19 @@ pub fn run(ctx: &Ctx, cmd: &VmCmd) -> anyhow::Result<()> {
                     vm: &v.name,
                     disks,
                     cbt: v.cbt,
+                    durable_tracking: *durable_tracking,
                     powered_on: v.powered_on,
                 });
             }
             let sizes: Vec<String> = v.disks.iter().map(|&c| exact(c)).collect();
             println!(
-                "created VM {} with {} disk(s): {} (granularity {}, CBT {}, powered {})",
+                "created VM {} with {} disk(s): {} (granularity {}, CBT {}{}, powered {})",
                 v.name,
                 v.disks.len(),
                 sizes.join(", "),
                 exact(g),
                 on_off(v.cbt),
+                if *durable_tracking { ", durable" } else { "" },
                 on_off(v.powered_on)
             );
         }
@@ -230,6 +263,27 @@ pub fn run(ctx: &Ctx, cmd: &VmCmd) -> anyhow::Result<()> {
                 (true, false) => "is off (change IDs issued so far are no longer valid)",
             };
             println!("change tracking of VM {vm} {msg}");
+        }
+        VmCmd::Durable { vm, state, json } => {
+            let r = request(
+                ctx,
+                Request::VmDurable {
+                    vm: vm.clone(),
+                    on: state.on(),
+                },
+                &(),
+            )?;
+            let (was, on) = answer!(r, Response::DurableTracking { was, on, .. } => (was, on));
+            if *json {
+                return print_json(&serde_json::json!({ "vm": vm, "durable_tracking": on, "was": was }));
+            }
+            let msg = match (was, on) {
+                (true, true) => "was already on",
+                (false, false) => "was already off",
+                (false, true) => "is on (change IDs survive a power loss; change IDs issued before stay valid)",
+                (true, false) => "is off (a power loss or reboot without a clean stop resets tracking)",
+            };
+            println!("durable change tracking of VM {vm} {msg}");
         }
         VmCmd::Power { vm, state, json } => {
             let r = request(
