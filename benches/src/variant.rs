@@ -10,7 +10,7 @@ use std::path::Path;
 use anyhow::Context;
 use parking_lot::Mutex;
 use tempfile::TempDir;
-use tracker::{Granularity, Tracker};
+use tracker::{Granularity, Tracker, TrackerOptions};
 
 use crate::baselines::{FetchOrBitmap, LockedBitmap, PerChangeIdBitmaps};
 
@@ -30,12 +30,23 @@ impl OwnedTracker {
     /// its file in a new temporary directory under `dir`. [`new_epoch`](Self::new_epoch)
     /// keeps the last `keep` closed epochs pinned (retained, unfolded).
     pub fn create(dir: &Path, capacity: u64, granularity: u64, keep: usize) -> anyhow::Result<Self> {
+        Self::create_with(dir, capacity, granularity, keep, &TrackerOptions::default())
+    }
+
+    /// [`create`](Self::create) with tracker options (durable tracking).
+    pub fn create_with(
+        dir: &Path,
+        capacity: u64,
+        granularity: u64,
+        keep: usize,
+        opts: &TrackerOptions,
+    ) -> anyhow::Result<Self> {
         let tmp = tempfile::Builder::new()
             .prefix("cbt-bench-")
             .tempdir_in(dir)
             .with_context(|| format!("cannot create a temporary directory in {}", dir.display()))?;
         let g = Granularity::new(granularity)?;
-        let tracker = Tracker::create(&tmp.path().join("disk.ctk"), capacity, g)?;
+        let tracker = Tracker::create_with(&tmp.path().join("disk.ctk"), capacity, g, opts)?;
         Ok(Self {
             tracker,
             keep,
@@ -70,7 +81,7 @@ impl OwnedTracker {
 pub enum Variant {
     /// Tracking off: `()`, the no-op tracker.
     Off,
-    /// Ours: `tracker::Tracker`.
+    /// Ours: `tracker::Tracker` (durable or not).
     Ours(Box<OwnedTracker>),
     /// One bitmap behind a mutex (QEMU).
     Locked(LockedBitmap),
@@ -85,6 +96,7 @@ impl Variant {
     pub fn name(&self) -> String {
         match self {
             Self::Off => "off".into(),
+            Self::Ours(o) if o.tracker.is_durable() => "ours-durable".into(),
             Self::Ours(_) => "ours".into(),
             Self::Locked(_) => "locked".into(),
             Self::PerChangeId(b) => format!("per-cid-{}", b.count()),

@@ -56,6 +56,8 @@ pub(crate) struct Intents {
     tickets: AtomicU64,
     /// The newest ticket a completed sync covers; held while syncing.
     synced: Mutex<u64>,
+    /// Syncs done (statistics).
+    syncs: AtomicU64,
 }
 
 impl Intents {
@@ -70,6 +72,7 @@ impl Intents {
             stamps: Region::anon(side as usize)?,
             tickets: AtomicU64::new(0),
             synced: Mutex::new(0),
+            syncs: AtomicU64::new(0),
         })
     }
 
@@ -117,6 +120,7 @@ impl Intents {
                 let upto = self.tickets.load(Ordering::Acquire);
                 self.file.flush()?;
                 *synced = upto;
+                self.syncs.fetch_add(1, Ordering::Relaxed);
             }
         }
         let stamps = self.stamps.words32();
@@ -124,6 +128,11 @@ impl Intents {
             stamps[r as usize].fetch_max(epoch, Ordering::Release);
         }
         Ok(())
+    }
+
+    /// Syncs of the intent arrays so far (each covers every intent stored before it).
+    pub(crate) fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
     }
 
     /// After a power loss: sets in `bitmap` every block (of `1 << gshift`

@@ -184,6 +184,8 @@ pub struct TrackerStats {
     /// Intent regions the open applied to the marks: durable tracking
     /// recovering from a power loss (or reboot) without a clean close.
     pub recovered_regions: u64,
+    /// Syncs of region intents since the open (durable tracking's write-path cost).
+    pub intent_syncs: u64,
 }
 
 /// The change tracker of one virtual disk.
@@ -1063,6 +1065,7 @@ impl Tracker {
             sync_drains: c.sync_drains,
             recovered: self.recovered,
             recovered_regions: self.recovered_regions,
+            intent_syncs: self.intents.as_ref().map_or(0, Intents::syncs),
         }
     }
 

@@ -1,6 +1,7 @@
 //! `query`: time to page through every changed area against disk size and
 //! against the number of changed areas, and snapshot stun times against disk
-//! size while a guest writes. See `benches/README.md`.
+//! size while a guest writes, with default and durable tracking (whose stun
+//! syncs the change-tracking header). See `benches/README.md`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -58,6 +59,10 @@ struct Opts {
     /// file system, since a snapshot writes its change-tracking header].
     #[arg(long)]
     datastore_dir: Option<std::path::PathBuf>,
+    /// Tracking modes of the stun section, comma separated: `default` (the
+    /// header written back after the stun) and `durable` (synced inside it).
+    #[arg(long, value_delimiter = ',', default_value = "default,durable")]
+    tracking: Vec<String>,
 }
 
 /// Where the stun section's guest writes: a window this large in the middle of the disk.
@@ -183,6 +188,12 @@ fn main() -> anyhow::Result<()> {
             "unknown section {s:?} (size, areas, stun)"
         );
     }
+    for t in &o.tracking {
+        anyhow::ensure!(
+            ["default", "durable"].contains(&t.as_str()),
+            "unknown tracking mode {t:?} (default, durable)"
+        );
+    }
     let run = |s: &str| o.sections.iter().any(|x| x == s);
     let mut goals = Vec::new();
     if run("size") {
@@ -236,14 +247,21 @@ fn main() -> anyhow::Result<()> {
             .prefix("cbt-bench-ds-")
             .tempdir_in(&ds_parent)?;
         let host = Host::open(ds.path())?;
-        for (i, &cap) in o.sizes.iter().enumerate() {
+        let runs = o
+            .sizes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &cap)| o.tracking.iter().map(move |t| (i, cap, t.as_str())));
+        for (i, cap, tracking) in runs {
+            let name = format!("stun{i}-{tracking}");
             let vm = host.create_vm(
-                &format!("stun{i}"),
+                &name,
                 &[DiskSpec {
                     capacity: cap,
                     granularity: Granularity::new(g)?,
                 }],
             )?;
+            vm.set_durable_tracking(tracking == "durable")?;
             // Some writes spread over the whole disk, so the tracker is not empty.
             let spread = 256u64;
             for k in 0..spread {
@@ -335,6 +353,7 @@ fn main() -> anyhow::Result<()> {
                 rep.push(
                     Row::new()
                         .text("disk", human_size(cap))
+                        .text("tracking", tracking)
                         .text("op", op)
                         .int("stuns", h.len())
                         .num("p50_us", h.value_at_quantile(0.5) as f64 / 1e3)
@@ -343,13 +362,18 @@ fn main() -> anyhow::Result<()> {
                         .int("guest_writes", writes.load(Ordering::Relaxed)),
                 );
                 if op != "remove" {
-                    goals.push((format!("stun p99 at {}, {op} (us)", human_size(cap)), p99, 1000.0));
+                    goals.push((
+                        format!("stun p99 at {}, {tracking}, {op} (us)", human_size(cap)),
+                        p99,
+                        1000.0,
+                    ));
                 }
             }
             let sched = sched.into_inner();
             rep.push(
                 Row::new()
                     .text("disk", human_size(cap))
+                    .text("tracking", tracking)
                     .text("op", "wakeup lateness (1 ms sleep)")
                     .int("stuns", sched.len())
                     .num("p50_us", sched.value_at_quantile(0.5) as f64 / 1e3)
@@ -358,7 +382,7 @@ fn main() -> anyhow::Result<()> {
                     .int("guest_writes", writes.load(Ordering::Relaxed)),
             );
             drop(vm);
-            host.close_vm(&format!("stun{i}"));
+            host.close_vm(&name);
         }
         rep.note(&format!(
             "stun: {cycles} create/remove cycles per size, {} guest writers of {} 4 KiB writes/s each into {}, datastore in {}",
