@@ -24,7 +24,9 @@
 //!
 //! Syncs are batched: a writer stores its intent, then takes a ticket; the
 //! writer that gets the lock syncs once for every ticket taken before it
-//! started, so writers that first touch regions at the same time share it.
+//! started, so writers that first touch regions at the same time share it
+//! (and one that finds its regions stamped by a writer before it, under the
+//! lock, does not sync at all).
 
 use std::fs::File;
 use std::io;
@@ -93,8 +95,14 @@ impl Intents {
         if first == last {
             stamps[first as usize].load(Ordering::Acquire) >= epoch
         } else {
-            (first..=last).all(|r| stamps[r as usize].load(Ordering::Acquire) >= epoch)
+            self.stamped(first, last, epoch)
         }
+    }
+
+    /// Whether every region of `first..=last` has a durable intent for `epoch` or later.
+    fn stamped(&self, first: u64, last: u64, epoch: u32) -> bool {
+        let stamps = self.stamps.words32();
+        (first..=last).all(|r| stamps[r as usize].load(Ordering::Acquire) >= epoch)
     }
 
     /// Makes the intents of regions `first..=last` for `epoch` on `side`
@@ -112,17 +120,18 @@ impl Intents {
             arr[r as usize].fetch_max(epoch, Ordering::Relaxed);
         }
         let ticket = self.tickets.fetch_add(1, Ordering::AcqRel) + 1;
-        {
-            let mut synced = self.synced.lock();
-            if *synced < ticket {
-                // Every ticket up to `upto` was taken after its intents were
-                // stored, so this sync writes them all.
-                let upto = self.tickets.load(Ordering::Acquire);
-                self.file.flush()?;
-                *synced = upto;
-                self.syncs.fetch_add(1, Ordering::Relaxed);
-            }
+        let mut synced = self.synced.lock();
+        // A sync that started after this ticket was taken covers it; one of
+        // the same regions and epoch (a writer that got here first) too.
+        if *synced < ticket && !self.stamped(first, last, epoch) {
+            // Every ticket up to `upto` was taken after its intents were
+            // stored, so this sync writes them all.
+            let upto = self.tickets.load(Ordering::Acquire);
+            self.file.flush()?;
+            *synced = upto;
+            self.syncs.fetch_add(1, Ordering::Relaxed);
         }
+        // Under the lock, so the next writer of these regions sees them.
         let stamps = self.stamps.words32();
         for r in first..=last {
             stamps[r as usize].fetch_max(epoch, Ordering::Release);
@@ -195,5 +204,35 @@ mod tests {
             }
         });
         assert_eq!(set, (32..53).collect::<Vec<u64>>());
+    }
+
+    /// Writers making intents durable at once, on shared and own regions:
+    /// every one ends stamped and stored on its side.
+    #[test]
+    fn concurrent_writers_share_syncs_and_lose_no_intent() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let regions = 64;
+        f.as_file().set_len(2 * side_bytes(regions)).unwrap();
+        let i = Intents::map(f.as_file(), 0, regions, 20).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let i = &i;
+                s.spawn(move || {
+                    for r in 0..16 {
+                        // Region r is shared by all threads; 16 + 4r + t is this thread's own.
+                        i.make_durable(0, 3, r, r).unwrap();
+                        i.make_durable(0, 3, 16 + 4 * r + t, 16 + 4 * r + t).unwrap();
+                    }
+                });
+            }
+        });
+        assert!(i.ready(0, regions << 20, 3), "every region stamped");
+        assert!(i
+            .side(0)
+            .iter()
+            .take(regions as usize)
+            .all(|e| e.load(Ordering::Relaxed) == 3));
+        assert!(i.side(1).iter().all(|e| e.load(Ordering::Relaxed) == 0));
+        assert!(i.syncs() > 0);
     }
 }
