@@ -217,6 +217,14 @@ impl Service {
             }
             Request::GuestList {} => Ok(Response::Guests(self.guests.list())),
             Request::GuestStop { id } => Ok(Response::Guest(self.guests.stop(id)?)),
+            Request::Map(m) => Ok(Response::Map(Box::new(self.map(m)?))),
+            Request::BackupList { repository } => {
+                let repository = absolute("repository", repository)?;
+                let repo = Repository::open(&repository)?;
+                Ok(Response::BackupPoints(
+                    backup::list(&repo)?.into_iter().map(Into::into).collect(),
+                ))
+            }
         }
     }
 

@@ -50,9 +50,12 @@ mod exec;
 pub mod export;
 mod guest;
 pub mod http;
+pub mod map;
+mod web;
 
 pub use action::{ActionError, ErrorKind, GuestRun, Request, Response, WriteData};
 pub use daemon::{Daemon, ServeConfig, ServeError, ServeStatus};
 pub use exec::{Service, MAX_INLINE_READ};
 pub use export::HostExports;
 pub use guest::{SLICE_OPS, SLICE_TIME};
+pub use map::MapRequest;
