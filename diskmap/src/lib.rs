@@ -160,22 +160,34 @@ impl DiskMap {
         self.cells.get(i as usize).copied().unwrap_or(UNWRITTEN)
     }
 
-    /// What a class stands for, for legends.
+    /// What a class stands for, for legends (change IDs shortened, see [`short_id`]).
     pub fn describe(&self, class: u8) -> String {
         match class {
             UNWRITTEN => "never written".into(),
             OLDER => match self.epochs.first() {
-                Some(e) => format!("written before {}", e.from.as_deref().unwrap_or(&e.change_id)),
+                Some(e) => format!(
+                    "written before {}",
+                    e.from.clone().unwrap_or_else(|| short_id(&e.change_id))
+                ),
                 None => "written (no older change ID to tell epochs apart)".into(),
             },
             c => {
                 let e = &self.epochs[usize::from(c - OLDER - 1)];
-                match &e.from {
-                    Some(s) => format!("after {s} ({}) until {}", e.change_id, e.to),
-                    None => format!("after {} until {}", e.change_id, e.to),
-                }
+                let from = e.from.clone().unwrap_or_else(|| short_id(&e.change_id));
+                format!("after {from} until {}", short_id(&e.to))
             }
         }
+    }
+}
+
+/// A change ID of the form `SESSION/SEQUENCE` with the session cut to 8
+/// characters (`d3220466…/2`); anything else as it is.
+pub fn short_id(s: &str) -> String {
+    match s.rsplit_once('/') {
+        Some((session, seq)) if session.len() > 9 && session.is_char_boundary(8) => {
+            format!("{}…/{seq}", &session[..8])
+        }
+        _ => s.to_owned(),
     }
 }
 

@@ -46,6 +46,15 @@ fn frame(map: &DiskMap) -> Frame {
     }
 }
 
+/// A row's offset: `0`, `32 MiB`.
+fn offset(n: u64) -> String {
+    if n == 0 {
+        "0".into()
+    } else {
+        human(n)
+    }
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
@@ -78,20 +87,25 @@ fn legend(map: &DiskMap) -> Vec<Entry> {
             None => format!("the answer of * (allocated); {}", cells(map.older_cells)),
         }),
     });
-    for e in &map.epochs {
-        let from = e.from.as_deref().map(|s| format!("{s} ")).unwrap_or_default();
+    for (i, e) in map.epochs.iter().enumerate() {
         out.push(Entry {
             swatch: Swatch::Fill(e.color.clone()),
-            text: format!("after {from}until {}: {}", e.to, human(e.bytes)),
+            text: format!("{}: {}", map.describe(OLDER + 1 + i as u8), human(e.bytes)),
             detail: Some(format!("change ID {}; {}", e.change_id, cells(e.cells))),
         });
     }
     if let Some(s) = &map.since {
         out.push(Entry {
             swatch: Swatch::Outline,
-            text: format!("changed since {}: {} = {} of the disk", s.change_id, human(s.bytes), percent(s.share)),
+            text: format!(
+                "changed since {}: {} = {} of the disk",
+                crate::short_id(&s.change_id),
+                human(s.bytes),
+                percent(s.share)
+            ),
             detail: Some(format!(
-                "{} area{} in {} (dots)",
+                "QueryChangedDiskAreas since {}: {} area{} in {} (dots)",
+                s.change_id,
                 s.areas,
                 if s.areas == 1 { "" } else { "s" },
                 cells(s.cells.len() as u32)
@@ -220,7 +234,7 @@ pub fn render(map: &DiskMap) -> String {
                 "<text x=\"{:.0}\" y=\"{:.1}\">{}</text>",
                 f.x0 - 6.0,
                 f.y0 + f64::from(r) * p + p / 2.0 + FONT * 0.35,
-                escape(&human(u64::from(r) * row_bytes))
+                escape(&offset(u64::from(r) * row_bytes))
             );
         }
         s.push_str("</g>");

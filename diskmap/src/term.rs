@@ -58,27 +58,46 @@ pub fn render(map: &DiskMap) -> String {
             }
             Layout::Hilbert => s.push_str("  "),
         }
+        // Escapes only where the colors change.
+        let mut last: Option<(Option<(u8, u8, u8)>, Option<(u8, u8, u8)>)> = None;
         for x in 0..g.columns {
             let up = g.at(x, r).map(|i| color_of(map, &hits, i));
             let down = g.at(x, r + 1).map(|i| color_of(map, &hits, i));
-            match (up, down) {
-                (Some((a, b, c)), Some((d, e, f))) => {
-                    let _ = write!(s, "\x1b[38;2;{a};{b};{c}m\x1b[48;2;{d};{e};{f}m▀");
+            if last != Some((up, down)) {
+                match (up, down) {
+                    (Some((a, b, c)), Some((d, e, f))) => {
+                        let _ = write!(s, "\x1b[38;2;{a};{b};{c}m\x1b[48;2;{d};{e};{f}m");
+                    }
+                    (Some((a, b, c)), None) | (None, Some((a, b, c))) => {
+                        let _ = write!(s, "\x1b[38;2;{a};{b};{c}m\x1b[49m");
+                    }
+                    (None, None) => s.push_str("\x1b[0m"),
                 }
-                (Some((a, b, c)), None) => {
-                    let _ = write!(s, "\x1b[38;2;{a};{b};{c}m\x1b[49m▀");
-                }
-                (None, Some((d, e, f))) => {
-                    let _ = write!(s, "\x1b[38;2;{d};{e};{f}m\x1b[49m▄");
-                }
-                (None, None) => s.push_str("\x1b[0m "),
+                last = Some((up, down));
             }
+            s.push(match (up, down) {
+                (Some(_), _) => '▀',
+                (None, Some(_)) => '▄',
+                (None, None) => ' ',
+            });
         }
         s.push_str("\x1b[0m\n");
     }
+    s.push_str(&legend(map, true));
+    s
+}
+
+/// The legend: each class's color (an ANSI swatch, or `#rrggbb` without
+/// `ansi`) and what it stands for, the answer since a change ID, and notes.
+pub fn legend(map: &DiskMap, ansi: bool) -> String {
+    let mut s = String::new();
     let swatch = |s: &mut String, color: &str, text: String| {
-        let (r, g, b) = rgb(color);
-        let _ = writeln!(s, "  \x1b[38;2;{r};{g};{b}m██\x1b[0m {text}");
+        if ansi {
+            let (r, g, b) = rgb(color);
+            let _ = writeln!(s, "  \x1b[38;2;{r};{g};{b}m██\x1b[0m {text}");
+        } else {
+            let _ = writeln!(s, "  {color} {text}");
+        }
     };
     swatch(
         &mut s,
@@ -100,13 +119,14 @@ pub fn render(map: &DiskMap) -> String {
     if let Some(a) = &map.since {
         let _ = writeln!(
             s,
-            "  changed since {}: {} area{}, {} = {} of the disk, in {} cells (bright; the rest faded)",
+            "  changed since {}: {} area{}, {} = {} of the disk, in {} cells{}",
             a.change_id,
             a.areas,
             if a.areas == 1 { "" } else { "s" },
             human(a.bytes),
             percent(a.share),
-            a.cells.len()
+            a.cells.len(),
+            if ansi { " (bright; the rest faded)" } else { "" }
         );
     }
     for n in &map.notes {

@@ -11,6 +11,7 @@ pub mod backup;
 pub mod demo;
 pub mod disk;
 pub mod inspect;
+pub mod map;
 pub mod mount;
 pub mod progress;
 pub mod query;
