@@ -145,14 +145,27 @@ fn title(map: &DiskMap) -> [String; 2] {
     ]
 }
 
-/// The picture, as a standalone SVG document.
+/// The picture, as a standalone SVG document, its legend to the right of the cells.
 pub fn render(map: &DiskMap) -> String {
+    draw(map, false)
+}
+
+/// The picture with its legend below the cells (narrower, for a page).
+pub fn render_narrow(map: &DiskMap) -> String {
+    draw(map, true)
+}
+
+fn draw(map: &DiskMap, below: bool) -> String {
     let g = &map.geometry;
     let f = frame(map);
     let p = f64::from(f.pitch);
     let (mw, mh) = (f64::from(g.columns) * p, f64::from(g.rows) * p);
     let entries = legend(map);
-    let lx = f.x0 + mw + 24.0;
+    let (lx, ly) = if below {
+        (MARGIN, f.y0 + mh + 16.0)
+    } else {
+        (f.x0 + mw + 24.0, f.y0)
+    };
     let longest = entries
         .iter()
         .flat_map(|e| [e.text.len() + 3, e.detail.as_ref().map_or(0, |d| d.len() + 3)])
@@ -161,8 +174,8 @@ pub fn render(map: &DiskMap) -> String {
     let legend_h: f64 = entries.iter().map(|e| if e.detail.is_some() { 2.0 } else { 1.0 }).sum::<f64>() * LINE;
     let titles = title(map);
     let title_w = titles.iter().map(|t| t.len()).max().unwrap_or(0) as f64 * ADVANCE;
-    let width = (lx + longest as f64 * ADVANCE).max(MARGIN + title_w) + MARGIN;
-    let height = f.y0 + mh.max(legend_h) + MARGIN;
+    let width = (lx + longest as f64 * ADVANCE).max(MARGIN + title_w).max(f.x0 + mw) + MARGIN;
+    let height = (ly + legend_h).max(f.y0 + mh) + MARGIN;
 
     let mut s = String::with_capacity(64 * 1024);
     let _ = write!(
@@ -303,7 +316,7 @@ pub fn render(map: &DiskMap) -> String {
 
     // The legend.
     s.push_str("<g class=\"legend\">");
-    let mut y = f.y0;
+    let mut y = ly;
     for e in &entries {
         match &e.swatch {
             Swatch::Fill(color) => {

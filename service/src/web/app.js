@@ -8,6 +8,7 @@ const ui = {
   vm: null,        // the selected VM's name
   disk: 0,
   point: 'now',    // the map's snapshot, or 'now'
+  queryAt: null,   // the snapshot a query asks about (the newest taken here by default)
   since: null,     // the change ID whose answer is marked on the map
   answer: null,    // the last QueryChangedDiskAreas answer
   map: null,       // the last map drawn (DiskMap)
@@ -93,14 +94,23 @@ function cidOf(snapshot) {
 
 // ---- drawing the state --------------------------------------------------
 
+// Sets a select's options (left alone when they are the same, so an open
+// list stays open), keeping `keep` (or the current value) selected.
 function fill(select, options, keep) {
   const old = keep ?? select.value;
-  select.replaceChildren(...options.map(([value, label]) => el('option', { value }, label)));
+  const key = JSON.stringify(options);
+  if (select.dataset.key !== key) {
+    select.dataset.key = key;
+    select.replaceChildren(...options.map(([value, label]) => el('option', { value }, label)));
+  }
   if (options.some(([v]) => v === old)) select.value = old;
 }
 
 function renderVms() {
   const list = $('vm-list');
+  const key = JSON.stringify([ui.vm, ui.state.vms, ui.state.guests]);
+  if (list.dataset.key === key) return;
+  list.dataset.key = key;
   list.replaceChildren(...ui.state.vms.map((v) => {
     const running = ui.state.guests.filter((g) => g.vm === v.name && g.state === 'running');
     return el('li', {
@@ -123,7 +133,8 @@ function renderVm() {
   fill($('point'), [['now', 'now (live)'], ...snaps.map((n) => [n, `snapshot ${n}`])], ui.point);
   if (!snaps.includes(ui.point)) ui.point = 'now';
   $('point').value = ui.point;
-  fill($('query-at'), snaps.slice().reverse().map((n) => [n, n]));
+  fill($('query-at'), snaps.slice().reverse().map((n) => [n, n]), ui.queryAt);
+  ui.queryAt = $('query-at').value;
   fill($('remove-which'), snaps.map((n) => [n, n]));
   const since = [['*', '* (everything allocated)']];
   for (const s of v.chain) if (cidOf(s)) since.push([cidOf(s), `${s.name} · ${cidOf(s)}`]);
@@ -250,6 +261,7 @@ async function snapshot() {
   await act({ action: 'snapshot-create', vm: ui.vm, name });
   $('snap-name').value = '';
   ui.point = name;
+  ui.queryAt = name;
   ui.chainKey = '';
 }
 
@@ -320,6 +332,7 @@ $('btn-points').addEventListener('click', safely(points));
 $('btn-clear').addEventListener('click', () => { ui.since = null; $('answer').textContent = ''; drawMap(); });
 $('point').addEventListener('change', () => { ui.point = $('point').value; if (ui.point === 'now') ui.since = null; drawMap(); });
 $('layout').addEventListener('change', drawMap);
+$('query-at').addEventListener('change', () => { ui.queryAt = $('query-at').value; });
 $('history').addEventListener('change', drawMap);
 $('history-n').addEventListener('change', drawMap);
 $('repo').value = new URLSearchParams(location.search).get('repo') || localStorage.getItem('cbtsim-repo') || '';

@@ -13,7 +13,7 @@
 //! | `GET /api/state` | VMs, their snapshots (with change IDs), guest workloads, workload profiles |
 //! | `GET /api/events` | server-sent events: `state` (as above) whenever it changes |
 //! | `POST /api/action` | one [`Request`] (JSON) → its [`Response`] (JSON), or `{kind, message}` with an HTTP error status |
-//! | `POST /api/map` | a [`MapRequest`] → `{map, svg}`: the map's data and its SVG ([`diskmap::svg`]) |
+//! | `POST /api/map` | a [`MapRequest`] → `{map, svg}`: the map's data and its SVG ([`diskmap::svg::render_narrow`]) |
 //!
 //! `/api/action` takes the actions the page uses, not those that read or
 //! write files of the server's choosing (`disk-read`, `disk-write` from a file).
@@ -228,7 +228,7 @@ async fn map(State(s): State<WebState>, body: Bytes) -> HttpResponse {
     };
     match execute(&s, Request::Map(request)).await {
         Ok(Response::Map(map)) => {
-            let svg = diskmap::svg::render(&map);
+            let svg = diskmap::svg::render_narrow(&map);
             json(StatusCode::OK, &Drawn { map: *map, svg })
         }
         Ok(_) => error(&ActionError::new(ErrorKind::Internal, "map answered something else")),
