@@ -12,6 +12,7 @@
 //! $ cbtsim disk write web01 0 1M 64KiB
 //! $ cbtsim snapshot create web01 s2
 //! $ cbtsim query web01 --snapshot s2 --since "$S1"
+//! $ cbtsim map web01 --snapshot s2 --since "$S1" --svg web01.svg
 //! $ cbtsim backup run web01 --repo /tmp/repo
 //! ```
 

@@ -203,11 +203,7 @@ impl Driver {
     }
 
     fn click(&self, css: &str) {
-        let e = self.cmd(
-            "POST",
-            "/element",
-            Some(json!({"using": "css selector", "value": css})),
-        );
+        let e = self.cmd("POST", "/element", Some(json!({"using": "css selector", "value": css})));
         let id = e
             .as_object()
             .and_then(|o| o.values().next())
@@ -218,12 +214,13 @@ impl Driver {
     }
 
     fn type_into(&self, css: &str, text: &str) {
-        let e = self.cmd(
-            "POST",
-            "/element",
-            Some(json!({"using": "css selector", "value": css})),
-        );
-        let id = e.as_object().and_then(|o| o.values().next()).and_then(Value::as_str).unwrap().to_owned();
+        let e = self.cmd("POST", "/element", Some(json!({"using": "css selector", "value": css})));
+        let id = e
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(Value::as_str)
+            .unwrap()
+            .to_owned();
         self.cmd("POST", &format!("/element/{id}/clear"), Some(json!({})));
         self.cmd("POST", &format!("/element/{id}/value"), Some(json!({ "text": text })));
     }
@@ -257,7 +254,9 @@ fn serve(ds: &Path) -> (Proc, ServeStatus) {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let status: ServeStatus = serde_json::from_str(&line).unwrap_or_else(|e| panic!("serve printed {line:?}: {e}"));
     (Proc(child), status)
 }
@@ -327,11 +326,20 @@ fn a_teacher_walks_the_vadp_steps_by_clicking() {
     );
     assert!(status.web.starts_with("https://"), "{}", status.web);
     d.cmd("POST", "/url", Some(json!({ "url": status.web })));
-    d.wait("the VM list", "return document.querySelector('#vm-list li[data-vm=\"db\"]') !== null");
-    d.wait("the live event stream", "return document.getElementById('live').textContent === 'live'");
+    d.wait(
+        "the VM list",
+        "return document.querySelector('#vm-list li[data-vm=\"db\"]') !== null",
+    );
+    d.wait(
+        "the live event stream",
+        "return document.getElementById('live').textContent === 'live'",
+    );
 
     d.click("#vm-list li[data-vm=\"db\"]");
-    d.wait("a map of now", "return window.cbt.maps >= 1 && window.cbt.map.at === 'now'");
+    d.wait(
+        "a map of now",
+        "return window.cbt.maps >= 1 && window.cbt.map.at === 'now'",
+    );
     // Now: 1 MiB before s1 (grey), 1 MiB after it (the epoch after s1).
     let map = d.script("return window.cbt.map");
     assert_eq!(map["epochs"][0]["from"], "s1", "{map}");
@@ -354,7 +362,10 @@ fn a_teacher_walks_the_vadp_steps_by_clicking() {
         "const a = document.getElementById('answer'); return a.dataset.bytes || null",
     );
     assert_eq!(bytes, json!(MIB.to_string()));
-    assert_eq!(d.script("return document.getElementById('answer').dataset.areas"), json!("1"));
+    assert_eq!(
+        d.script("return document.getElementById('answer').dataset.areas"),
+        json!("1")
+    );
     let text = d.script("return document.getElementById('answer').textContent");
     assert!(text.as_str().unwrap().contains("33554432"), "{text}");
     // The map at s2 marks exactly the answer's cells: 1 MiB of 64 KiB cells.
@@ -378,7 +389,10 @@ fn a_teacher_walks_the_vadp_steps_by_clicking() {
     let repo = dir.path().join("repo");
     d.type_into("#repo", repo.to_str().unwrap());
     d.click("#btn-backup");
-    d.wait("a backup point", "return document.querySelectorAll('#points tr[data-point]').length === 1");
+    d.wait(
+        "a backup point",
+        "return document.querySelectorAll('#points tr[data-point]').length === 1",
+    );
     let kind = d.script("return document.querySelector('#points tr[data-point] td:nth-child(3)').textContent");
     assert_eq!(kind, json!("full"));
 
@@ -390,8 +404,15 @@ fn a_teacher_walks_the_vadp_steps_by_clicking() {
         "return document.querySelector('#chain tr[data-snapshot=\"s1\"]') === null",
     );
     // The requests sent are listed, none failed.
-    let log = d.script("return [document.querySelectorAll('#log li.ok').length, document.querySelectorAll('#log li.err').length]");
-    assert_eq!(log, json!([5, 0]), "{}", d.script("return document.getElementById('log').innerText"));
+    let log = d.script(
+        "return [document.querySelectorAll('#log li.ok').length, document.querySelectorAll('#log li.err').length]",
+    );
+    assert_eq!(
+        log,
+        json!([5, 0]),
+        "{}",
+        d.script("return document.getElementById('log').innerText")
+    );
     d.screenshot(&shots.join("page-after-remove.png"));
     eprintln!("screenshots in {}", shots.display());
 }

@@ -265,10 +265,16 @@ mod tests {
     fn the_chain_is_the_older_snapshots_or_the_history() {
         let (c, at) = chain(&snaps(), "s3", None).unwrap();
         assert_eq!(at.as_deref(), Some("u/6"));
-        let ids: Vec<_> = c.iter().map(|p| (p.change_id.as_str(), p.snapshot.as_deref())).collect();
+        let ids: Vec<_> = c
+            .iter()
+            .map(|p| (p.change_id.as_str(), p.snapshot.as_deref()))
+            .collect();
         assert_eq!(ids, vec![("u/2", Some("s1")), ("u/5", Some("s2"))]);
         let (c, _) = chain(&snaps(), "s3", Some(3)).unwrap();
-        let ids: Vec<_> = c.iter().map(|p| (p.change_id.as_str(), p.snapshot.as_deref())).collect();
+        let ids: Vec<_> = c
+            .iter()
+            .map(|p| (p.change_id.as_str(), p.snapshot.as_deref()))
+            .collect();
         assert_eq!(ids, vec![("u/3", None), ("u/4", None), ("u/5", Some("s2"))]);
         let (c, _) = chain(&snaps(), "s1", Some(8)).unwrap();
         assert_eq!(c.len(), 2); // u/0 and u/1

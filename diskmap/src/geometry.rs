@@ -244,7 +244,10 @@ mod tests {
         }
         // Cells past the disk's end have no index.
         let unused = (0..32 * 32).filter(|&d| d >= h.cells).count();
-        let missing = (0..32).flat_map(|y| (0..32).map(move |x| (x, y))).filter(|&(x, y)| h.at(x, y).is_none()).count();
+        let missing = (0..32)
+            .flat_map(|y| (0..32).map(move |x| (x, y)))
+            .filter(|&(x, y)| h.at(x, y).is_none())
+            .count();
         assert_eq!(unused, missing);
     }
 }

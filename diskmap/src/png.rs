@@ -20,7 +20,10 @@ pub fn render(map: &DiskMap) -> Result<(Vec<u8>, bool), PngError> {
     let fonts = opt.fontdb.len() > 0;
     let tree = resvg::usvg::Tree::from_str(&svg, &opt).map_err(|e| PngError(e.to_string()))?;
     let size = tree.size();
-    let (w, h) = ((size.width() * SCALE).ceil() as u32, (size.height() * SCALE).ceil() as u32);
+    let (w, h) = (
+        (size.width() * SCALE).ceil() as u32,
+        (size.height() * SCALE).ceil() as u32,
+    );
     let mut pixmap = resvg::tiny_skia::Pixmap::new(w, h).ok_or_else(|| PngError(format!("no {w}x{h} image")))?;
     resvg::render(
         &tree,

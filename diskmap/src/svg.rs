@@ -56,7 +56,10 @@ fn offset(n: u64) -> String {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// One line of the legend: a swatch (or none) and text.
@@ -73,7 +76,13 @@ enum Swatch {
 }
 
 fn legend(map: &DiskMap) -> Vec<Entry> {
-    let cells = |n: u32| if n == 1 { "1 cell".to_owned() } else { format!("{n} cells") };
+    let cells = |n: u32| {
+        if n == 1 {
+            "1 cell".to_owned()
+        } else {
+            format!("{n} cells")
+        }
+    };
     let mut out = vec![Entry {
         swatch: Swatch::Fill(map.colors[UNWRITTEN as usize].clone()),
         text: format!("never written: {}", cells(map.unwritten_cells)),
@@ -83,7 +92,11 @@ fn legend(map: &DiskMap) -> Vec<Entry> {
         swatch: Swatch::Fill(map.colors[OLDER as usize].clone()),
         text: format!("{}: {}", map.describe(OLDER), human(map.older_bytes)),
         detail: Some(match map.epochs.first() {
-            Some(e) => format!("allocated, older than change ID {}; {}", e.change_id, cells(map.older_cells)),
+            Some(e) => format!(
+                "allocated, older than change ID {}; {}",
+                e.change_id,
+                cells(map.older_cells)
+            ),
             None => format!("the answer of * (allocated); {}", cells(map.older_cells)),
         }),
     });
@@ -171,7 +184,11 @@ fn draw(map: &DiskMap, below: bool) -> String {
         .flat_map(|e| [e.text.len() + 3, e.detail.as_ref().map_or(0, |d| d.len() + 3)])
         .max()
         .unwrap_or(0);
-    let legend_h: f64 = entries.iter().map(|e| if e.detail.is_some() { 2.0 } else { 1.0 }).sum::<f64>() * LINE;
+    let legend_h: f64 = entries
+        .iter()
+        .map(|e| if e.detail.is_some() { 2.0 } else { 1.0 })
+        .sum::<f64>()
+        * LINE;
     let titles = title(map);
     let title_w = titles.iter().map(|t| t.len()).max().unwrap_or(0) as f64 * ADVANCE;
     let width = (lx + longest as f64 * ADVANCE).max(MARGIN + title_w).max(f.x0 + mw) + MARGIN;
@@ -229,7 +246,12 @@ fn draw(map: &DiskMap, below: bool) -> String {
         let mut d = String::new();
         for i in g.cells..g.columns * g.rows {
             let (x, y) = crate::geometry::hilbert_xy(g.columns, i);
-            let _ = write!(d, "M{:.0} {:.0}h{p}v{p}h-{p}z", f.x0 + f64::from(x) * p, f.y0 + f64::from(y) * p);
+            let _ = write!(
+                d,
+                "M{:.0} {:.0}h{p}v{p}h-{p}z",
+                f.x0 + f64::from(x) * p,
+                f.y0 + f64::from(y) * p
+            );
         }
         if !d.is_empty() {
             let _ = write!(s, "<path class=\"beyond\" fill=\"#f4f4f4\" d=\"{d}\"/>");

@@ -132,7 +132,10 @@ fn cells_show_the_newest_epoch_that_wrote_them() {
 
     // The renderings name what they show.
     let svg = diskmap::svg::render(&map);
-    assert!(svg.contains("class=\"hits\" data-cells=\"") && svg.contains(&s1), "{svg}");
+    assert!(
+        svg.contains("class=\"hits\" data-cells=\"") && svg.contains(&s1),
+        "{svg}"
+    );
     assert_eq!(svg.matches("class=\"epoch\"").count(), 4);
     let term = diskmap::term::render(&map);
     assert!(term.contains("after s1") && term.contains('▀'), "{term}");
@@ -172,7 +175,14 @@ fn a_62_tib_disk_costs_what_was_written() {
     assert_eq!(map.since.as_ref().unwrap().bytes, 2 * 65536);
     // Not a speed test: a bound that a walk over the disk's 10^9 blocks could not meet.
     assert!(took.as_secs() < 20, "{took:?}");
-    let h = map_at(&host, &vm, "s2", None, None, Shape::PICTURE.with_layout(Layout::Hilbert));
+    let h = map_at(
+        &host,
+        &vm,
+        "s2",
+        None,
+        None,
+        Shape::PICTURE.with_layout(Layout::Hilbert),
+    );
     assert_eq!(h.geometry.columns, 64);
     assert!(diskmap::svg::render(&h).contains("class=\"beyond\""));
 }

@@ -9,8 +9,8 @@
 //!
 //! ```text
 //!  control socket (JSON lines) ──┐
-//!  HTTPS (axum; /sdk, / later) ──┼──▶ Request ──▶ Service::execute ──▶ sim::Host, backup, harness::drive
-//!  CLI (later, via the socket) ──┘                    │
+//!  HTTPS (axum; the live page /) ┼──▶ Request ──▶ Service::execute ──▶ sim::Host, backup, harness::drive, diskmap
+//!  CLI (via the socket)        ──┘                    │
 //!  NBD (exports VM/DISK[@SNAP]) ──▶ sim::Vm read/write/unmap, QueryChangedDiskAreas
 //! ```
 //!
@@ -21,6 +21,10 @@
 //!   connection, progress events, then the result) and its client.
 //! * [`export`]: the NBD backend over the host ([`HostExports`]).
 //! * [`http`]: the HTTPS router (basic authentication, rustls).
+//! * [`map`]: [`Request::Map`], a disk's map per change ID ([`diskmap`]),
+//!   at a snapshot or now (a snapshot taken for the map and removed).
+//! * `web`: the live page at `/` (plain HTML, CSS and JavaScript built in)
+//!   and its JSON endpoints, which send [`Request`]s to [`Service::execute`].
 //! * [`daemon`]: `cbtsim serve`: the lock and status files, starting and
 //!   stopping the front ends in order.
 //!

@@ -41,9 +41,18 @@ const TICK: Duration = Duration::from_millis(500);
 /// The page's routes (authentication is the caller's layer).
 pub(crate) fn router() -> Router<WebState> {
     Router::new()
-        .route("/", get(|| async { file("text/html; charset=utf-8", include_str!("index.html")) }))
-        .route("/app.js", get(|| async { file("text/javascript; charset=utf-8", include_str!("app.js")) }))
-        .route("/style.css", get(|| async { file("text/css; charset=utf-8", include_str!("style.css")) }))
+        .route(
+            "/",
+            get(|| async { file("text/html; charset=utf-8", include_str!("index.html")) }),
+        )
+        .route(
+            "/app.js",
+            get(|| async { file("text/javascript; charset=utf-8", include_str!("app.js")) }),
+        )
+        .route(
+            "/style.css",
+            get(|| async { file("text/css; charset=utf-8", include_str!("style.css")) }),
+        )
         .route("/api/state", get(state))
         .route("/api/events", get(events))
         .route("/api/action", post(action))
@@ -51,7 +60,11 @@ pub(crate) fn router() -> Router<WebState> {
 }
 
 fn file(kind: &'static str, body: &'static str) -> HttpResponse {
-    ([(header::CONTENT_TYPE, kind), (header::CACHE_CONTROL, "no-cache")], body).into_response()
+    (
+        [(header::CONTENT_TYPE, kind), (header::CACHE_CONTROL, "no-cache")],
+        body,
+    )
+        .into_response()
 }
 
 fn json(status: StatusCode, value: &impl Serialize) -> HttpResponse {
