@@ -92,7 +92,8 @@ pub fn lines(
     x_label: &dyn Fn(f64) -> String,
     y_from_zero: bool,
 ) -> anyhow::Result<()> {
-    let (to, from): (fn(f64) -> f64, fn(f64) -> f64) = match scale {
+    type Map = fn(f64) -> f64;
+    let (to, from): (Map, Map) = match scale {
         XScale::Linear => (|x| x, |x| x),
         XScale::Log2 => (|x| x.max(f64::MIN_POSITIVE).log2(), |x| x.exp2()),
         XScale::Log10 => (|x| x.max(f64::MIN_POSITIVE).log10(), |x| 10f64.powf(x)),

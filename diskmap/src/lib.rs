@@ -226,14 +226,11 @@ const EPOCH_COLORS: [&str; 9] = [
 /// The colors of a map with `epochs` epochs, indexed by class.
 pub fn palette(epochs: usize) -> Vec<String> {
     let mut out = vec![WHITE.to_owned(), GREY.to_owned()];
-    for i in 0..epochs {
-        if epochs <= EPOCH_COLORS.len() {
-            out.push(EPOCH_COLORS[i].to_owned());
-        } else {
-            // Evenly spread hues, oldest blue-violet to newest red.
-            let h = 240.0 * (1.0 - i as f64 / (epochs - 1) as f64);
-            out.push(hsl(h, 0.65, 0.5));
-        }
+    if epochs <= EPOCH_COLORS.len() {
+        out.extend(EPOCH_COLORS[..epochs].iter().map(|c| (*c).to_owned()));
+    } else {
+        // Evenly spread hues, oldest blue-violet to newest red.
+        out.extend((0..epochs).map(|i| hsl(240.0 * (1.0 - i as f64 / (epochs - 1) as f64), 0.65, 0.5)));
     }
     out
 }

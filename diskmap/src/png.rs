@@ -17,7 +17,7 @@ pub fn render(map: &DiskMap) -> Result<(Vec<u8>, bool), PngError> {
     let svg = crate::svg::render(map);
     let mut opt = resvg::usvg::Options::default();
     opt.fontdb_mut().load_system_fonts();
-    let fonts = opt.fontdb.len() > 0;
+    let fonts = !opt.fontdb.is_empty();
     let tree = resvg::usvg::Tree::from_str(&svg, &opt).map_err(|e| PngError(e.to_string()))?;
     let size = tree.size();
     let (w, h) = (

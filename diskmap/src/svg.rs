@@ -232,7 +232,7 @@ fn draw(map: &DiskMap, below: bool) -> String {
         f.y0,
         f64::from(full_rows) * p
     );
-    if g.layout == Layout::Grid && g.cells % g.columns != 0 {
+    if g.layout == Layout::Grid && !g.cells.is_multiple_of(g.columns) {
         let _ = write!(
             s,
             "<rect x=\"{:.0}\" y=\"{:.0}\" width=\"{:.0}\" height=\"{p}\" fill=\"url(#cells)\"/>",

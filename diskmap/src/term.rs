@@ -7,10 +7,13 @@ use std::fmt::Write as _;
 
 use crate::{human, percent, rgb, DiskMap, Layout, OLDER, UNWRITTEN};
 
+/// A color.
+type Rgb = (u8, u8, u8);
+
 /// How much a cell outside the answer fades toward white.
 const FADE: f64 = 0.7;
 
-fn color_of(map: &DiskMap, hits: &[bool], i: u32) -> (u8, u8, u8) {
+fn color_of(map: &DiskMap, hits: &[bool], i: u32) -> Rgb {
     let (r, g, b) = rgb(&map.colors[map.class(i) as usize]);
     if map.since.is_some() && !hits[i as usize] {
         let f = |c: u8| (f64::from(c) + (255.0 - f64::from(c)) * FADE).round() as u8;
@@ -59,7 +62,7 @@ pub fn render(map: &DiskMap) -> String {
             Layout::Hilbert => s.push_str("  "),
         }
         // Escapes only where the colors change.
-        let mut last: Option<(Option<(u8, u8, u8)>, Option<(u8, u8, u8)>)> = None;
+        let mut last: Option<(Option<Rgb>, Option<Rgb>)> = None;
         for x in 0..g.columns {
             let up = g.at(x, r).map(|i| color_of(map, &hits, i));
             let down = g.at(x, r + 1).map(|i| color_of(map, &hits, i));

@@ -117,7 +117,12 @@ fn maps_of_now_and_of_snapshots() {
         },
     )
     .unwrap();
-    let named: Vec<_> = h.epochs.iter().filter(|e| e.bytes > 0).map(|e| e.change_id.clone()).collect();
+    let named: Vec<_> = h
+        .epochs
+        .iter()
+        .filter(|e| e.bytes > 0)
+        .map(|e| e.change_id.clone())
+        .collect();
     assert!(named.contains(&c1), "{h:?}");
 
     // Bad requests are typed errors.
@@ -214,7 +219,10 @@ fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &str, auth: 
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let code = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (code, body)
 }
 
@@ -259,7 +267,13 @@ fn the_pages_endpoints_answer_json_behind_the_login() {
     );
     assert_eq!(code, 200, "{body}");
     assert!(body.contains(r#""result":"snapshot-created""#), "{body}");
-    let (code, body) = http(addr, "POST", "/api/action", r#"{"action":"snapshot-remove","vm":"db","name":"nope"}"#, true);
+    let (code, body) = http(
+        addr,
+        "POST",
+        "/api/action",
+        r#"{"action":"snapshot-remove","vm":"db","name":"nope"}"#,
+        true,
+    );
     assert_eq!(code, 404, "{body}");
     assert!(body.contains(r#""kind":"not-found""#), "{body}");
     // Nothing that reads or writes the server's files.
@@ -273,7 +287,13 @@ fn the_pages_endpoints_answer_json_behind_the_login() {
     assert_eq!(code, 400, "{body}");
     assert_eq!(http(addr, "POST", "/api/action", "not json", true).0, 400);
 
-    let (code, body) = http(addr, "POST", "/api/map", r#"{"vm":"db","snapshot":"s2","since":"*"}"#, true);
+    let (code, body) = http(
+        addr,
+        "POST",
+        "/api/map",
+        r#"{"vm":"db","snapshot":"s2","since":"*"}"#,
+        true,
+    );
     assert_eq!(code, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["map"]["at"], "s2");

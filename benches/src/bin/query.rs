@@ -432,11 +432,13 @@ fn main() -> anyhow::Result<()> {
                 }
             };
             let cats: Vec<String> = (lo..=hi).map(|k| format!("<= {}", label(1u64 << (2 * k)))).collect();
-            let shares: Vec<(String, Vec<f64>)> =
-                shares.into_iter().map(|(n, v)| (n, v[lo..=hi].to_vec())).collect();
+            let shares: Vec<(String, Vec<f64>)> = shares.into_iter().map(|(n, v)| (n, v[lo..=hi].to_vec())).collect();
             charts::bars(
                 &dir.join(format!("stun-{name}.svg")),
-                &format!("Stun times of snapshot {name}s while a guest writes ({} stuns per size)", stun_hists.first().map_or(0, |(_, h)| h[op].len())),
+                &format!(
+                    "Stun times of snapshot {name}s while a guest writes ({} stuns per size)",
+                    stun_hists.first().map_or(0, |(_, h)| h[op].len())
+                ),
                 "% of stuns",
                 &cats,
                 &shares,

@@ -78,8 +78,8 @@ fn status_of(kind: ErrorKind) -> StatusCode {
     match kind {
         ErrorKind::NotFound => StatusCode::NOT_FOUND,
         ErrorKind::AlreadyExists | ErrorKind::InUse => StatusCode::CONFLICT,
-        ErrorKind::InvalidRequest
-        | ErrorKind::InvalidArgument
+        ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
+        ErrorKind::InvalidArgument
         | ErrorKind::OutOfRange
         | ErrorKind::MalformedChangeId
         | ErrorKind::ForeignChangeId
