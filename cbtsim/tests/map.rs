@@ -115,3 +115,53 @@ fn demo_shows_maps_only_when_asked_or_on_a_terminal() {
         assert!(maps.contains(line), "{line:?} missing with --map");
     }
 }
+
+#[test]
+fn map_goes_through_a_running_serve() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path();
+    ok(ds, &["vm", "create", "db", "--disk", "16M"]);
+    ok(ds, &["disk", "write", "db", "0", "0", "1M"]);
+    ok(ds, &["snapshot", "create", "db", "s1"]);
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_cbtsim"))
+        .env_remove("CBTSIM_DATASTORE")
+        .env("CBTSIM_PASSWORD", "secret")
+        .arg("--datastore")
+        .arg(ds)
+        .args([
+            "serve",
+            "--plain-http",
+            "--listen",
+            "127.0.0.1:0",
+            "--nbd",
+            "127.0.0.1:0",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(serve.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    // The datastore is the serve's: the map is drawn by it, over the control socket.
+    let out = run_in(ds, &["map", "db", "--snapshot", "s1", "--json"]);
+    let term = Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status()
+        .unwrap();
+    let stopped = serve.wait().unwrap();
+    assert!(
+        out.status.success(),
+        "map while serving ({line}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (j["at"].as_str(), j["allocated_bytes"].as_u64()),
+        (Some("s1"), Some(MIB))
+    );
+    assert!(term.success() && stopped.success(), "{stopped:?}");
+}

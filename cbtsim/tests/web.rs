@@ -196,7 +196,11 @@ impl Driver {
             }
             if Instant::now() > deadline {
                 let page = self.script("return document.body.innerText");
-                panic!("timed out waiting for {what}; the page says:\n{page}");
+                let ui = self.script(
+                    "const u = window.cbt; return JSON.stringify({point: u.point, queryAt: u.queryAt, since: u.since, \
+                     maps: u.maps, queryAtShown: document.getElementById('query-at').value})",
+                );
+                panic!("timed out waiting for {what}; the page's state: {ui}; the page says:\n{page}");
             }
             std::thread::sleep(Duration::from_millis(100));
         }

@@ -17,7 +17,9 @@ const ui = {
   busy: false,
   again: false,
   maps: 0,         // maps drawn (tests wait on it)
+  drawn: 0,        // when the last live redraw started (ms)
 };
+const LIVE_MS = 1500;
 window.cbt = ui;
 
 const url = (path) => location.origin + path;
@@ -232,8 +234,12 @@ function onState(state) {
   renderVm();
   const key = JSON.stringify(v.chain) + v.disks.join(',');
   const running = state.guests.some((g) => g.vm === v.name && g.state === 'running');
-  if (key !== ui.chainKey || (running && ui.point === 'now')) {
+  // While a guest writes, the map of now is redrawn at most every LIVE_MS
+  // (each map of now takes and removes a snapshot).
+  const live = running && ui.point === 'now' && Date.now() - ui.drawn >= LIVE_MS;
+  if (key !== ui.chainKey || live) {
     ui.chainKey = key;
+    ui.drawn = Date.now();
     drawMap();
   }
 }
@@ -260,9 +266,12 @@ async function snapshot() {
   const name = $('snap-name').value.trim() || nextName();
   await act({ action: 'snapshot-create', vm: ui.vm, name });
   $('snap-name').value = '';
+  // The new snapshot is the map's point and the query's. The state event
+  // that lists it may come before or after the answer: take the state now.
   ui.point = name;
   ui.queryAt = name;
-  ui.chainKey = '';
+  onState(await call('/api/state'));
+  drawMap();
 }
 
 async function query() {
@@ -307,7 +316,7 @@ async function remove() {
   const name = $('remove-which').value;
   if (!name) return;
   await act({ action: 'snapshot-remove', vm: ui.vm, name });
-  if (ui.point === name) { ui.point = 'now'; ui.since = null; }
+  if (ui.point === name) { ui.point = 'now'; ui.since = null; drawMap(); }
 }
 
 async function guest() {
