@@ -418,5 +418,37 @@ fn a_teacher_walks_the_vadp_steps_by_clicking() {
         d.script("return document.getElementById('log').innerText")
     );
     d.screenshot(&shots.join("page-after-remove.png"));
+
+    // A guest workload: the map of now follows its writes, live.
+    d.click("#point option[value=\"now\"]");
+    d.click("#btn-guest");
+    d.wait(
+        "the guest running",
+        "return window.cbt.state.guests.some((g) => g.vm === 'db' && g.state === 'running')",
+    );
+    let before = d.script("return window.cbt.maps").as_u64().unwrap();
+    let written = d.wait(
+        "live maps of the guest's writes",
+        &format!(
+            "const m = window.cbt.map; \
+             return window.cbt.maps >= {} && m.at === 'now' && m.epochs.length > 0 && m.epochs[m.epochs.length - 1].bytes > 0 \
+             ? m.epochs[m.epochs.length - 1].bytes : null",
+            before + 2
+        ),
+    );
+    assert!(written.as_u64().unwrap() > 0);
+    d.screenshot(&shots.join("page-live.png"));
+    d.click("#btn-guest-stop");
+    d.wait(
+        "the guest stopped",
+        "return !window.cbt.state.guests.some((g) => g.vm === 'db' && g.state === 'running')",
+    );
+    let log = d.script("return document.querySelectorAll('#log li.err').length");
+    assert_eq!(
+        log,
+        json!(0),
+        "{}",
+        d.script("return document.getElementById('log').innerText")
+    );
     eprintln!("screenshots in {}", shots.display());
 }

@@ -86,6 +86,13 @@ impl MapRequest {
 /// How the names of the snapshots taken for maps of now begin.
 pub const TRANSIENT_PREFIX: &str = "cbtsim-map-";
 
+/// Whether snapshot `name` is one the service takes for a moment (for a
+/// map of now, or a verified guest workload's epochs): no epoch of a map,
+/// not in the page's chain.
+pub fn is_transient(name: &str) -> bool {
+    name.starts_with(TRANSIENT_PREFIX) || name.starts_with(crate::guest::SNAPSHOT_PREFIX)
+}
+
 /// Numbers the snapshots taken for maps.
 static TRANSIENT: AtomicU64 = AtomicU64::new(0);
 
@@ -119,11 +126,11 @@ impl Service {
         v.capacity(r.disk)?;
         let granularity = v.granularity(r.disk)?.bytes();
         let draw = |snapshot: &str, label: &str| -> Result<DiskMap, ActionError> {
-            // Other maps' snapshots of now are no epochs of the VM.
+            // Snapshots the service takes for a moment are no epochs of the VM.
             let snaps: Vec<(String, Option<String>)> = v
                 .snapshots()
                 .into_iter()
-                .filter(|s| s.name == snapshot || !s.name.starts_with(TRANSIENT_PREFIX))
+                .filter(|s| s.name == snapshot || !is_transient(&s.name))
                 .map(|s| {
                     let cid = s.disks.get(r.disk).and_then(|d| d.change_id.clone());
                     (s.name, cid)

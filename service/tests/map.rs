@@ -301,3 +301,47 @@ fn the_pages_endpoints_answer_json_behind_the_login() {
     assert!(v["svg"].as_str().unwrap().contains("class=\"hits\" data-cells=\"16\""));
     server.shutdown();
 }
+
+#[test]
+fn maps_of_now_while_a_guest_writes() {
+    let (_dir, s) = svc();
+    snapshot(&s, "s1");
+    let Response::GuestStarted { id, .. } = s
+        .execute(
+            Request::GuestRun(service::GuestRun {
+                vm: "db".into(),
+                profile: "oltp-db".into(),
+                disk: 0,
+                threads: 2,
+                seed: 3,
+                ops: None,
+                seconds: None,
+                verify: true,
+                snapshot_every: Some(500),
+                detach: true,
+            }),
+            &(),
+        )
+        .unwrap()
+    else {
+        panic!()
+    };
+    // The epoch after s1 grows as the guest writes; every map's snapshot is removed again.
+    let mut last = 0;
+    let mut grew = 0;
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(150));
+        let m = map(&s, MapRequest::now("db", 0)).unwrap();
+        assert_eq!(m.epochs.len(), 1, "{:?}", m.epochs);
+        let bytes = m.epochs[0].bytes;
+        assert!(bytes >= last, "{bytes} < {last}");
+        grew += usize::from(bytes > last);
+        last = bytes;
+    }
+    let Response::Guest(report) = s.execute(Request::GuestStop { id }, &()).unwrap() else {
+        panic!()
+    };
+    assert_eq!(report.missed_blocks, 0, "{report:?}");
+    assert!(grew >= 2, "the map of now did not follow the guest");
+    assert_eq!(snapshot_names(&s), vec!["s1"]);
+}

@@ -32,6 +32,8 @@ function human(n) {
   return `${Number.isInteger(v) ? v : v.toFixed(v < 10 ? 2 : 1)} ${units[u]}`;
 }
 
+const plural = (n, word) => `${n} ${word}${n === 1 ? '' : 's'}`;
+
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
@@ -60,7 +62,7 @@ function summary(res) {
   const d = res.data;
   switch (res.result) {
     case 'snapshot-created': return `snapshot ${d.name}: change ID ${d.disks.map((x) => x.change_id).join(', ')}`;
-    case 'changed-areas': return `${d.areas.length} areas, ${human(d.changed_bytes)}`;
+    case 'changed-areas': return `${plural(d.areas.length, 'area')}, ${human(d.changed_bytes)}`;
     case 'backup': return `point ${d.point} (${d.kind}): read ${human(d.bytes_read)}, stored ${human(d.bytes_stored)}`;
     case 'backup-points': return `${d.length} points`;
     case 'guest-started': return `workload ${d.id} started`;
@@ -288,7 +290,7 @@ async function query() {
   box.dataset.bytes = a.changed_bytes;
   box.dataset.areas = a.areas.length;
   box.dataset.since = a.since;
-  box.textContent = `QueryChangedDiskAreas(${a.snapshot}, disk ${a.disk}, since ${a.since}): ${a.areas.length} areas, ${human(a.changed_bytes)} = ${share.toPrecision(3)}% of the disk (marked on the map)\n` + lines.join('\n');
+  box.textContent = `QueryChangedDiskAreas(${a.snapshot}, disk ${a.disk}, since ${a.since}): ${plural(a.areas.length, 'area')}, ${human(a.changed_bytes)} = ${share.toPrecision(3)}% of the disk (marked on the map)\n` + lines.join('\n');
   ui.point = at;
   ui.since = since;
   $('point').value = at;

@@ -120,7 +120,7 @@ struct PageState {
 struct PageVm {
     #[serde(flatten)]
     info: VmInfo,
-    /// Oldest first, with each disk's change ID (the maps' own snapshots left out).
+    /// Oldest first, with each disk's change ID (the service's own passing snapshots left out).
     chain: Vec<SnapshotEntry>,
 }
 
@@ -133,7 +133,7 @@ fn page_state(service: &Service, nbd: Option<String>) -> Result<PageState, Actio
         let chain = match service.execute(Request::SnapshotList { vm: info.name.clone() }, &())? {
             Response::Snapshots { snapshots, .. } => snapshots
                 .into_iter()
-                .filter(|s| !s.name.starts_with(crate::map::TRANSIENT_PREFIX))
+                .filter(|s| !crate::map::is_transient(&s.name))
                 .collect(),
             _ => Vec::new(),
         };
