@@ -296,17 +296,33 @@ fn tracking_resets_between_backups_force_a_full_backup_with_the_reason() {
         "{}",
         r2.reason
     );
-    // An unclean shutdown of the host resets tracking too.
+    // A killed host does not reset tracking: the next backup is incremental
+    // and reads only the block written before the kill.
     vm.write(0, 6 * M, &[3u8; 5000]).unwrap();
     drop(vm);
     let vm = Arc::into_inner(host.close_vm("a").unwrap()).unwrap();
     vm.crash();
     let r3 = backup_vm(&rec, "a", &repo, &opts, &()).unwrap();
-    assert_eq!(r3.kind, "full");
-    assert!(r3.reason.contains("did not shut down cleanly"), "{}", r3.reason);
+    assert_eq!(
+        (r3.kind.as_str(), r3.bytes_read),
+        ("incremental", 64 * K),
+        "{}",
+        r3.reason
+    );
+    // Damaged tracking state does reset it: a full backup, with the reason,
+    // that reads what the disk holds, not its whole capacity.
+    drop(host.close_vm("a"));
+    let ctk = ds.join("a/disk0/disk.ctk");
+    let f = std::fs::OpenOptions::new().write(true).open(&ctk).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a; 4096], 0).unwrap();
+    drop(f);
     let r4 = backup_vm(&rec, "a", &repo, &opts, &()).unwrap();
-    assert_eq!((r4.kind.as_str(), r4.bytes_read), ("incremental", 0));
-    for r in [&r1, &r2, &r3, &r4] {
+    assert_eq!(r4.kind, "full");
+    assert!(r4.reason.contains("damaged"), "{}", r4.reason);
+    assert!(r4.bytes_read < M, "read {} bytes of an 8 MiB disk", r4.bytes_read);
+    let r5 = backup_vm(&rec, "a", &repo, &opts, &()).unwrap();
+    assert_eq!((r5.kind.as_str(), r5.bytes_read), ("incremental", 0));
+    for r in [&r1, &r2, &r3, &r4, &r5] {
         assert_eq!(
             restored_hash(&repo, &r.point, 0, dir.path()),
             rec.image("a", &r.point)[0]
@@ -578,14 +594,11 @@ fn a_backup_killed_midway_leaves_the_repository_as_it_was() {
     let repo = Repository::open(&repo_dir).unwrap();
     let v = verify(&repo, &()).unwrap();
     assert!(v.ok && v.unreferenced_chunks > 0, "orphans only: {v:?}");
-    // The killed backup left its snapshot; the VM's tracking was not closed cleanly.
+    // The killed backup left its snapshot; the VM's tracking was not closed
+    // cleanly, and resumes in the same session: the next backup is incremental.
     assert_eq!(with_vm(&ds, "big", |vm| vm.snapshots().len()), 1);
     let next = json_ok(&cbtsim(&ds, &["backup", "run", "big", "--repo", r, "--json"]));
-    assert_eq!(next["kind"], "full", "{next}");
-    assert!(
-        next["reason"].as_str().unwrap().contains("did not shut down cleanly"),
-        "{next}"
-    );
+    assert_eq!(next["kind"], "incremental", "{next}");
     assert_eq!(
         with_vm(&ds, "big", |vm| vm.snapshots().len()),
         0,

@@ -3,9 +3,10 @@
 //! the datastore (or plain HTTP for tests).
 //!
 //! The router is the extension point: [`router`] merges one sub-router per
-//! front end (the live page at `/` and its JSON API, `crate::web`; the
-//! vSphere SOAP API at `/sdk` comes next), each calling [`Service::execute`]
-//! like every other front end.
+//! front end (the vSphere SOAP API at `/sdk`, which authenticates itself and
+//! so sits outside basic authentication; the live page at `/` and its JSON
+//! API, `crate::web`), each calling [`Service::execute`] like every other
+//! front end.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -37,14 +38,22 @@ pub struct WebState {
     pub password: Arc<str>,
     /// The NBD server's address, for the page.
     pub nbd: Option<SocketAddr>,
+    /// The vSphere API at `/sdk`.
+    pub vsphere: Arc<crate::vsphere::Api>,
+    /// The repository of `serve --repo`, which the page lists and backs up into.
+    pub repository: Option<std::path::PathBuf>,
 }
 
-/// The whole router: every front end's routes, behind authentication.
+/// The whole router: every front end's routes, behind authentication,
+/// except the vSphere API at `/sdk`, which authenticates itself (`Login` and
+/// its session cookie, as vSphere clients expect).
 pub fn router(state: WebState) -> Router {
+    let sdk = crate::vsphere::router(state.vsphere.clone());
     Router::new()
         .merge(crate::web::router())
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)
+        .merge(sdk)
 }
 
 /// Compares without an early exit, so timing does not tell how much matched.

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::action::{ActionError, ErrorKind};
 use crate::exec::Service;
+use crate::reader::Reader;
 
 /// A map to draw ([`Request::Map`](crate::Request::Map)).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,10 +123,8 @@ impl Service {
         if let Some(s) = since.filter(|s| *s != "*") {
             s.parse::<tracker::ChangeId>()?;
         }
-        let v = self.host().vm(&r.vm)?;
-        v.capacity(r.disk)?;
-        let granularity = v.granularity(r.disk)?.bytes();
-        let draw = |snapshot: &str, label: &str| -> Result<DiskMap, ActionError> {
+        let draw = |v: &Reader, snapshot: &str, label: &str| -> Result<DiskMap, ActionError> {
+            let granularity = v.granularity(r.disk)?;
             // Snapshots the service takes for a moment are no epochs of the VM.
             let snaps: Vec<(String, Option<String>)> = v
                 .snapshots()
@@ -148,13 +147,16 @@ impl Service {
                 since,
                 shape,
             };
-            diskmap::compute(self.host(), &q).map_err(|e| {
+            diskmap::compute(v.protection(), &q).map_err(|e| {
                 ActionError::from(e).context(format_args!("map of disk {} of VM {} at {label}", r.disk, r.vm))
             })
         };
         match &r.snapshot {
-            Some(s) => draw(s, s),
+            // Read-only: through a view in a service of one command.
+            Some(s) => draw(&self.reader(&r.vm)?, s, s),
             None => {
+                let v = self.host().vm(&r.vm)?;
+                v.capacity(r.disk)?;
                 let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
                 let name = format!(
                     "{TRANSIENT_PREFIX}{secs:x}-{}",
@@ -162,7 +164,7 @@ impl Service {
                 );
                 self.create_snapshot(&r.vm, &name)
                     .map_err(|e| e.context("taking a snapshot for a map of now"))?;
-                let map = draw(&name, "now");
+                let map = draw(&Reader::Open(v), &name, "now");
                 let removed = self.remove_snapshot(&r.vm, &name);
                 let map = map?;
                 removed.map_err(|e| e.context(format_args!("removing the map's snapshot {name}")))?;

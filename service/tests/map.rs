@@ -240,6 +240,13 @@ fn the_pages_endpoints_answer_json_behind_the_login() {
             service: service.clone(),
             password: "secret".into(),
             nbd: None,
+            vsphere: Arc::new(service::vsphere::Api::new(
+                service.clone(),
+                "secret".into(),
+                2000,
+                false,
+            )),
+            repository: None,
         }),
     )
     .unwrap();

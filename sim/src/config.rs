@@ -25,6 +25,11 @@ pub struct VmConfig {
     pub snapshots: Vec<SnapshotConfig>,
     /// The next layer id to hand out.
     pub next_layer: u64,
+    /// A revert saved before its stun and not finished yet: per disk, the
+    /// sequence of the snapshot reverted to. The next open marks what the
+    /// revert changed back (marking again is harmless), then clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_revert: Option<Vec<u64>>,
 }
 
 /// A disk's persistent configuration.

@@ -10,6 +10,7 @@
 //! ```text
 //!  guest_io:     BeforeGate ─▶ [gate] mark ─▶ Marked ─▶ ExtentWrite per extent chunk ─▶ [/gate]
 //!  consolidate:  Consolidating { round } right before a layer is merged into its parent
+//!  revert:       Reverting after the reverted configuration is saved, before the stun
 //! ```
 
 use std::cell::RefCell;
@@ -60,6 +61,9 @@ pub enum Point {
         /// 0, or 1.. while a helper delta is the live top.
         round: usize,
     },
+    /// A revert saved the reverted configuration (and its journal) and is
+    /// about to stun and mark what it changes back.
+    Reverting,
 }
 
 type Hook = Box<dyn FnMut(&Point) -> io::Result<()>>;

@@ -93,6 +93,11 @@ impl Host {
         if !dir.join("vm.json").exists() {
             return Err(SimError::NoSuchVm(name.to_owned()));
         }
+        if VmConfig::load(&dir.join("vm.json"))?.pending_revert.is_some() && !self.vms.lock().contains_key(name) {
+            // A killed process left a revert whose marks a read-only view
+            // cannot make: recover once with a writable open, then read.
+            drop(Vm::open(&dir)?);
+        }
         VmView::open(&dir)
     }
 

@@ -321,6 +321,52 @@ impl Layer {
         let _ = std::fs::remove_file(self.dir.join(format!("L{}.map", self.id)));
     }
 
+    /// Calls `f(offset, len)` for the byte ranges this layer holds data for:
+    /// a delta's present grains; a base layer's allocated extents, asked of
+    /// the file system with `SEEK_DATA`/`SEEK_HOLE` (data still only in the
+    /// page cache counts). What a rebuilt `*` answers after tracking state was
+    /// damaged: a superset of what was ever written, never less.
+    pub(crate) fn allocated(&self, f: &mut dyn FnMut(u64, u64)) -> Result<(), SimError> {
+        if let Some(g) = &self.grains {
+            g.present.for_each_word(0, |w, mut bits| {
+                while bits != 0 {
+                    let grain = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    f(grain << g.shift, 1 << g.shift);
+                }
+            });
+            return Ok(());
+        }
+        for k in 0..EXTENTS {
+            if self.extents[k].get().is_none() && !self.on_disk[k] {
+                continue;
+            }
+            let path = self.extent_path(k);
+            let file = match File::open(&path) {
+                Ok(file) => file,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&path)(e)),
+            };
+            let base = k as u64 * EXTENT_BYTES;
+            let mut pos = 0u64;
+            while pos < EXTENT_BYTES {
+                let data = match rustix::fs::seek(&file, rustix::fs::SeekFrom::Data(pos)) {
+                    Ok(d) => d,
+                    Err(rustix::io::Errno::NXIO) => break,
+                    Err(e) => return Err(io_err(&path)(e.into())),
+                };
+                let hole = rustix::fs::seek(&file, rustix::fs::SeekFrom::Hole(data))
+                    .map_err(|e| io_err(&path)(e.into()))?
+                    .min(EXTENT_BYTES);
+                if hole > data {
+                    f(base + data, hole - data);
+                }
+                pos = hole.max(data + 1);
+            }
+        }
+        Ok(())
+    }
+
     /// Bytes the layer's files occupy on disk.
     pub(crate) fn allocated_bytes(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;

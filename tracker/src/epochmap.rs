@@ -86,20 +86,31 @@ impl EpochMap {
     }
 
     /// Records that every block set in leaf word `word` was written in `epoch`.
+    ///
+    /// Keeps the newest epoch of a block, and brings every summary entry
+    /// above it up to at least that value (all the way up, not stopping at
+    /// the first entry that is high enough): folding the same epoch again
+    /// after a process was killed half way through repairs whatever the
+    /// first attempt left behind.
     pub fn fold_word(&self, word: u64, mut bits: u64, epoch: u32) {
         let leaf = self.level(0);
         while bits != 0 {
             let b = word * 64 + u64::from(bits.trailing_zeros());
             bits &= bits - 1;
-            leaf[b as usize].store(epoch, Ordering::Relaxed);
+            let cur = leaf[b as usize].load(Ordering::Relaxed);
+            let v = if cur < epoch {
+                leaf[b as usize].store(epoch, Ordering::Relaxed);
+                epoch
+            } else {
+                cur
+            };
             let mut idx = b;
             for k in 1..self.layout.levels.len() {
                 idx >>= FANOUT_SHIFT;
                 let e = &self.level(k)[idx as usize];
-                if e.load(Ordering::Relaxed) >= epoch {
-                    break;
+                if e.load(Ordering::Relaxed) < v {
+                    e.store(v, Ordering::Relaxed);
                 }
-                e.store(epoch, Ordering::Relaxed);
             }
         }
     }

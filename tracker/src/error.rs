@@ -51,6 +51,9 @@ pub enum TrackerError {
         /// Asked for.
         to: u64,
     },
+    /// More distinct snapshot sequences pinned than the header holds.
+    #[error("at most {0} snapshots of a disk can be live at once")]
+    TooManyPins(usize),
     /// An epoch counter would overflow its 32-bit field.
     #[error("the disk has used all 2^32 epochs; reset change tracking")]
     EpochsExhausted,

@@ -41,6 +41,7 @@ mod bitmap;
 mod change_id;
 mod ctk;
 mod epochmap;
+mod epochs;
 mod error;
 mod mmap;
 mod sparse;

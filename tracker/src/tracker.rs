@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,10 +11,11 @@ use parking_lot::Mutex;
 use uuid::Uuid;
 
 use crate::bitmap::AtomicBitmap;
-use crate::ctk::{Header, Layout, ResetReason, HEADER_BYTES, MAX_PAST_SESSIONS, STATE_CLEAN, STATE_OPEN};
+use crate::ctk::{Header, Layout, ResetReason, HEADER_BYTES, MAX_PAST_SESSIONS, MAX_PINS, STATE_CLEAN, STATE_OPEN};
 use crate::epochmap::EpochMap;
+use crate::epochs;
 use crate::mmap::Region;
-use crate::sparse::{take_u64, SparseBits};
+use crate::sparse::SparseBits;
 use crate::{ChangeId, QueryError, TrackerError};
 
 /// The largest capacity a tracked disk may have or grow to (64 TiB).
@@ -89,6 +90,8 @@ pub struct TrackerStats {
     pub unfolded_epochs: usize,
     /// Times a snapshot had to drain the previous epoch inside the stun.
     pub sync_drains: u64,
+    /// The tracker was not closed cleanly last time and was recovered.
+    pub recovered: bool,
 }
 
 /// The change tracker of one virtual disk.
@@ -103,11 +106,19 @@ pub struct TrackerStats {
 /// # Design
 /// Two marking bitmaps alternate: writers mark the active one; at an epoch
 /// switch it is frozen and the other (already clean) becomes active. The
-/// frozen one is drained into a [`SparseBits`] for its epoch. Closed epochs
-/// are folded into the per-block "epoch last written" map once no live
-/// snapshot (a *pin*) is older than them; until then they stay separate, so
-/// a query at any live snapshot is exact: the epoch map holds only epochs
-/// at or before the oldest pin.
+/// frozen one is drained into its epoch file and a [`SparseBits`]. Closed
+/// epochs are folded into the per-block "epoch last written" map once no
+/// live snapshot (a *pin*) is older than them; until then they stay
+/// separate, so a query at any live snapshot is exact: the epoch map holds
+/// only epochs at or before the oldest pin.
+///
+/// # Crash safety
+/// Everything a query needs is in the file or beside it at every instant:
+/// marks in the mapped bitmaps, folded epochs in the mapped epoch map,
+/// unfolded epochs in epoch files, counters and pins in a double-buffered
+/// header. The order of each step (DESIGN.md, "the crash protocol") makes a
+/// process killed at any instant reopen in the same tracking session with
+/// every change ID answering exactly; only damaged files reset it.
 #[derive(Debug)]
 pub struct Tracker {
     path: PathBuf,
@@ -119,30 +130,30 @@ pub struct Tracker {
     active: AtomicUsize,
     cold: Mutex<Cold>,
     abandoned: std::sync::atomic::AtomicBool,
+    recovered: bool,
     /// Opened by [`TrackerView::open`]: mapped read-only, never written.
     read_only: bool,
 }
 
 /// A change-tracking file opened read-only, to answer queries without writing
 /// anything (not even the header a writable open marks as in use): what
-/// `snapshot list` or `query` need. It takes the file's lock shared, so it fails
-/// with [`TrackerError::InUse`] while a writer has it open, and readers do not
-/// exclude each other. A file not closed cleanly is read as [`Tracker::open`]
-/// would reset it (earlier change IDs fail with `TrackingReset`), in memory only.
+/// `snapshot list` or `query` need. It takes the file's lock shared, so it
+/// fails with [`TrackerError::InUse`] while a writer has it open, and readers
+/// do not exclude each other. A file a killed process left is read as
+/// [`Tracker::open`] would recover it (the frozen bitmap of a pending epoch,
+/// the epoch files), in memory only; damaged state reads as a reset.
 #[derive(Debug)]
 pub struct TrackerView(Tracker);
 
 #[derive(Debug)]
 struct Cold {
+    path: PathBuf,
     header_region: Region,
     h: Header,
     emap: EpochMap,
     unfolded: BTreeMap<u64, SparseBits>,
-    /// The frozen bitmap and its epoch, if not yet drained.
-    pending: Option<(usize, u64)>,
-    pins: BTreeMap<u64, u32>,
     sync_drains: u64,
-    /// `close_epoch` updated the header page without writing it back.
+    /// The header page was updated without writing it back.
     header_unsynced: bool,
 }
 
@@ -153,16 +164,47 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> TrackerError + '_ {
     }
 }
 
-fn sidecar(path: &Path) -> PathBuf {
-    let mut p = path.as_os_str().to_owned();
-    p.push(".epochs");
-    PathBuf::from(p)
-}
-
 impl Tracker {
     /// Creates a new change-tracking file for a disk of `capacity` bytes.
     /// Tracking starts enabled, in a fresh session.
     pub fn create(path: &Path, capacity: u64, granularity: Granularity) -> Result<Self, TrackerError> {
+        Self::create_at(path, capacity, granularity, 1, false)
+    }
+
+    /// Replaces a damaged change-tracking file with a new one: a new session
+    /// whose first epoch is at least `next_epoch` (after every snapshot the
+    /// host still has), so sequences never go back. Earlier change IDs of any
+    /// session answer [`QueryError::TrackingReset`]. Until the host calls
+    /// [`seed_allocation`](Self::seed_allocation), `*` answers the whole disk.
+    /// The damaged file is kept as `<file>.damaged`.
+    pub fn recreate(
+        path: &Path,
+        capacity: u64,
+        granularity: Granularity,
+        next_epoch: u64,
+    ) -> Result<Self, TrackerError> {
+        let mut aside = path.as_os_str().to_owned();
+        aside.push(".damaged");
+        if path.exists() {
+            std::fs::rename(path, PathBuf::from(aside)).map_err(io_err(path))?;
+        }
+        let (old, temps) = epochs::list(path);
+        for e in old {
+            epochs::remove(path, e);
+        }
+        for t in temps {
+            let _ = std::fs::remove_file(t);
+        }
+        Self::create_at(path, capacity, granularity, next_epoch.max(2), true)
+    }
+
+    fn create_at(
+        path: &Path,
+        capacity: u64,
+        granularity: Granularity,
+        first_epoch: u64,
+        recreated: bool,
+    ) -> Result<Self, TrackerError> {
         if capacity > MAX_CAPACITY {
             return Err(TrackerError::CapacityTooLarge {
                 capacity,
@@ -180,29 +222,39 @@ impl Tracker {
         lock(&file, path)?;
         file.set_len(layout.file_len).map_err(io_err(path))?;
         let h = Header {
+            generation: 0,
             state: STATE_OPEN,
             granularity_shift: granularity.shift,
             enabled: true,
-            allocation_unknown: false,
+            allocation_unknown: recreated,
+            recreated,
             capacity,
             max_blocks,
-            cur_epoch: 1,
-            last_closed: 0,
-            folded: 0,
-            session_start: 1,
-            marks_lost_through: 0,
+            cur_epoch: first_epoch,
+            last_closed: first_epoch - 1,
+            folded: first_epoch - 1,
+            session_start: first_epoch,
+            // A recreated file knows nothing of the epochs before it.
+            marks_lost_through: if recreated { first_epoch } else { 0 },
             active: 0,
+            pending: 0,
             session: Uuid::new_v4(),
             past: Vec::new(),
+            pins: Vec::new(),
         };
-        Self::assemble(path, file, h, layout, BTreeMap::new(), BTreeMap::new())
+        let t = Self::assemble(path, file, h, layout, false)?;
+        t.cold.lock().write_header(true).map_err(io_err(path))?;
+        Ok(t)
     }
 
-    /// Opens an existing change-tracking file. If it was not closed cleanly,
-    /// or its sidecar is missing or damaged, tracking is reset: a new session
-    /// begins, every earlier change ID fails with
-    /// [`QueryError::TrackingReset`], and `*` answers the whole disk (marks
-    /// made just before a crash may not have reached the file).
+    /// Opens an existing change-tracking file, in the same tracking session,
+    /// whether it was closed cleanly or its process was killed: a frozen
+    /// bitmap not yet written to its epoch file is written now, a fold that
+    /// was interrupted is done again. If an epoch file is missing or damaged
+    /// the session is reset (earlier change IDs fail with
+    /// [`QueryError::TrackingReset`]) and `*` needs the host's
+    /// [`seed_allocation`](Self::seed_allocation). A damaged header is
+    /// [`TrackerError::BadFile`]: the host then calls [`recreate`](Self::recreate).
     pub fn open(path: &Path) -> Result<Self, TrackerError> {
         let file = OpenOptions::new()
             .read(true)
@@ -216,7 +268,7 @@ impl Tracker {
         };
         let mut page = vec![0u8; HEADER_BYTES as usize];
         std::io::Read::read_exact(&mut &file, &mut page).map_err(|e| bad(format!("cannot read the header: {e}")))?;
-        let mut h = Header::decode(&page).map_err(bad)?;
+        let h = Header::read(&page).map_err(bad)?;
         let granularity = Granularity {
             shift: h.granularity_shift,
         };
@@ -228,53 +280,52 @@ impl Tracker {
         if len < layout.file_len {
             return Err(bad(format!("file is {len} bytes, expected {}", layout.file_len)));
         }
-        let side = if h.state == STATE_CLEAN {
-            read_sidecar(&sidecar(path))
-        } else {
-            None
-        };
-        let (pins, unfolded) = match side {
-            Some(s) => s,
-            None => {
-                let reason = if h.state == STATE_CLEAN {
-                    ResetReason::Corrupt
-                } else {
-                    ResetReason::Unclean
-                };
-                reset_session(&mut h, reason);
-                h.allocation_unknown = true;
-                // Epochs after the fold horizon are lost: nothing older than
-                // the new session may be asked for any more.
-                h.folded = h.last_closed;
-                // And the open epoch may have lost marks (those not yet in
-                // the file): a revert to any point before it cannot know all
-                // it changes back.
-                h.marks_lost_through = h.cur_epoch;
-                (BTreeMap::new(), BTreeMap::new())
+        let recovered = h.state != STATE_CLEAN;
+        let t = Self::assemble(path, file, h, layout, recovered)?;
+        {
+            let mut c = t.cold.lock();
+            let active = t.active.load(Ordering::Relaxed);
+            if c.h.pending != 0 {
+                // Killed between a snapshot and its drain: the frozen bitmap
+                // still holds the epoch; write it out now.
+                c.drain_pending(&t.bitmaps, active).map_err(io_err(path))?;
+            } else {
+                // Whatever the inactive bitmap holds was written to its epoch
+                // file already (killed before it was cleared).
+                t.bitmaps[1 - active].drain(|_, _| {});
             }
-        };
-        h.state = STATE_OPEN;
-        let t = Self::assemble(path, file, h, layout, pins, unfolded)?;
-        // Whatever the inactive bitmap holds belongs to no live epoch any more.
-        let inactive = 1 - t.active.load(Ordering::Relaxed);
-        t.bitmaps[inactive].drain(|_, _| {});
+            let (folded, last) = (c.h.folded, c.h.last_closed);
+            match epochs::load(path, folded, last, 0) {
+                Some(unfolded) => c.unfolded = unfolded,
+                None => {
+                    // An epoch after the fold horizon is lost: answers that
+                    // need it cannot be exact any more.
+                    reset_session(&mut c.h, ResetReason::Corrupt);
+                    c.h.allocation_unknown = true;
+                    c.h.folded = c.h.last_closed;
+                    c.h.marks_lost_through = c.h.cur_epoch;
+                    c.unfolded.clear();
+                    let (have, _) = epochs::list(path);
+                    for e in have {
+                        epochs::remove(path, e);
+                    }
+                }
+            }
+            // An interrupted fold is done again (folding is idempotent).
+            c.fold();
+            c.h.state = STATE_OPEN;
+            c.write_header(true).map_err(io_err(path))?;
+        }
         Ok(t)
     }
 
-    fn assemble(
-        path: &Path,
-        file: File,
-        h: Header,
-        layout: Layout,
-        pins: BTreeMap<u64, u32>,
-        unfolded: BTreeMap<u64, SparseBits>,
-    ) -> Result<Self, TrackerError> {
+    fn assemble(path: &Path, file: File, h: Header, layout: Layout, recovered: bool) -> Result<Self, TrackerError> {
         let e = io_err(path);
         let b0 = AtomicBitmap::map(&file, layout.bitmap_offsets[0], layout.bitmap.clone()).map_err(io_err(path))?;
         let b1 = AtomicBitmap::map(&file, layout.bitmap_offsets[1], layout.bitmap.clone()).map_err(io_err(path))?;
         let emap = EpochMap::map(&file, layout.emap_offset, layout.emap.clone()).map_err(io_err(path))?;
         let header_region = Region::map(&file, 0, HEADER_BYTES as usize).map_err(e)?;
-        let t = Self {
+        Ok(Self {
             path: path.to_owned(),
             granularity: Granularity {
                 shift: h.granularity_shift,
@@ -283,20 +334,18 @@ impl Tracker {
             bitmaps: [b0, b1],
             file,
             cold: Mutex::new(Cold {
+                path: path.to_owned(),
                 header_region,
                 h,
                 emap,
-                unfolded,
-                pending: None,
-                pins,
+                unfolded: BTreeMap::new(),
                 sync_drains: 0,
                 header_unsynced: false,
             }),
             abandoned: false.into(),
+            recovered,
             read_only: false,
-        };
-        t.cold.lock().write_header().map_err(io_err(path))?;
-        Ok(t)
+        })
     }
 
     /// The tracking granularity.
@@ -351,7 +400,7 @@ impl Tracker {
             c.h.session = Uuid::new_v4();
             c.h.session_start = c.h.cur_epoch;
             c.h.enabled = true;
-            c.write_header().map_err(io_err(&self.path))?;
+            c.write_header(true).map_err(io_err(&self.path))?;
         }
         Ok(())
     }
@@ -362,23 +411,25 @@ impl Tracker {
         if c.h.enabled {
             retire_session(&mut c.h, ResetReason::Disabled);
             c.h.enabled = false;
-            c.write_header().map_err(io_err(&self.path))?;
+            c.write_header(true).map_err(io_err(&self.path))?;
         }
         Ok(())
     }
 
-    /// Drains the frozen bitmap of the last epoch switch (if any) and folds
-    /// closed epochs no live snapshot needs. Runs off the I/O path; a host
-    /// calls it after a snapshot, before taking the next one, and after
-    /// removing one.
+    /// Writes the frozen bitmap of the last epoch switch (if any) to its
+    /// epoch file and folds closed epochs no live snapshot needs. Runs off
+    /// the I/O path; a host calls it after a snapshot, before taking the next
+    /// one, and after removing one. An I/O error leaves the epoch frozen (the
+    /// next call, or the next `close_epoch`, tries again).
     pub fn settle(&self) {
         let mut c = self.cold.lock();
-        if c.header_unsynced {
-            // Best effort, as in `fold`: the header is trusted only after a clean close.
-            let _ = c.write_header();
+        let active = self.active.load(Ordering::Relaxed);
+        if c.drain_pending(&self.bitmaps, active).is_ok() {
+            c.fold();
         }
-        c.drain_pending(&self.bitmaps);
-        c.fold();
+        if c.header_unsynced {
+            let _ = c.write_header(true);
+        }
     }
 
     /// Closes the current epoch and returns its sequence number, pinned for
@@ -388,35 +439,34 @@ impl Tracker {
     /// snapshot stun): a write whose data lands after the switch must mark
     /// the new epoch. O(1) when [`settle`](Self::settle) ran since the last
     /// switch; otherwise the previous frozen bitmap is drained here. No file
-    /// I/O: the header is written back by the next `settle`.
+    /// I/O: the header page is updated in the mapping (where a killed process
+    /// leaves it) and written back by the next `settle`.
     pub fn close_epoch(&self) -> Result<u64, TrackerError> {
         let mut c = self.cold.lock();
-        if c.pending.is_some() {
+        let old = self.active.load(Ordering::Relaxed);
+        if c.h.pending != 0 {
             c.sync_drains += 1;
-            c.drain_pending(&self.bitmaps);
+            c.drain_pending(&self.bitmaps, old).map_err(io_err(&self.path))?;
         }
         let e = c.h.cur_epoch;
         if e >= u64::from(u32::MAX) {
             return Err(TrackerError::EpochsExhausted);
         }
-        let old = self.active.load(Ordering::Relaxed);
+        if c.h.pins.len() >= MAX_PINS {
+            return Err(TrackerError::TooManyPins(MAX_PINS));
+        }
         // Relaxed: writers are quiesced; the host's gate publishes this store.
         self.active.store(1 - old, Ordering::Relaxed);
-        c.pending = Some((old, e));
+        c.h.pending = e;
         c.h.active = (1 - old) as u64;
         c.h.last_closed = e;
         c.h.cur_epoch = e + 1;
-        *c.pins.entry(e).or_default() += 1;
+        add_pin(&mut c.h.pins, e);
         // Only the mapped page changes here: a synchronous write-back inside
         // the stun waits on the file system (measured: p99 13 ms at 1 GiB,
         // 67 ms at 1 TiB on ext4). `settle`, which the host calls right after
-        // the stun, writes it back; a killed process leaves it in the page
-        // cache, and the header is trusted only after a clean close anyway.
-        let Cold { header_region, h, .. } = &mut *c;
-        if let Some(bytes) = header_region.bytes_mut() {
-            h.encode(bytes);
-        }
-        c.header_unsynced = true;
+        // the stun, writes it back; a killed process leaves it in the page cache.
+        c.write_header(false).map_err(io_err(&self.path))?;
         Ok(e)
     }
 
@@ -433,60 +483,91 @@ impl Tracker {
     /// Releases a pin taken by `close_epoch`; folds what no pin needs.
     pub fn unpin(&self, seq: u64) {
         let mut c = self.cold.lock();
-        if let Some(n) = c.pins.get_mut(&seq) {
-            *n -= 1;
-            if *n == 0 {
-                c.pins.remove(&seq);
+        if let Some(i) = c.h.pins.iter().position(|&(s, _)| s == seq) {
+            c.h.pins[i].1 -= 1;
+            if c.h.pins[i].1 == 0 {
+                c.h.pins.remove(i);
             }
         }
-        c.drain_pending(&self.bitmaps);
-        c.fold();
+        let _ = c.write_header(false);
+        let active = self.active.load(Ordering::Relaxed);
+        if c.drain_pending(&self.bitmaps, active).is_ok() {
+            c.fold();
+        }
+        let _ = c.write_header(true);
     }
 
-    /// Pins `seq` again (a host re-applying its live snapshots after a
-    /// reopen that reset tracking).
-    pub fn pin(&self, seq: u64) {
-        *self.cold.lock().pins.entry(seq).or_default() += 1;
+    /// Pins `seq` again (a host re-applying a live snapshot).
+    pub fn pin(&self, seq: u64) -> Result<(), TrackerError> {
+        let mut c = self.cold.lock();
+        if c.h.pins.len() >= MAX_PINS && !c.h.pins.iter().any(|&(s, _)| s == seq) {
+            return Err(TrackerError::TooManyPins(MAX_PINS));
+        }
+        add_pin(&mut c.h.pins, seq);
+        c.write_header(true).map_err(io_err(&self.path))
+    }
+
+    /// Makes the pins exactly `live` (the host's live snapshots, after a
+    /// reopen): pins of snapshots the host no longer has (a process killed
+    /// between removing a snapshot and unpinning it) are released and folded.
+    pub fn retain_pins(&self, live: &[u64]) -> Result<(), TrackerError> {
+        let mut c = self.cold.lock();
+        let mut pins: Vec<(u64, u32)> = Vec::new();
+        for &s in live {
+            add_pin(&mut pins, s);
+        }
+        if pins.len() > MAX_PINS {
+            return Err(TrackerError::TooManyPins(MAX_PINS));
+        }
+        c.h.pins = pins;
+        c.write_header(false).map_err(io_err(&self.path))?;
+        let active = self.active.load(Ordering::Relaxed);
+        if c.drain_pending(&self.bitmaps, active).is_ok() {
+            c.fold();
+        }
+        c.write_header(true).map_err(io_err(&self.path))
     }
 
     /// Sequences currently pinned.
     pub fn pins(&self) -> Vec<u64> {
-        self.cold.lock().pins.keys().copied().collect()
+        self.cold.lock().h.pins.iter().map(|&(s, _)| s).collect()
     }
 
     /// Reverting the disk to the snapshot at `seq`: every block written after
     /// `seq` is changed back by the revert, so it is marked in the current
     /// epoch. Change IDs issued after `seq` stay valid and keep answering
-    /// correctly. **The caller must have quiesced every writer.**
+    /// correctly. **The caller must have quiesced every writer.** Marking
+    /// again is harmless, so a host may repeat it after a crash.
     ///
-    /// If `seq` is older than the fold horizon or than the epoch that was open
-    /// when an unclean close reset tracking (a live snapshot otherwise pins
-    /// it), marks of the epochs after it are lost and what the revert changes
-    /// back is not known: a new session
-    /// starts, so earlier change IDs fail with `TrackingReset` instead of
-    /// answering incompletely.
+    /// If `seq` is older than the fold horizon, or than the epoch that was
+    /// open when damaged state reset tracking (only after damage: a live
+    /// snapshot otherwise pins it, and a killed process loses no marks), the
+    /// marks of the epochs after it are lost and what the revert changes back
+    /// is not known: a new session starts, so earlier change IDs fail with
+    /// `TrackingReset` instead of answering incompletely.
     pub fn rewind_to(&self, seq: u64) -> Result<(), QueryError> {
         let mut c = self.cold.lock();
-        c.drain_pending(&self.bitmaps);
         if seq > c.h.last_closed {
             return Err(QueryError::PointNotRetained(seq));
         }
         let active = &self.bitmaps[self.active.load(Ordering::Relaxed)];
+        if c.h.pending > seq {
+            // Epochs in the frozen bitmap changed back too.
+            self.bitmaps[1 - self.active.load(Ordering::Relaxed)].for_each_word(0, |w, m| active.or_leaf_word(w, m));
+        }
         for bits in c.unfolded.range(seq + 1..).map(|(_, b)| b) {
             bits.for_each_word(|w, m| active.or_leaf_word(w as usize, m));
         }
-        // The revert changes back every block written after `seq`: known
-        // only if the epochs after it are unfolded and none lost marks at a
-        // reset (`marks_lost_through` is the epoch open at the reset, so a
-        // revert to the last snapshot before a crash needs a new session too).
         if seq < c.h.folded || seq < c.h.marks_lost_through {
-            reset_session(&mut c.h, ResetReason::Unclean);
-            let _ = c.write_header();
+            reset_session(&mut c.h, ResetReason::Corrupt);
+            let _ = c.write_header(false);
         }
         Ok(())
     }
 
-    /// Grows the tracked capacity. **The caller must have quiesced every writer.**
+    /// Grows the tracked capacity. **The caller must have quiesced every
+    /// writer.** No file I/O inside the caller's stun: the header page is
+    /// written back by the next `settle`.
     pub fn resize(&self, capacity: u64) -> Result<(), TrackerError> {
         let mut c = self.cold.lock();
         if capacity > MAX_CAPACITY {
@@ -502,12 +583,48 @@ impl Tracker {
             });
         }
         c.h.capacity = capacity;
-        c.write_header().map_err(io_err(&self.path))
+        c.write_header(false).map_err(io_err(&self.path))
+    }
+
+    /// Whether `*` needs the host's allocation (the state was damaged and
+    /// nothing has been seeded yet).
+    pub fn needs_allocation(&self) -> bool {
+        self.cold.lock().h.allocation_unknown
+    }
+
+    /// Seeds what `*` answers after damage: every block of these byte ranges
+    /// (what the host's layers hold) counts as written before the current
+    /// session. Then `*` answers from the tracker again.
+    pub fn seed_allocation(&self, ranges: impl IntoIterator<Item = (u64, u64)>) -> Result<(), TrackerError> {
+        let mut c = self.cold.lock();
+        let epoch = u32::try_from(c.h.folded.max(1)).map_err(|_| TrackerError::EpochsExhausted)?;
+        let s = self.granularity.shift;
+        let mut bits = SparseBits::default();
+        for (off, len) in ranges {
+            if len == 0 {
+                continue;
+            }
+            let (first, last) = (off >> s, (off + len - 1) >> s);
+            let (fw, lw) = (first / 64, last / 64);
+            for w in fw..=lw {
+                let lo = if w == fw { first % 64 } else { 0 };
+                let hi = if w == lw { last % 64 } else { 63 };
+                bits.or_word(w, (u64::MAX >> (63 - hi)) & (u64::MAX << lo));
+            }
+        }
+        bits.for_each_word(|w, m| c.emap.fold_word(w, m, epoch));
+        c.emap.flush().map_err(io_err(&self.path))?;
+        c.h.allocation_unknown = false;
+        c.write_header(true).map_err(io_err(&self.path))
     }
 
     /// One page of the areas changed between `since` and the closed epoch
     /// `at` (a live snapshot's sequence), for a disk of `capacity` bytes at
     /// that point, from byte `start`, with at most `max_areas` areas.
+    ///
+    /// `*` is answered at any point, also one older than the fold horizon: it
+    /// then includes blocks written after `at` (an over-report, never less).
+    /// A query writes nothing.
     pub fn changed_areas(
         &self,
         since: Since,
@@ -516,8 +633,7 @@ impl Tracker {
         start: u64,
         max_areas: usize,
     ) -> Result<AreaPage, QueryError> {
-        let mut c = self.cold.lock();
-        c.drain_pending(&self.bitmaps);
+        let c = self.cold.lock();
         let h = &c.h;
         if !h.enabled {
             return Err(QueryError::TrackingDisabled);
@@ -539,6 +655,10 @@ impl Tracker {
                         change_id: id,
                         reason: r.describe().into(),
                     },
+                    None if h.recreated => QueryError::TrackingReset {
+                        change_id: id,
+                        reason: ResetReason::Corrupt.describe().into(),
+                    },
                     None => QueryError::ForeignChangeId(id),
                 })
             }
@@ -553,12 +673,19 @@ impl Tracker {
                 areas: vec![(start, capacity - start)],
             });
         }
-        if at < h.folded || at > h.last_closed {
+        if at > h.last_closed || (at < h.folded && since != Since::Allocated) {
             return Err(QueryError::PointNotRetained(at));
         }
         let g = self.granularity;
         let first = start >> g.shift;
         let end_block = g.blocks(capacity);
+        // The epoch still in the frozen bitmap, read without draining it (a
+        // query writes nothing; the bitmap has no writers).
+        let frozen = (h.pending > s && h.pending <= at).then(|| {
+            let mut bits = SparseBits::default();
+            self.bitmaps[1 - self.active.load(Ordering::Relaxed)].for_each_word(0, |w, m| bits.or_word(w as u64, m));
+            bits
+        });
         let mut sources: Vec<Box<dyn Iterator<Item = (u64, u64)> + '_>> = Vec::new();
         if s < h.folded {
             sources.push(Box::new(EmapRuns {
@@ -569,6 +696,9 @@ impl Tracker {
             }));
         }
         for (_, bits) in c.unfolded.range(s + 1..at + 1) {
+            sources.push(Box::new(bits.runs_from(first)));
+        }
+        if let Some(bits) = &frozen {
             sources.push(Box::new(bits.runs_from(first)));
         }
         let mut areas = Vec::new();
@@ -605,6 +735,7 @@ impl Tracker {
             unfolded_bytes: c.unfolded.values().map(SparseBits::heap_bytes).sum(),
             unfolded_epochs: c.unfolded.len(),
             sync_drains: c.sync_drains,
+            recovered: self.recovered,
         }
     }
 
@@ -613,15 +744,14 @@ impl Tracker {
         self.cold.lock().h.last_closed
     }
 
-    /// Drops the tracker without a clean close, as a crash would: the next
-    /// [`open`](Self::open) resets tracking. For fault injection and tests.
+    /// Drops the tracker without a clean close, as a killed process would:
+    /// nothing more is written. For fault injection and tests.
     pub fn abandon(&self) {
-        self.cold.lock().h.state = STATE_OPEN;
         self.abandoned.store(true, Ordering::Relaxed);
     }
 
-    /// Writes all state to the file so that a later [`open`](Self::open)
-    /// finds it clean, and releases the file.
+    /// Writes all state back to the file, marks it closed cleanly, and
+    /// releases it.
     pub fn close(self) -> Result<(), TrackerError> {
         self.persist()
     }
@@ -629,15 +759,15 @@ impl Tracker {
     fn persist(&self) -> Result<(), TrackerError> {
         let e = || io_err(&self.path);
         let mut c = self.cold.lock();
-        c.drain_pending(&self.bitmaps);
+        let active = self.active.load(Ordering::Relaxed);
+        c.drain_pending(&self.bitmaps, active).map_err(e())?;
         c.fold();
         for b in &self.bitmaps {
             b.flush().map_err(e())?;
         }
         c.emap.flush().map_err(e())?;
-        write_sidecar(&sidecar(&self.path), &c.pins, &c.unfolded).map_err(e())?;
         c.h.state = STATE_CLEAN;
-        c.write_header().map_err(e())?;
+        c.write_header(true).map_err(e())?;
         Ok(())
     }
 }
@@ -646,52 +776,107 @@ impl Drop for Tracker {
     fn drop(&mut self) {
         let clean = self.cold.lock().h.state == STATE_CLEAN;
         if !clean && !self.abandoned.load(Ordering::Relaxed) && !self.read_only {
-            // Best effort; an error leaves the file marked open, so the next
-            // open resets tracking instead of trusting it.
+            // Best effort; an error leaves the file marked open, and the next
+            // open recovers it as after a crash.
             let _ = self.persist();
         }
     }
 }
 
 impl Cold {
-    fn write_header(&mut self) -> io::Result<()> {
-        self.header_unsynced = false;
+    /// Writes the header into its slot of the mapped page; `sync` writes the
+    /// page back to the file too.
+    fn write_header(&mut self, sync: bool) -> io::Result<()> {
         let Self { header_region, h, .. } = self;
-        match header_region.bytes_mut() {
-            Some(bytes) => h.encode(bytes),
-            None => return Ok(()), // read-only
-        }
-        header_region.flush()
-    }
-
-    fn drain_pending(&mut self, bitmaps: &[AtomicBitmap; 2]) {
-        if let Some((idx, epoch)) = self.pending.take() {
-            let mut bits = SparseBits::default();
-            bitmaps[idx].drain(|w, m| bits.or_word(w as u64, m));
-            if !bits.is_empty() {
-                self.unfolded.insert(epoch, bits);
-            }
+        let Some(page) = header_region.bytes_mut() else {
+            return Ok(()); // a read-only view writes nothing
+        };
+        h.write(page);
+        if sync {
+            self.header_unsynced = false;
+            header_region.flush()
+        } else {
+            self.header_unsynced = true;
+            Ok(())
         }
     }
 
-    /// Folds every closed, drained epoch up to the oldest pin into the epoch map.
+    /// Writes the frozen bitmap (the one not `active`) of the pending epoch
+    /// to its epoch file, records that in the header, then clears the bitmap.
+    /// Killed at any step, the next open finds either the epoch still
+    /// pending with the bitmap intact, or its file complete.
+    fn drain_pending(&mut self, bitmaps: &[AtomicBitmap; 2], active: usize) -> io::Result<()> {
+        let epoch = self.h.pending;
+        if epoch == 0 {
+            return Ok(());
+        }
+        let frozen = &bitmaps[1 - active];
+        let mut bits = SparseBits::default();
+        frozen.for_each_word(0, |w, m| bits.or_word(w as u64, m));
+        epochs::write(&self.path, epoch, &bits)?;
+        crash_point("drain: epoch file written")?;
+        self.unfolded.insert(epoch, bits);
+        self.h.pending = 0;
+        self.write_header(true)?;
+        crash_point("drain: header written")?;
+        frozen.drain(|_, _| {});
+        Ok(())
+    }
+
+    /// Folds every closed, written-out epoch up to the oldest pin into the
+    /// epoch map. The map is written back before the header records the new
+    /// horizon, and epoch files go only after that: killed in between, the
+    /// next open folds the same epochs again (folding keeps the newest epoch
+    /// of a block, so it is idempotent).
     fn fold(&mut self) {
-        if self.pending.is_some() {
+        if self.h.pending != 0 {
             return;
         }
-        let target = self.pins.keys().next().copied().unwrap_or(self.h.last_closed);
+        let target = self.h.pins.iter().map(|&(s, _)| s).min().unwrap_or(self.h.last_closed);
+        if target <= self.h.folded {
+            return;
+        }
+        let mut done = Vec::new();
         while let Some(entry) = self.unfolded.first_entry() {
             if *entry.key() > target {
                 break;
             }
             let (epoch, bits) = entry.remove_entry();
             bits.for_each_word(|w, m| self.emap.fold_word(w, m, epoch as u32));
+            done.push(epoch);
+            if crash_point("fold: one epoch folded").is_err() {
+                return;
+            }
         }
-        if target > self.h.folded {
-            self.h.folded = target;
-            let _ = self.write_header();
+        if self.emap.flush().is_err() {
+            return;
+        }
+        self.h.folded = target;
+        if self.write_header(true).is_ok() && crash_point("fold: header written").is_ok() {
+            for e in done {
+                epochs::remove(&self.path, e);
+            }
         }
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The step at which a unit test makes this thread's tracker stop as a
+    /// killed process would (the test then abandons the tracker).
+    static CRASH_AT: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+}
+
+/// A point of the crash protocol: in unit tests, fails when the test asked
+/// to stop here; compiled to nothing otherwise.
+#[inline]
+fn crash_point(_name: &'static str) -> io::Result<()> {
+    #[cfg(test)]
+    if CRASH_AT.get() == Some(_name) {
+        CRASH_AT.set(None);
+        return Err(io::Error::other(format!("crash point: {_name}")));
+    }
+    Ok(())
 }
 
 impl TrackerView {
@@ -709,7 +894,7 @@ impl TrackerView {
         };
         let mut page = vec![0u8; HEADER_BYTES as usize];
         std::io::Read::read_exact(&mut &file, &mut page).map_err(|e| bad(format!("cannot read the header: {e}")))?;
-        let mut h = Header::decode(&page).map_err(bad)?;
+        let mut h = Header::read(&page).map_err(bad)?;
         let granularity = Granularity {
             shift: h.granularity_shift,
         };
@@ -721,26 +906,23 @@ impl TrackerView {
         if len < layout.file_len {
             return Err(bad(format!("file is {len} bytes, expected {}", layout.file_len)));
         }
-        let side = if h.state == STATE_CLEAN {
-            read_sidecar(&sidecar(path))
-        } else {
-            None
-        };
-        let (pins, unfolded) = match side {
-            Some(s) => s,
+        // The epoch still in the frozen bitmap is read from it by queries.
+        let unfolded = (h.folded + 1..=h.last_closed)
+            .filter(|&e| e != h.pending)
+            .map(|e| epochs::read(path, e).map(|b| (e, b)))
+            .collect::<Option<BTreeMap<u64, SparseBits>>>();
+        let unfolded = match unfolded {
+            Some(u) => u,
             None => {
                 // As `Tracker::open` would reset it, in memory only.
-                let reason = if h.state == STATE_CLEAN {
-                    ResetReason::Corrupt
-                } else {
-                    ResetReason::Unclean
-                };
-                reset_session(&mut h, reason);
+                reset_session(&mut h, ResetReason::Corrupt);
                 h.allocation_unknown = true;
                 h.folded = h.last_closed;
-                (BTreeMap::new(), BTreeMap::new())
+                h.pending = 0;
+                BTreeMap::new()
             }
         };
+        let recovered = h.state != STATE_CLEAN;
         let e = io_err(path);
         let b0 = AtomicBitmap::map_read_only(&file, layout.bitmap_offsets[0], layout.bitmap.clone()).map_err(e)?;
         let b1 = AtomicBitmap::map_read_only(&file, layout.bitmap_offsets[1], layout.bitmap.clone())
@@ -754,16 +936,16 @@ impl TrackerView {
             bitmaps: [b0, b1],
             file,
             cold: Mutex::new(Cold {
+                path: path.to_owned(),
                 header_region,
                 h,
                 emap,
                 unfolded,
-                pending: None,
-                pins,
                 sync_drains: 0,
                 header_unsynced: false,
             }),
             abandoned: false.into(),
+            recovered,
             read_only: true,
         }))
     }
@@ -801,6 +983,13 @@ impl TrackerView {
     }
 }
 
+fn add_pin(pins: &mut Vec<(u64, u32)>, seq: u64) {
+    match pins.iter_mut().find(|(s, _)| *s == seq) {
+        Some((_, n)) => *n += 1,
+        None => pins.push((seq, 1)),
+    }
+}
+
 /// Records the current session as ended for `reason`.
 fn retire_session(h: &mut Header, reason: ResetReason) {
     if h.past.len() == MAX_PAST_SESSIONS {
@@ -823,62 +1012,6 @@ fn lock(file: &File, path: &Path) -> Result<(), TrackerError> {
             path: path.to_owned(),
             source,
         },
-    })
-}
-
-const SIDECAR_MAGIC: u64 = u64::from_le_bytes(*b"CBTEPOC1");
-
-type SidecarState = (BTreeMap<u64, u32>, BTreeMap<u64, SparseBits>);
-
-fn write_sidecar(path: &Path, pins: &BTreeMap<u64, u32>, unfolded: &BTreeMap<u64, SparseBits>) -> io::Result<()> {
-    let mut buf = Vec::new();
-    buf.extend_from_slice(&SIDECAR_MAGIC.to_le_bytes());
-    buf.extend_from_slice(&(pins.len() as u64).to_le_bytes());
-    for (&p, &n) in pins {
-        buf.extend_from_slice(&p.to_le_bytes());
-        buf.extend_from_slice(&u64::from(n).to_le_bytes());
-    }
-    buf.extend_from_slice(&(unfolded.len() as u64).to_le_bytes());
-    for (&e, bits) in unfolded {
-        buf.extend_from_slice(&e.to_le_bytes());
-        bits.encode(&mut buf);
-    }
-    let sum = checksum(&buf);
-    buf.extend_from_slice(&sum.to_le_bytes());
-    let tmp = path.with_extension("epochs.tmp");
-    let mut f = File::create(&tmp)?;
-    f.write_all(&buf)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
-fn read_sidecar(path: &Path) -> Option<SidecarState> {
-    let data = std::fs::read(path).ok()?;
-    let (body, sum) = data.split_at_checked(data.len().checked_sub(8)?)?;
-    if checksum(body).to_le_bytes() != sum {
-        return None;
-    }
-    let mut input = body;
-    if take_u64(&mut input)? != SIDECAR_MAGIC {
-        return None;
-    }
-    let mut pins = BTreeMap::new();
-    for _ in 0..take_u64(&mut input)? {
-        let p = take_u64(&mut input)?;
-        pins.insert(p, u32::try_from(take_u64(&mut input)?).ok()?);
-    }
-    let mut unfolded = BTreeMap::new();
-    for _ in 0..take_u64(&mut input)? {
-        let e = take_u64(&mut input)?;
-        unfolded.insert(e, SparseBits::decode(&mut input)?);
-    }
-    input.is_empty().then_some((pins, unfolded))
-}
-
-/// FNV-1a over the bytes: enough to catch a torn or damaged sidecar.
-fn checksum(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
     })
 }
 
@@ -928,4 +1061,89 @@ fn union_runs<'a>(
             None => return cur.take().map(|(cs, ce)| (cs, ce - cs)),
         }
     })
+}
+
+#[cfg(test)]
+mod crash_tests {
+    //! A process killed at each step of the crash protocol reopens in the
+    //! same session with every answer exact.
+
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn areas(t: &Tracker, since: Since, at: u64) -> Vec<(u64, u64)> {
+        t.changed_areas(since, at, GIB, 0, usize::MAX).unwrap().areas
+    }
+
+    /// Three snapshots with writes between them; snapshot 1 is removed
+    /// (folding epochs 1..), with the kill at `point`, then every answer is
+    /// compared with a run that was not killed.
+    fn run(point: &'static str) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.ctk");
+        let t = Tracker::create(&p, GIB, Granularity::DEFAULT).unwrap();
+        t.mark(0, 1);
+        let e1 = t.close_epoch().unwrap();
+        t.settle();
+        t.mark(3 << 16, 1);
+        t.mark(0, 1);
+        let e2 = t.close_epoch().unwrap();
+        t.settle();
+        t.mark(7 << 16, 1);
+        let e3 = t.close_epoch().unwrap();
+        // `settle` writes e3 out and `unpin(e1)` folds e1 and e2: each step
+        // of both can be the one that is killed.
+        CRASH_AT.set(Some(point));
+        t.settle();
+        t.unpin(e1);
+        let hit = CRASH_AT.get().is_none();
+        CRASH_AT.set(None);
+        assert!(hit, "the run passed crash point {point:?}");
+        let ids: Vec<ChangeId> = [e1, e2, e3].iter().map(|&e| t.change_id(e).unwrap()).collect();
+        t.abandon();
+        drop(t);
+
+        let t = Tracker::open(&p).unwrap();
+        assert_eq!(t.change_id(e1), Some(ids[0]), "{point}: the same session");
+        // Snapshot 1 is gone as far as the host knows: it re-applies its pins.
+        t.retain_pins(&[e2, e3]).unwrap();
+        let b = |n: u64| (n << 16, 1 << 16);
+        assert_eq!(areas(&t, Since::Change(ids[0]), e3), vec![b(0), b(3), b(7)], "{point}");
+        assert_eq!(areas(&t, Since::Change(ids[0]), e2), vec![b(0), b(3)], "{point}");
+        assert_eq!(areas(&t, Since::Change(ids[1]), e3), vec![b(7)], "{point}");
+        assert_eq!(areas(&t, Since::Allocated, e3), vec![b(0), b(3), b(7)], "{point}");
+        // And it goes on: a later snapshot, the rest folded.
+        t.mark(9 << 16, 1);
+        let e4 = t.close_epoch().unwrap();
+        t.unpin(e2);
+        t.unpin(e3);
+        t.settle();
+        assert_eq!(areas(&t, Since::Change(ids[2]), e4), vec![b(9)], "{point}");
+        assert_eq!(
+            areas(&t, Since::Change(ids[0]), e4),
+            vec![b(0), b(3), b(7), b(9)],
+            "{point}"
+        );
+    }
+
+    #[test]
+    fn killed_after_the_epoch_file_is_written() {
+        run("drain: epoch file written");
+    }
+
+    #[test]
+    fn killed_after_the_drain_is_recorded_before_the_bitmap_is_cleared() {
+        run("drain: header written");
+    }
+
+    #[test]
+    fn killed_in_the_middle_of_a_fold() {
+        run("fold: one epoch folded");
+    }
+
+    #[test]
+    fn killed_after_a_fold_is_recorded_before_its_files_are_removed() {
+        run("fold: header written");
+    }
 }

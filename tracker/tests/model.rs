@@ -1,4 +1,5 @@
-//! The tracker against a plain model: a set of blocks per epoch.
+//! The tracker against a plain model: a set of blocks per epoch, through
+//! snapshots, removals, settles, clean reopens and killed processes.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -7,10 +8,17 @@ use tracker::{Granularity, QueryError, Since, Tracker};
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { off: u64, len: u64 },
+    Write {
+        off: u64,
+        len: u64,
+    },
     Snapshot,
     Remove(usize),
     Settle,
+    /// The process is killed and the tracker reopened.
+    Crash,
+    /// A clean close and reopen.
+    Reopen,
 }
 
 fn op(cap: u64) -> impl Strategy<Value = Op> {
@@ -19,6 +27,8 @@ fn op(cap: u64) -> impl Strategy<Value = Op> {
         2 => Just(Op::Snapshot),
         1 => (0..8usize).prop_map(Op::Remove),
         1 => Just(Op::Settle),
+        1 => Just(Op::Crash),
+        1 => Just(Op::Reopen),
     ]
 }
 
@@ -73,7 +83,8 @@ proptest! {
         let g = 1u64 << gshift;
         let cap = cap_blocks * g + tail.min(g - 1);
         let dir = tempfile::tempdir().unwrap();
-        let t = Tracker::create(&dir.path().join("d.ctk"), cap, Granularity::new(g).unwrap()).unwrap();
+        let path = dir.path().join("d.ctk");
+        let mut t = Tracker::create(&path, cap, Granularity::new(g).unwrap()).unwrap();
         let mut epochs: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
         let mut cur = 1u64;
         let mut live: Vec<u64> = Vec::new();
@@ -99,6 +110,16 @@ proptest! {
                 }
                 Op::Remove(_) => {}
                 Op::Settle => t.settle(),
+                Op::Crash => {
+                    t.abandon();
+                    drop(t);
+                    t = Tracker::open(&path).unwrap();
+                    prop_assert!(t.stats().recovered);
+                }
+                Op::Reopen => {
+                    t.close().unwrap();
+                    t = Tracker::open(&path).unwrap();
+                }
             }
             // Query at every live snapshot since every earlier change ID, and `*`.
             for &at in &live {

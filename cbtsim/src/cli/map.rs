@@ -5,11 +5,12 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, ensure, Context as _};
+use anyhow::Context as _;
 use clap::Args;
 use diskmap::{DiskMap, Layout, Shape};
-use service::{ErrorKind, MapRequest, Request, Response, Service};
+use service::{MapRequest, Request, Response};
 
+use super::dispatch::{answer, request as request_to};
 use super::{disk_arg, print_json, Ctx};
 
 /// Arguments of `cbtsim map`.
@@ -50,24 +51,6 @@ pub struct MapArgs {
     pub json: bool,
 }
 
-/// Runs one request on the datastore's host: through the control socket
-/// while a `cbtsim serve` owns it, else on a service opened here.
-fn execute(ctx: &Ctx, request: Request) -> anyhow::Result<Response> {
-    let Some(ds) = &ctx.datastore else {
-        bail!("no datastore: pass --datastore DIR or set CBTSIM_DATASTORE");
-    };
-    ensure!(ds.is_dir(), "datastore {} does not exist", ds.display());
-    if service::client::socket_path(ds).exists() {
-        match service::client::call(ds, &request, &()) {
-            // A socket left by a serve that is gone: open the datastore here.
-            Err(e) if e.kind == ErrorKind::Unavailable => {}
-            r => return Ok(r?),
-        }
-    }
-    let svc = Service::open(ds).with_context(|| format!("cannot open datastore {}", ds.display()))?;
-    Ok(svc.execute(request, &())?)
-}
-
 /// Runs `cbtsim map`.
 pub fn run(ctx: &Ctx, a: &MapArgs) -> anyhow::Result<()> {
     let disk = disk_arg(&a.disk)?;
@@ -83,10 +66,8 @@ pub fn run(ctx: &Ctx, a: &MapArgs) -> anyhow::Result<()> {
         max_cells: Some(a.cells.unwrap_or(shape.max_cells)),
         columns: Some(shape.columns),
     };
-    let map = match execute(ctx, Request::Map(request))? {
-        Response::Map(m) => *m,
-        other => bail!("the host answered {other:?} to a map request"),
-    };
+    // To the datastore's serve, or a service of this process.
+    let map = answer!(request_to(ctx, Request::Map(request), &())?, Response::Map(m) => *m);
     if let Some(path) = &a.svg {
         write(path, diskmap::svg::render(&map).as_bytes())?;
     }

@@ -201,12 +201,9 @@ impl Lifecycle<'_> {
             }
             Op::PowerCycle => self.power_cycle(),
             Op::Restart => self.reopen(false),
-            Op::Crash => {
-                self.reopen(true)?;
-                self.new_session();
-                self.model.crash_order = self.model.next_order;
-                Ok(())
-            }
+            // A killed process loses no mark: tracking resumes in the same
+            // session, every change ID exact (DESIGN.md, the crash protocol).
+            Op::Crash => self.reopen(true),
             Op::Recheck => {
                 let i = self.rng.gen_range(0..self.model.snaps.len());
                 self.recheck(i);
@@ -320,9 +317,6 @@ impl Lifecycle<'_> {
             return Ok(());
         }
         self.model.snaps.truncate(i + 1);
-        if target.order < self.model.crash_order {
-            self.new_session();
-        }
         self.model.capacity = target.image.len() as u64;
         if let Some(s) = &mut self.model.shadow {
             s.clone_from(&target.image);

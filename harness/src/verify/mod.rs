@@ -19,12 +19,13 @@
 //!   rewritten with equal bytes is legitimately reported).
 //! * `*` covers every non-zero byte of each new snapshot.
 //! * **Typed errors where no exact answer exists**, against a model of the
-//!   tracking state: a change ID from before a CBT toggle or a crash must fail
-//!   with `TrackingReset`, a query while CBT is off with `TrackingDisabled`, a
+//!   tracking state: a change ID from before a CBT toggle must fail with
+//!   `TrackingReset`, a query while CBT is off with `TrackingDisabled`, a
 //!   change ID newer than the snapshot with `ChangeIdAfterSnapshot`, guest I/O
-//!   while powered off with `PoweredOff`. A revert to a snapshot taken before
-//!   a crash starts a new session too (the crash lost what it would mark). Those are *expected errors*; an
-//!   answer where the model expects an error, or the reverse, is a violation.
+//!   while powered off with `PoweredOff`. A crash keeps the tracking session:
+//!   every change ID from before it must still answer exactly. Those are
+//!   *expected errors*; an answer where the model expects an error, or the
+//!   reverse, is a violation.
 //! * Snapshot images stay frozen (re-read and compared later), a revert
 //!   makes the live disk equal to its snapshot, the snapshot list and change
 //!   IDs survive a restart, and (single-threaded) every snapshot equals an
@@ -245,7 +246,6 @@ pub fn run(cfg: &VerifyConfig, progress: &dyn Progress) -> Result<VerifyReport, 
             capacity: cfg.disk_size,
             shadow: inline.then(|| vec![0u8; cfg.disk_size as usize]),
             next_order: 0,
-            crash_order: 0,
         },
         rng: ChaCha8Rng::seed_from_u64(cfg.seed),
         inline,

@@ -69,7 +69,7 @@ pub(super) struct Baseline {
 pub(super) struct Model {
     pub(super) snaps: Vec<Snap>,
     pub(super) baselines: VecDeque<Baseline>,
-    /// Tracking session: bumped when CBT goes on again and at a crash.
+    /// Tracking session: bumped when CBT goes on again (a crash keeps it).
     pub(super) session: u64,
     pub(super) session_uuid: Option<String>,
     pub(super) seen_uuids: HashSet<String>,
@@ -78,10 +78,6 @@ pub(super) struct Model {
     /// Exact live content (single-threaded runs only).
     pub(super) shadow: Option<Vec<u8>>,
     pub(super) next_order: u64,
-    /// `next_order` at the last crash: a revert to a snapshot older than
-    /// that cannot be tracked (the crash lost the epochs after it), so it
-    /// starts a new session.
-    pub(super) crash_order: u64,
 }
 
 /// Counters shared with the writer threads.

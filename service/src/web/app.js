@@ -229,6 +229,11 @@ function onState(state) {
   if (state.kind) { $('map-error').textContent = `state: ${state.message}`; return; }
   ui.state = state;
   $('datastore').textContent = state.datastore;
+  // The repository of `serve --repo`, unless one was typed.
+  if (state.repository && !$('repo').value) {
+    $('repo').value = state.repository;
+    points().catch(() => {});
+  }
   fill($('profile'), state.profiles.map((p) => [p, p]), $('profile').value || 'oltp-db');
   renderVms();
   const v = selectedVm();

@@ -110,6 +110,8 @@ async fn execute(s: &WebState, request: Request) -> Result<Response, ActionError
 #[derive(Debug, Serialize, PartialEq)]
 struct PageState {
     datastore: String,
+    /// The repository of `serve --repo`, if any.
+    repository: Option<String>,
     nbd: Option<String>,
     vms: Vec<PageVm>,
     guests: Vec<GuestStatus>,
@@ -124,7 +126,7 @@ struct PageVm {
     chain: Vec<SnapshotEntry>,
 }
 
-fn page_state(service: &Service, nbd: Option<String>) -> Result<PageState, ActionError> {
+fn page_state(service: &Service, nbd: Option<String>, repository: Option<String>) -> Result<PageState, ActionError> {
     let Response::Vms(vms) = service.execute(Request::VmList {}, &())? else {
         return Err(ActionError::new(ErrorKind::Internal, "vm-list answered something else"));
     };
@@ -145,6 +147,7 @@ fn page_state(service: &Service, nbd: Option<String>) -> Result<PageState, Actio
     };
     Ok(PageState {
         datastore: service.root().display().to_string(),
+        repository,
         nbd,
         vms: out,
         guests,
@@ -155,7 +158,8 @@ fn page_state(service: &Service, nbd: Option<String>) -> Result<PageState, Actio
 async fn current(s: &WebState) -> Result<PageState, ActionError> {
     let service = s.service.clone();
     let nbd = s.nbd.map(|a| a.to_string());
-    tokio::task::spawn_blocking(move || page_state(&service, nbd))
+    let repository = s.repository.as_ref().map(|r| r.display().to_string());
+    tokio::task::spawn_blocking(move || page_state(&service, nbd, repository))
         .await
         .unwrap_or_else(|e| Err(ActionError::new(ErrorKind::Internal, format!("state: {e}"))))
 }

@@ -28,8 +28,75 @@ impl Vm {
         cfg.save(&self.dir.join("vm.json"))
     }
 
+    /// Merges every layer that no snapshot needs into the layer below it:
+    /// what a removal killed half way left, or the helper delta a removal
+    /// kept as the live top because the guest wrote faster than it merged
+    /// (vSphere's "consolidation needed"). Then deletes the files of layers
+    /// that no chain names. Returns how many layers were merged. The VM's
+    /// open calls it; a running host may call it at any time.
+    pub fn consolidate(&self) -> Result<usize, SimError> {
+        let mut cfg = self.meta.lock();
+        let mut merged = 0;
+        // Bounded: with a guest writing faster than a merge copies, a removal
+        // may keep a helper delta again; the next call continues.
+        for _ in 0..MAX_MERGE_ROUNDS {
+            let Some((d, p)) = self.unneeded_layer(&cfg) else {
+                break;
+            };
+            self.merge_above(&mut cfg, d, p)?;
+            merged += 1;
+        }
+        self.remove_orphans(&cfg)?;
+        Ok(merged)
+    }
+
+    /// Whether a layer of some disk is not needed by any snapshot (see
+    /// [`consolidate`](Self::consolidate)).
+    pub fn needs_consolidation(&self) -> bool {
+        self.unneeded_layer(&self.meta.lock()).is_some()
+    }
+
+    /// A disk and the id of a layer below its live top that is not the view of
+    /// any snapshot: the layer above it belongs merged into it.
+    fn unneeded_layer(&self, cfg: &VmConfig) -> Option<(usize, u64)> {
+        cfg.disks.iter().enumerate().find_map(|(d, dc)| {
+            let below_top = &dc.chain[..dc.chain.len().saturating_sub(1)];
+            below_top
+                .iter()
+                .find(|&&id| !cfg.snapshots.iter().any(|s| s.disks[d].view_top == id))
+                .map(|&id| (d, id))
+        })
+    }
+
+    /// Deletes layer files (`L<id>.map`, `L<id>.<k>.ext`) of layers that no
+    /// chain names: left by a process killed between unlinking a layer from
+    /// the configuration and deleting its files.
+    fn remove_orphans(&self, cfg: &VmConfig) -> Result<(), SimError> {
+        for (d, dc) in cfg.disks.iter().enumerate() {
+            let dir = &self.disks[d].dir;
+            let rd = std::fs::read_dir(dir).map_err(|source| SimError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+            for entry in rd.flatten() {
+                let name = entry.file_name();
+                let id = name
+                    .to_str()
+                    .and_then(|n| n.strip_prefix('L'))
+                    .and_then(|n| n.split('.').next())
+                    .and_then(|n| n.parse::<u64>().ok());
+                if let Some(id) = id {
+                    if !dc.chain.contains(&id) {
+                        let _ = std::fs::remove_file(entry.path());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Merges the layer above `p_id` into `p_id` (its snapshot is gone).
-    pub(super) fn consolidate(&self, cfg: &mut VmConfig, d: usize, p_id: u64) -> Result<(), SimError> {
+    pub(super) fn merge_above(&self, cfg: &mut VmConfig, d: usize, p_id: u64) -> Result<(), SimError> {
         let (p, mut c, c_is_top) = {
             let io = self.gate();
             let chain = &io.disks[d].chain;

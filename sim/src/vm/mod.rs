@@ -110,6 +110,18 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SimError + '_ {
     }
 }
 
+/// Opens a disk's tracker; a damaged one is set aside and recreated (a new
+/// tracking session, its first epoch after every snapshot the VM has).
+fn open_tracker(path: &Path, dc: &DiskConfig, newest: u64) -> Result<Tracker, SimError> {
+    match Tracker::open(path) {
+        Err(tracker::TrackerError::BadFile { .. }) => {
+            let g = Granularity::new(dc.granularity)?;
+            Ok(Tracker::recreate(path, dc.capacity, g, newest + 1)?)
+        }
+        r => Ok(r?),
+    }
+}
+
 /// Names of VMs and snapshots: safe as file names, unambiguous in a CLI.
 pub fn check_name(name: &str) -> Result<(), SimError> {
     let ok = !name.is_empty()
@@ -135,10 +147,27 @@ fn lock_vm(dir: &Path, name: &str) -> Result<File, SimError> {
         .write(true)
         .open(&path)
         .map_err(io_err(&path))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(SimError::VmInUse(name.to_owned())),
-        Err(std::fs::TryLockError::Error(e)) => Err(io_err(&path)(e)),
+    // Readers (`Host::view`) hold the lock shared for the moment a listing or
+    // a query takes: wait for them a little. A writer holds it exclusively for
+    // as long as it keeps the VM open: give up at once.
+    let deadline = Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(f),
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&path)(e)),
+            Err(std::fs::TryLockError::WouldBlock) => {}
+        }
+        let readers_only = match f.try_lock_shared() {
+            Ok(()) => {
+                let _ = f.unlock();
+                true
+            }
+            Err(_) => false,
+        };
+        if !readers_only || Instant::now() >= deadline {
+            return Err(SimError::VmInUse(name.to_owned()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 
@@ -174,6 +203,7 @@ impl Vm {
                 .collect(),
             snapshots: Vec::new(),
             next_layer: 1,
+            pending_revert: None,
         };
         let lock = lock_vm(dir, name)?;
         let mut trackers = Vec::new();
@@ -189,11 +219,17 @@ impl Vm {
         Self::open_locked(dir, cfg, lock, trackers)
     }
 
-    /// Opens the VM stored in `dir`, taking its lock.
+    /// Opens the VM stored in `dir`, taking its lock, and finishes whatever a
+    /// killed process left half done: an epoch its snapshot never closed, a
+    /// revert not yet marked, pins of removed snapshots, a consolidation, the
+    /// files of layers no chain names (DESIGN.md, the crash protocol).
     pub(crate) fn open(dir: &Path) -> Result<Self, SimError> {
         let cfg = VmConfig::load(&dir.join("vm.json"))?;
         let lock = lock_vm(dir, &cfg.name)?;
-        Self::open_locked(dir, cfg, lock, Vec::new())
+        let vm = Self::open_locked(dir, cfg, lock, Vec::new())?;
+        vm.finish_revert()?;
+        vm.consolidate()?;
+        Ok(vm)
     }
 
     /// Opens the VM with its lock held; `created` are trackers already open
@@ -204,34 +240,45 @@ impl Vm {
         let mut io_disks = Vec::new();
         for (i, dc) in cfg.disks.iter().enumerate() {
             let ddir = dir.join(format!("disk{i}"));
+            let newest = cfg.snapshots.iter().map(|s| s.disks[i].seq).max().unwrap_or(0);
             let tracker = match created.next() {
                 Some(t) => t,
-                None => Tracker::open(&ddir.join("disk.ctk"))?,
+                None => open_tracker(&ddir.join("disk.ctk"), dc, newest)?,
             };
             // A crash between saving a new snapshot and its stun leaves a
             // snapshot whose epoch was never closed. Its view is the disk as
             // it is now (its delta was never written), so close the epoch now,
             // before any write: otherwise the next snapshot would get its
             // sequence, and the two would share a change ID.
-            let newest = cfg.snapshots.iter().map(|s| s.disks[i].seq).max().unwrap_or(0);
             while tracker.last_closed() < newest {
                 tracker.close_epoch()?;
             }
-            // Re-apply the pins of live snapshots (lost if tracking was reset).
-            let pinned = tracker.pins();
-            for s in &cfg.snapshots {
-                if !pinned.contains(&s.disks[i].seq) {
-                    tracker.pin(s.disks[i].seq);
-                }
-            }
+            // The pins are exactly the live snapshots: a process killed
+            // between removing a snapshot and unpinning it left a stale one.
+            let live: Vec<u64> = cfg.snapshots.iter().map(|s| s.disks[i].seq).collect();
+            tracker.retain_pins(&live)?;
             if cfg.cbt {
                 tracker.enable()?;
+            } else {
+                tracker.disable()?;
+            }
+            if dc.capacity > tracker.capacity() {
+                // Killed between saving an extend and its stun.
+                tracker.resize(dc.capacity)?;
             }
             let grain_shift = tracker.granularity().shift().min(MAX_GRAIN.trailing_zeros());
             let chain = cfg
                 .chain_layers(i)
                 .map(|(pos, id)| Layer::open(&ddir, id, (pos > 0).then_some(grain_shift)).map(Arc::new))
                 .collect::<Result<Vec<_>, _>>()?;
+            if tracker.needs_allocation() {
+                // Damaged tracking state was recreated: `*` is what the layers hold.
+                let mut areas = Vec::new();
+                for l in &chain {
+                    l.allocated(&mut |off, len| areas.push((off, len)))?;
+                }
+                tracker.seed_allocation(areas)?;
+            }
             io_disks.push(DiskIo {
                 capacity: dc.capacity,
                 chain,

@@ -108,7 +108,7 @@ impl Vm {
         let snap = cfg.snapshots.remove(idx);
         self.save(&mut cfg)?;
         for (d, sd) in snap.disks.iter().enumerate() {
-            self.consolidate(&mut cfg, d, sd.view_top)?;
+            self.merge_above(&mut cfg, d, sd.view_top)?;
             self.disks[d].tracker.unpin(sd.seq);
         }
         Ok(())
@@ -147,7 +147,11 @@ impl Vm {
             chain.push(id);
             next.disks[i].capacity = sd.capacity;
         }
+        // Journalled: killed after this save, the next open marks what the
+        // revert changes back (the chain it names is already the reverted one).
+        next.pending_revert = Some(target.disks.iter().map(|d| d.seq).collect());
         next.save(&self.dir.join("vm.json"))?;
+        fault_point!(crate::fault::Point::Reverting);
         let mut dropped = Vec::new();
         {
             let mut stun = self.stun();
@@ -169,10 +173,30 @@ impl Vm {
                 self.disks[d].tracker.unpin(sd.seq);
             }
         }
+        next.pending_revert = None;
+        next.save(&self.dir.join("vm.json"))?;
         for l in dropped {
             l.delete_files();
         }
         *cfg = next;
         Ok(())
+    }
+
+    /// Finishes a revert that a killed process saved but may not have marked:
+    /// marks again what it changes back (before any guest write), then clears
+    /// the journal.
+    pub(super) fn finish_revert(&self) -> Result<(), SimError> {
+        let mut cfg = self.meta.lock();
+        let Some(seqs) = cfg.pending_revert.clone() else {
+            return Ok(());
+        };
+        {
+            let _stun = self.stun();
+            for (d, &seq) in seqs.iter().enumerate() {
+                self.disks[d].tracker.rewind_to(seq)?;
+            }
+        }
+        cfg.pending_revert = None;
+        cfg.save(&self.dir.join("vm.json"))
     }
 }
