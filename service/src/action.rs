@@ -169,6 +169,13 @@ pub enum Request {
         /// The workload's ID, as [`Response::GuestStarted`] gave it.
         id: u64,
     },
+    /// A disk's map: which epoch (change ID) last wrote each part of it.
+    Map(crate::map::MapRequest),
+    /// The restore points of a repository, oldest first.
+    BackupList {
+        /// The repository directory (an absolute path).
+        repository: PathBuf,
+    },
 
     // What the command line needs beyond the above (`cbtsim` sends every
     // command on a datastore as a request, to its serve or to a service of
@@ -392,6 +399,10 @@ pub enum Response {
     Guest(GuestReport),
     /// [`Request::GuestList`].
     Guests(Vec<GuestStatus>),
+    /// [`Request::Map`].
+    Map(Box<diskmap::DiskMap>),
+    /// [`Request::BackupList`].
+    BackupPoints(Vec<BackupPoint>),
     /// [`Request::VmDelete`].
     VmDeleted {
         /// The VM.
@@ -407,6 +418,46 @@ pub enum Response {
     ChangedAreaPage(vadp::DiskChangeInfo),
     /// [`Request::VmChangeIds`]: per disk, absent while tracking is off.
     ChangeIds(Vec<Option<String>>),
+}
+
+/// A restore point, as [`Request::BackupList`] lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupPoint {
+    /// The point's ID.
+    pub point: String,
+    /// The VM backed up.
+    pub vm: String,
+    /// `full` or `incremental`.
+    pub kind: String,
+    /// The point an incremental was built on.
+    pub parent: Option<String>,
+    /// When its snapshot was taken, `YYYY-MM-DDTHH:MM:SSZ`.
+    pub time_utc: String,
+    /// Bytes read from the snapshot.
+    pub bytes_read: u64,
+    /// Bytes of new chunks stored.
+    pub bytes_stored: u64,
+    /// Bytes of the changed (or, for a full backup, allocated) areas.
+    pub changed_bytes: u64,
+    /// Per disk, the snapshot's change ID: the next incremental queries since it.
+    pub change_ids: Vec<Option<String>>,
+}
+
+impl From<backup::PointListing> for BackupPoint {
+    fn from(p: backup::PointListing) -> Self {
+        let m = p.meta;
+        BackupPoint {
+            change_ids: m.disks.iter().map(|d| d.change_id.clone()).collect(),
+            point: m.point,
+            vm: m.vm,
+            kind: m.kind,
+            parent: m.parent,
+            time_utc: m.time_utc,
+            bytes_read: m.bytes_read,
+            bytes_stored: m.bytes_stored,
+            changed_bytes: m.changed_bytes,
+        }
+    }
 }
 
 /// A VM, as listed.

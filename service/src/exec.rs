@@ -103,7 +103,7 @@ impl Service {
     }
 
     /// VM `vm` for a read-only request.
-    fn reader(&self, vm: &str) -> Result<Reader, ActionError> {
+    pub(crate) fn reader(&self, vm: &str) -> Result<Reader, ActionError> {
         Ok(if self.views {
             Reader::View(self.host.view(vm)?)
         } else {
@@ -265,6 +265,14 @@ impl Service {
             }
             Request::GuestList {} => Ok(Response::Guests(self.guests.list())),
             Request::GuestStop { id } => Ok(Response::Guest(self.guests.stop(id)?)),
+            Request::Map(m) => Ok(Response::Map(Box::new(self.map(m)?))),
+            Request::BackupList { repository } => {
+                let repository = absolute("repository", repository)?;
+                let repo = Repository::open(&repository)?;
+                Ok(Response::BackupPoints(
+                    backup::list(&repo)?.into_iter().map(Into::into).collect(),
+                ))
+            }
             Request::VmDelete { vm } => self.delete_vm(vm),
             Request::VmShow { vm } => Ok(Response::VmDetails(self.reader(&vm)?.details()?)),
             Request::GuestWait { id } => Ok(Response::Guest(self.guests.wait_for(id, progress)?)),

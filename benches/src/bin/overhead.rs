@@ -4,6 +4,7 @@
 //! real write path (`Vm::write_with`). See `benches/README.md`.
 
 use benches::baselines::{LockedBitmap, PerChangeIdBitmaps};
+use benches::charts;
 use benches::cli::{parse_size, Common};
 use benches::report::{Report, Row};
 use benches::stats::{median, quantile, ratios, verdict_at_least};
@@ -162,6 +163,34 @@ fn main() -> anyhow::Result<()> {
                 .text("met", verdict_at_least(q1, med, q3, target)),
         );
     }
+    let rows = rep.rows().to_vec();
     rep.finish();
+    if let Some(dir) = o.common.chart_dir()? {
+        for case in [RANDOM, SEQ] {
+            for &cap in &o.disk_sizes {
+                let disk = human_size(cap);
+                let series = charts::series_of(
+                    &rows,
+                    "write path",
+                    |r| {
+                        (charts::text(r, "case") == Some(case) && charts::text(r, "disk") == Some(disk.as_str()))
+                            .then(|| charts::text(r, "tracker").map(str::to_owned))
+                            .flatten()
+                    },
+                    |r| Some((charts::num(r, "threads")?, charts::num(r, "cpu_ratio")?)),
+                );
+                charts::lines(
+                    &dir.join(format!("overhead-{case}-{disk}.svg")),
+                    &format!("Write path, {case} on a {disk} disk: throughput per CPU-second / tracking off"),
+                    "writer threads",
+                    "tracked / untracked (cpu_ratio)",
+                    &series,
+                    charts::XScale::Linear,
+                    &|x| format!("{x:.0}"),
+                    false,
+                )?;
+            }
+        }
+    }
     Ok(())
 }
