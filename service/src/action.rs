@@ -192,6 +192,12 @@ pub enum Request {
         /// The VM.
         vm: String,
     },
+    /// Finish a consolidation that a removal left (vSphere's "consolidate"):
+    /// merge every layer that no snapshot needs, remove orphaned layer files.
+    VmConsolidate {
+        /// The VM.
+        vm: String,
+    },
     /// Wait for a guest workload's end (reporting its ops as progress) and
     /// return its report.
     GuestWait {
@@ -410,6 +416,19 @@ pub enum Response {
     },
     /// [`Request::VmShow`].
     VmDetails(VmDetails),
+    /// [`Request::VmConsolidate`].
+    Consolidated {
+        /// The VM.
+        vm: String,
+        /// Whether a consolidation was needed before the request.
+        was_needed: bool,
+        /// Layers merged by the request itself (a VM that was not open yet
+        /// merges on opening, before it: then 0 though `was_needed`).
+        merged_layers: usize,
+        /// Whether one is still needed (a guest writing faster than the
+        /// merge copies; run it again).
+        still_needed: bool,
+    },
     /// [`Request::RestoreToVm`].
     Restored(RestoreOutcome),
     /// [`Request::BackupRepair`].
@@ -1113,6 +1132,7 @@ mod tests {
             Request::GuestStop { id: 3 },
             Request::VmDelete { vm: "a".into() },
             Request::VmShow { vm: "a".into() },
+            Request::VmConsolidate { vm: "a".into() },
             Request::GuestWait { id: 3 },
             Request::RestoreToVm {
                 repository: "/r".into(),

@@ -120,6 +120,22 @@ impl Service {
         &self.host
     }
 
+    /// [`Request::VmConsolidate`]: what a read-only look saw, then the VM
+    /// opened (which finishes a consolidation a killed process left) and
+    /// consolidated under its lifecycle lock.
+    fn consolidate_vm(&self, vm: String) -> Result<Response, ActionError> {
+        let was_needed = self.reader(&vm)?.details()?.consolidation_needed;
+        let v = self.host.vm(&vm)?;
+        let _l = self.lock_lifecycle(&vm);
+        let merged_layers = v.consolidate()?;
+        Ok(Response::Consolidated {
+            still_needed: v.needs_consolidation(),
+            vm,
+            was_needed,
+            merged_layers,
+        })
+    }
+
     /// Refuses new requests ([`ErrorKind::ShuttingDown`]) and stops every
     /// guest workload, waiting for them. Idempotent.
     pub fn shut_down(&self) {
@@ -275,6 +291,7 @@ impl Service {
             }
             Request::VmDelete { vm } => self.delete_vm(vm),
             Request::VmShow { vm } => Ok(Response::VmDetails(self.reader(&vm)?.details()?)),
+            Request::VmConsolidate { vm } => self.consolidate_vm(vm),
             Request::GuestWait { id } => Ok(Response::Guest(self.guests.wait_for(id, progress)?)),
             Request::RestoreToVm { repository, point, vm } => self.restore_to_vm(repository, point, vm, progress),
             Request::BackupRepair { repository } => self.repair(repository, progress),
