@@ -393,7 +393,7 @@ pub enum Response {
     /// [`Request::Query`].
     ChangedAreas(ChangedAreas),
     /// [`Request::BackupRun`].
-    Backup(BackupOutcome),
+    Backup(backup::BackupReport),
     /// [`Request::GuestRun`] with `detach`.
     GuestStarted {
         /// The workload's ID.
@@ -430,7 +430,7 @@ pub enum Response {
         still_needed: bool,
     },
     /// [`Request::RestoreToVm`].
-    Restored(RestoreOutcome),
+    Restored(backup::RestoreReport),
     /// [`Request::BackupRepair`].
     Repaired(RepairOutcome),
     /// [`Request::QueryPage`]: one window and the changed areas inside it.
@@ -584,39 +584,6 @@ pub struct DiskDetails {
     pub allocated_bytes: u64,
 }
 
-/// What a restore did ([`Request::RestoreToVm`]; the backup client's report).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RestoreOutcome {
-    /// The point restored.
-    pub point: String,
-    /// The VM it was taken from.
-    pub vm: String,
-    /// The file or VM written.
-    pub target: String,
-    /// Disks restored.
-    pub disks: usize,
-    /// Their total size.
-    pub capacity: u64,
-    /// Bytes of non-zero chunks written (the rest is left sparse).
-    pub bytes_written: u64,
-    /// Seconds taken.
-    pub seconds: f64,
-}
-
-impl From<backup::RestoreReport> for RestoreOutcome {
-    fn from(r: backup::RestoreReport) -> Self {
-        RestoreOutcome {
-            point: r.point,
-            vm: r.vm,
-            target: r.target,
-            disks: r.disks,
-            capacity: r.capacity,
-            bytes_written: r.bytes_written,
-            seconds: r.seconds,
-        }
-    }
-}
-
 /// What a repair did ([`Request::BackupRepair`]; the backup client's report).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RepairOutcome {
@@ -662,53 +629,6 @@ pub struct ChangedAreas {
     pub areas: Vec<DiskArea>,
     /// Bytes in `areas`.
     pub changed_bytes: u64,
-}
-
-/// The outcome of a [`Request::BackupRun`] (the backup client's report).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BackupOutcome {
-    /// The new point's ID.
-    pub point: String,
-    /// The VM.
-    pub vm: String,
-    /// `full` or `incremental`.
-    pub kind: String,
-    /// Why this kind.
-    pub reason: String,
-    /// Bytes read from the snapshot.
-    pub bytes_read: u64,
-    /// Bytes of new chunk files written.
-    pub bytes_stored: u64,
-    /// Areas the change query returned, over all disks.
-    pub changed_areas: u64,
-    /// Bytes in those areas.
-    pub changed_bytes: u64,
-    /// Seconds from the start to the commit.
-    pub seconds: f64,
-    /// The point an incremental was built on.
-    pub parent: Option<String>,
-    /// Chunks marked bad by verify that this backup stored again (healing
-    /// every point that references them).
-    #[serde(default)]
-    pub healed_chunks: u64,
-}
-
-impl From<backup::BackupReport> for BackupOutcome {
-    fn from(r: backup::BackupReport) -> Self {
-        BackupOutcome {
-            point: r.point,
-            vm: r.vm,
-            kind: r.kind,
-            reason: r.reason,
-            bytes_read: r.bytes_read,
-            bytes_stored: r.bytes_stored,
-            changed_areas: r.changed_areas,
-            changed_bytes: r.changed_bytes,
-            seconds: r.seconds,
-            parent: r.parent,
-            healed_chunks: r.healed_chunks,
-        }
-    }
 }
 
 /// Where a guest workload is.

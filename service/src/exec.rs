@@ -273,7 +273,7 @@ impl Service {
                 };
                 let report = backup::backup_vm(&Guarded(self), &vm, &repo, &opts, progress)
                     .map_err(|e| ActionError::from(e).context(format_args!("backup of VM {vm} failed")))?;
-                Ok(Response::Backup(report.into()))
+                Ok(Response::Backup(report))
             }
             Request::GuestRun(run) => {
                 let v = self.host.vm(&run.vm)?;
@@ -361,7 +361,7 @@ impl Service {
         let repo = Self::open_repository(repository)?;
         let r = backup::restore_to_vm(&repo, &point, &self.host, &vm, progress)
             .map_err(|e| ActionError::from(e).context(format_args!("restore of point {point} to VM {vm} failed")))?;
-        Ok(Response::Restored(r.into()))
+        Ok(Response::Restored(r))
     }
 
     fn repair(&self, repository: PathBuf, progress: &dyn Progress) -> Result<Response, ActionError> {
