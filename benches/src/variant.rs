@@ -28,7 +28,8 @@ pub struct OwnedTracker {
 impl OwnedTracker {
     /// A tracker for `capacity` bytes at `granularity` bytes per block, with
     /// its file in a new temporary directory under `dir`. [`new_epoch`](Self::new_epoch)
-    /// keeps the last `keep` closed epochs pinned (retained, unfolded).
+    /// keeps the last `keep` closed epochs retained: the oldest of them pinned,
+    /// the others unfolded after it.
     pub fn create(dir: &Path, capacity: u64, granularity: u64, keep: usize) -> anyhow::Result<Self> {
         Self::create_with(dir, capacity, granularity, keep, &TrackerOptions::default())
     }
@@ -62,8 +63,16 @@ impl OwnedTracker {
         self.tracker.settle();
         let mut pins = self.pins.lock();
         pins.push_back(seq);
+        // Only the oldest kept epoch holds a tracker pin (a disk holds at most
+        // 64): the epoch map holds epochs up to the oldest pin, so every later
+        // one stays unfolded, as if each had its live snapshot.
+        if pins.len() > 1 {
+            self.tracker.unpin(seq);
+        }
         while pins.len() > self.keep {
             let old = pins.pop_front().expect("non-empty");
+            let front = *pins.front().expect("keep is at least 1");
+            self.tracker.pin(front)?;
             self.tracker.unpin(old);
         }
         self.tracker.settle();

@@ -5,6 +5,7 @@
 use std::hint::black_box;
 
 use benches::baselines::{FetchOrBitmap, LockedBitmap};
+use benches::charts;
 use benches::cli::{parse_size, Common};
 use benches::pool::thread_cpu_time;
 use benches::report::{Report, Row};
@@ -267,6 +268,58 @@ fn main() -> anyhow::Result<()> {
                 .text("met", "not measurable with fewer threads"),
         });
     }
+    let rows = rep.rows().to_vec();
     rep.finish();
+    if let Some(dir) = o.common.chart_dir()? {
+        let series = charts::series_of(
+            &rows,
+            "one thread",
+            |r| charts::text(r, "tracker").map(str::to_owned),
+            |r| {
+                let p = PATTERNS.iter().position(|p| Some(*p) == charts::text(r, "pattern"))?;
+                Some((p as f64, charts::num(r, "ns")?))
+            },
+        );
+        let bars: Vec<(String, Vec<f64>)> = series
+            .into_iter()
+            .map(|(name, pts)| {
+                let mut v = vec![f64::NAN; PATTERNS.len()];
+                for (x, y) in pts {
+                    v[x as usize] = y;
+                }
+                (name, v)
+            })
+            .collect();
+        let cats: Vec<String> = PATTERNS.iter().map(|p| p.to_string()).collect();
+        charts::bars(
+            &dir.join("mark-cost.svg"),
+            "Mark cost of a 4 KiB write, one thread, cold caches",
+            "CPU ns per mark",
+            &cats,
+            &bars,
+        )?;
+        let series = charts::series_of(
+            &rows,
+            "threads",
+            |r| {
+                Some(format!(
+                    "{}, {}",
+                    charts::text(r, "tracker")?,
+                    charts::text(r, "pattern")?
+                ))
+            },
+            |r| Some((charts::num(r, "threads")?, charts::num(r, "mmarks_s")?)),
+        );
+        charts::lines(
+            &dir.join("mark-threads.svg"),
+            "Marks per second against threads",
+            "threads",
+            "million marks per second",
+            &series,
+            charts::XScale::Linear,
+            &|x| format!("{x:.0}"),
+            true,
+        )?;
+    }
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! durable (power-loss safe) tracking instead. See `benches/README.md`.
 
 use benches::baselines::{LockedBitmap, PerChangeIdBitmaps};
+use benches::charts;
 use benches::cli::{parse_size, Common};
 use benches::report::{Report, Row};
 use benches::stats::{median, quantile, ratios, verdict_at_least};
@@ -165,7 +166,35 @@ fn main() -> anyhow::Result<()> {
     }
     rep.section("goals (per-round CPU-time ratios: median and quartiles)");
     goals_section(&mut rep, ["cpu_q1", "cpu_ratio", "cpu_q3"], goals);
+    let rows = rep.rows().to_vec();
     rep.finish();
+    if let Some(dir) = o.common.chart_dir()? {
+        for case in [RANDOM, SEQ] {
+            for &cap in &o.disk_sizes {
+                let disk = human_size(cap);
+                let series = charts::series_of(
+                    &rows,
+                    "write path",
+                    |r| {
+                        (charts::text(r, "case") == Some(case) && charts::text(r, "disk") == Some(disk.as_str()))
+                            .then(|| charts::text(r, "tracker").map(str::to_owned))
+                            .flatten()
+                    },
+                    |r| Some((charts::num(r, "threads")?, charts::num(r, "cpu_ratio")?)),
+                );
+                charts::lines(
+                    &dir.join(format!("overhead-{case}-{disk}.svg")),
+                    &format!("Write path, {case} on a {disk} disk: throughput per CPU-second / tracking off"),
+                    "writer threads",
+                    "tracked / untracked (cpu_ratio)",
+                    &series,
+                    charts::XScale::Linear,
+                    &|x| format!("{x:.0}"),
+                    false,
+                )?;
+            }
+        }
+    }
     Ok(())
 }
 

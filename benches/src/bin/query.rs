@@ -6,6 +6,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use benches::charts;
 use benches::cli::{parse_size, Common};
 use benches::report::{Report, Row};
 use benches::rng::SplitMix64;
@@ -196,6 +197,8 @@ fn main() -> anyhow::Result<()> {
     }
     let run = |s: &str| o.sections.iter().any(|x| x == s);
     let mut goals = Vec::new();
+    // Per disk size: the stun times of creates and of removes, for the charts.
+    let mut stun_hists = Vec::new();
     if run("size") {
         rep.section("paging vs disk size (one-block areas spread evenly; vs_64g = time / time at 64G)");
         let mut by_size = Vec::new();
@@ -381,6 +384,7 @@ fn main() -> anyhow::Result<()> {
                     .num("max_us", sched.max() as f64 / 1e3)
                     .int("guest_writes", writes.load(Ordering::Relaxed)),
             );
+            stun_hists.push((cap, by_op));
             drop(vm);
             host.close_vm(&name);
         }
@@ -417,6 +421,90 @@ fn main() -> anyhow::Result<()> {
                 ),
         );
     }
+    let rows = rep.rows().to_vec();
     rep.finish();
+    if let Some(dir) = o.common.chart_dir()? {
+        let disk_bytes = |r: &Row| parse_size(charts::text(r, "disk")?).ok().map(|b| b as f64);
+        let series = charts::series_of(
+            &rows,
+            "paging vs disk size",
+            |r| Some(format!("{} path", charts::text(r, "path")?)),
+            |r| Some((disk_bytes(r)?, charts::num(r, "us")?)),
+        );
+        charts::lines(
+            &dir.join("query-size.svg"),
+            &format!("QueryChangedDiskAreas of {} one-block areas, paged to the end", o.areas),
+            "disk size",
+            "microseconds",
+            &series,
+            charts::XScale::Log2,
+            &charts::size_label,
+            true,
+        )?;
+        let series = charts::series_of(
+            &rows,
+            "paging vs changed areas",
+            |r| Some(format!("{} path", charts::text(r, "path")?)),
+            |r| Some((charts::num(r, "areas")?, charts::num(r, "us")?)),
+        );
+        charts::lines(
+            &dir.join("query-areas.svg"),
+            &format!(
+                "QueryChangedDiskAreas on a {} disk against changed areas",
+                human_size(o.areas_disk)
+            ),
+            "changed areas",
+            "microseconds",
+            &series,
+            charts::XScale::Log10,
+            &charts::count_label,
+            true,
+        )?;
+        // Stun histograms: the share of stuns per bucket of microseconds
+        // (bucket k holds (4^(k-1), 4^k] us), one bar per disk size.
+        const BUCKETS: usize = 12;
+        let bucket = |ns: u64| -> usize {
+            let us = (ns as f64 / 1e3).max(1.0);
+            ((us.log2() / 2.0).ceil() as usize).min(BUCKETS - 1)
+        };
+        for (op, name) in [(0, "create"), (1, "remove")] {
+            let shares: Vec<(String, Vec<f64>)> = stun_hists
+                .iter()
+                .map(|(cap, h): &(u64, [hdrhistogram::Histogram<u64>; 2])| {
+                    let h = &h[op];
+                    let mut counts = [0u64; BUCKETS];
+                    for v in h.iter_recorded() {
+                        counts[bucket(v.value_iterated_to())] += v.count_at_value();
+                    }
+                    let total = h.len().max(1) as f64;
+                    let shares = counts.iter().map(|&n| 100.0 * n as f64 / total).collect();
+                    (format!("{} disk", human_size(*cap)), shares)
+                })
+                .collect();
+            let used = |k: usize| shares.iter().any(|(_, v)| v[k] > 0.0);
+            let (Some(lo), Some(hi)) = ((0..BUCKETS).find(|&k| used(k)), (0..BUCKETS).rfind(|&k| used(k))) else {
+                continue;
+            };
+            let label = |us: u64| {
+                if us >= 1000 {
+                    format!("{} ms", us / 1000)
+                } else {
+                    format!("{us} us")
+                }
+            };
+            let cats: Vec<String> = (lo..=hi).map(|k| format!("<= {}", label(1u64 << (2 * k)))).collect();
+            let shares: Vec<(String, Vec<f64>)> = shares.into_iter().map(|(n, v)| (n, v[lo..=hi].to_vec())).collect();
+            charts::bars(
+                &dir.join(format!("stun-{name}.svg")),
+                &format!(
+                    "Stun times of snapshot {name}s while a guest writes ({} stuns per size)",
+                    stun_hists.first().map_or(0, |(_, h)| h[op].len())
+                ),
+                "% of stuns",
+                &cats,
+                &shares,
+            )?;
+        }
+    }
     Ok(())
 }
