@@ -197,7 +197,7 @@ fn main() -> anyhow::Result<()> {
     }
     let run = |s: &str| o.sections.iter().any(|x| x == s);
     let mut goals = Vec::new();
-    // Per disk size: the stun times of creates and of removes, for the charts.
+    // Per disk size and tracking mode: the stun times of creates and of removes, for the charts.
     let mut stun_hists = Vec::new();
     if run("size") {
         rep.section("paging vs disk size (one-block areas spread evenly; vs_64g = time / time at 64G)");
@@ -384,7 +384,7 @@ fn main() -> anyhow::Result<()> {
                     .num("max_us", sched.max() as f64 / 1e3)
                     .int("guest_writes", writes.load(Ordering::Relaxed)),
             );
-            stun_hists.push((cap, by_op));
+            stun_hists.push((cap, tracking, by_op));
             drop(vm);
             host.close_vm(&name);
         }
@@ -470,7 +470,7 @@ fn main() -> anyhow::Result<()> {
         for (op, name) in [(0, "create"), (1, "remove")] {
             let shares: Vec<(String, Vec<f64>)> = stun_hists
                 .iter()
-                .map(|(cap, h): &(u64, [hdrhistogram::Histogram<u64>; 2])| {
+                .map(|(cap, tracking, h): &(u64, &str, [hdrhistogram::Histogram<u64>; 2])| {
                     let h = &h[op];
                     let mut counts = [0u64; BUCKETS];
                     for v in h.iter_recorded() {
@@ -478,7 +478,7 @@ fn main() -> anyhow::Result<()> {
                     }
                     let total = h.len().max(1) as f64;
                     let shares = counts.iter().map(|&n| 100.0 * n as f64 / total).collect();
-                    (format!("{} disk", human_size(*cap)), shares)
+                    (format!("{} disk, {tracking}", human_size(*cap)), shares)
                 })
                 .collect();
             let used = |k: usize| shares.iter().any(|(_, v)| v[k] > 0.0);
@@ -497,8 +497,8 @@ fn main() -> anyhow::Result<()> {
             charts::bars(
                 &dir.join(format!("stun-{name}.svg")),
                 &format!(
-                    "Stun times of snapshot {name}s while a guest writes ({} stuns per size)",
-                    stun_hists.first().map_or(0, |(_, h)| h[op].len())
+                    "Stun times of snapshot {name}s while a guest writes ({} stuns per size and tracking)",
+                    stun_hists.first().map_or(0, |(_, _, h)| h[op].len())
                 ),
                 "% of stuns",
                 &cats,
