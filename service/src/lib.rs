@@ -22,6 +22,9 @@
 //!   every `cbtsim` command on the datastore uses while a serve runs; without
 //!   one, the command runs the same request on a [`Service::local`] of its
 //!   own.
+//! * [`attach`]: a live disk as a block device of this machine (a loop
+//!   device over a FUSE file of the serve), for real file systems and
+//!   databases.
 //! * [`export`]: the NBD backend over the host ([`HostExports`]); with a
 //!   repository, [`point_export`] serves its backup points read-only.
 //! * [`http`]: the HTTPS router (basic authentication, rustls).
@@ -49,6 +52,7 @@
 //! ```
 
 pub mod action;
+pub mod attach;
 pub mod client;
 pub mod control;
 pub mod daemon;
@@ -64,6 +68,7 @@ pub use action::{
     ActionError, DiskDetails, ErrorKind, GuestReport, GuestRun, GuestState, GuestStatus, Request, Response,
     SnapshotEntry, VmDetails, WriteData,
 };
+pub use attach::Attachment;
 pub use daemon::{Daemon, ServeConfig, ServeError, ServeStatus};
 pub use exec::{Service, MAX_INLINE_READ};
 pub use export::HostExports;
