@@ -237,7 +237,7 @@ fn loop_bound(device: &Path) -> bool {
 }
 
 /// Unmounts `dir`: plainly (the file system is written back), else lazily.
-fn unmount(dir: &Path) -> Result<(), String> {
+pub(crate) fn unmount(dir: &Path) -> Result<(), String> {
     use rustix::mount::{unmount, UnmountFlags};
     let deadline = Instant::now() + LET_GO;
     loop {
@@ -255,7 +255,7 @@ fn unmount(dir: &Path) -> Result<(), String> {
 }
 
 /// Releases loop device `device` and waits until it has let go of its file.
-fn release_loop(device: &Path) -> Result<(), String> {
+pub(crate) fn release_loop(device: &Path) -> Result<(), String> {
     run(Command::new("losetup").arg("-d").arg(device))?;
     let deadline = Instant::now() + LET_GO;
     while loop_bound(device) {

@@ -25,6 +25,8 @@
 //! * [`attach`]: a live disk as a block device of this machine (a loop
 //!   device over a FUSE file of the serve), for real file systems and
 //!   databases.
+//! * [`real`]: real guests on an attached disk (ext4, xfs, PostgreSQL),
+//!   backed up while they write, every point restored and checked.
 //! * [`export`]: the NBD backend over the host ([`HostExports`]); with a
 //!   repository, [`point_export`] serves its backup points read-only.
 //! * [`http`]: the HTTPS router (basic authentication, rustls).
@@ -62,6 +64,7 @@ mod guest;
 pub mod http;
 pub mod point_export;
 mod reader;
+pub mod real;
 pub mod vsphere;
 
 pub use action::{

@@ -20,6 +20,7 @@ pub mod inspect;
 pub mod mount;
 pub mod progress;
 pub mod query;
+pub mod real;
 pub mod serve;
 pub mod snapshot;
 pub mod verify;
