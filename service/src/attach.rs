@@ -139,7 +139,7 @@ pub fn missing_support() -> Option<String> {
         );
     }
     if Command::new("losetup").arg("--version").output().is_err() {
-        return Some("losetup is not installed (apt-get install util-linux)".into());
+        return Some("losetup is not installed (apt-get install mount)".into());
     }
     None
 }

@@ -31,6 +31,14 @@ pub fn run(ctx: &Ctx, a: &GuestRunArgs, kind: RealKind) -> anyhow::Result<()> {
     let Some(repo) = &a.repo else {
         bail!("--real needs --repo DIR: the backups go there");
     };
+    if kind != RealKind::Postgres {
+        if let Some(flag) = [("--pg-user", a.pg_user.is_some()), ("--scale", a.scale.is_some())]
+            .iter()
+            .find_map(|(f, given)| given.then_some(f))
+        {
+            bail!("{flag} is for --real postgres");
+        }
+    }
     let fs = match (kind, a.fs) {
         (RealKind::Postgres, fs) => fs.unwrap_or(FsKind::Ext4),
         (RealKind::Ext4, None | Some(FsKind::Ext4)) => FsKind::Ext4,
@@ -58,13 +66,13 @@ pub fn run(ctx: &Ctx, a: &GuestRunArgs, kind: RealKind) -> anyhow::Result<()> {
         kind,
         fs,
         seconds: a.seconds.unwrap_or(60.0),
-        backup_every: a.backup_every,
+        backup_every: a.backup_every.unwrap_or(10.0),
         repository: repo.clone(),
         work_dir,
         writers: a.threads,
         seed: a.seed,
-        pg_user: a.pg_user.clone(),
-        pg_scale: a.scale,
+        pg_user: a.pg_user.clone().unwrap_or_else(|| real::DEFAULT_PG_USER.to_owned()),
+        pg_scale: a.scale.unwrap_or(1),
     };
     // Caught before anything starts: Ctrl-C stops the work and cleans up.
     catch_interrupts()?;

@@ -97,7 +97,7 @@ pub struct GuestRunArgs {
     /// Run for this many seconds instead.
     #[arg(long)]
     pub seconds: Option<f64>,
-    /// vCPU threads, 1 to 256.
+    /// vCPU threads, 1 to 256 (with --real: file-tree writers or pgbench clients, 1 to 64).
     #[arg(long, default_value_t = 1)]
     pub threads: u32,
     /// The workload's seed.
@@ -124,27 +124,27 @@ pub struct GuestRunArgs {
     /// disk's content is replaced. Needs a running `cbtsim serve` as root, FUSE and loop
     /// devices (see docs/real-guests.md).
     #[arg(long, value_name = "KIND", value_parser = parse_real,
-          conflicts_with_all = ["profile", "ops", "verify", "snapshot_every", "detach"], requires = "repo")]
+          conflicts_with_all = ["profile", "ops", "verify", "snapshot_every", "detach"])]
     pub real: Option<RealKind>,
     /// With --real postgres: the file system under the database, ext4 (default) or xfs.
-    #[arg(long, value_name = "FS", value_parser = parse_fs, requires = "real")]
+    #[arg(long, value_name = "FS", value_parser = parse_fs)]
     pub fs: Option<FsKind>,
     /// With --real: the backup repository (created when missing).
-    #[arg(long, value_name = "DIR", requires = "real")]
+    #[arg(long, value_name = "DIR")]
     pub repo: Option<PathBuf>,
-    /// With --real: seconds between backups (the first when the work begins).
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, requires = "real")]
-    pub backup_every: f64,
+    /// With --real: seconds between backups, the first when the work begins (default 10).
+    #[arg(long, value_name = "SECONDS")]
+    pub backup_every: Option<f64>,
     /// With --real: where the mount points, checksums, logs and the last checked image
     /// go, outside the disk (kept); default: a temporary directory, removed at the end.
-    #[arg(long, value_name = "DIR", requires = "real")]
+    #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
-    /// With --real postgres: the unprivileged user PostgreSQL runs as.
-    #[arg(long, value_name = "USER", default_value = service::real::DEFAULT_PG_USER, requires = "real")]
-    pub pg_user: String,
-    /// With --real postgres: pgbench's scale (100 000 accounts each).
-    #[arg(long, value_name = "N", default_value_t = 1, requires = "real")]
-    pub scale: u32,
+    /// With --real postgres: the unprivileged user PostgreSQL runs as (default postgres).
+    #[arg(long, value_name = "USER")]
+    pub pg_user: Option<String>,
+    /// With --real postgres: pgbench's scale, 100 000 accounts each (default 1).
+    #[arg(long, value_name = "N")]
+    pub scale: Option<u32>,
     /// Print one JSON document.
     #[arg(long)]
     pub json: bool,
@@ -558,6 +558,17 @@ fn guest_run(ctx: &Ctx, a: &GuestRunArgs) -> anyhow::Result<()> {
     let Some(profile) = &a.profile else {
         bail!("give --profile NAME (see `cbtsim workloads list`) or --real KIND");
     };
+    let real_only = [
+        ("--repo", a.repo.is_some()),
+        ("--fs", a.fs.is_some()),
+        ("--backup-every", a.backup_every.is_some()),
+        ("--work-dir", a.work_dir.is_some()),
+        ("--pg-user", a.pg_user.is_some()),
+        ("--scale", a.scale.is_some()),
+    ];
+    if let Some((flag, _)) = real_only.iter().find(|(_, given)| *given) {
+        bail!("{flag} is for --real runs, not a --profile workload");
+    }
     check_run_limits(u64::from(a.threads), a.ops, a.seconds)?;
     if a.snapshot_every == Some(0) {
         bail!("invalid --snapshot-every 0: give at least 1");

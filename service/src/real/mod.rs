@@ -414,7 +414,7 @@ pub fn missing(kind: RealKind, fs: FsKind, pg_user: &str) -> Vec<String> {
     if let Some(why) = attach::missing_support() {
         out.push(why);
     }
-    let mut tools = vec![("mount", "mount"), ("losetup", "util-linux")];
+    let mut tools = vec![("mount", "mount"), ("losetup", "mount")];
     match fs {
         FsKind::Ext4 => tools.extend([("mkfs.ext4", "e2fsprogs"), ("e2fsck", "e2fsprogs")]),
         FsKind::Xfs => tools.extend([("mkfs.xfs", "xfsprogs"), ("xfs_repair", "xfsprogs")]),
