@@ -5,7 +5,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::point::Point;
 use crate::repo::{sync_dir, Repository};
@@ -13,7 +13,7 @@ use crate::{BackupError, Progress};
 use vadp::{RestoreDisk, RestoreTarget};
 
 /// What a restore did.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RestoreReport {
     /// The point restored.
     pub point: String,

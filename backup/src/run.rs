@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::mpsc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::point::{DiskMeta, Point, PointMeta, POINT_VERSION};
 use crate::repo::{Pending, Repository};
@@ -36,7 +36,7 @@ pub struct BackupOptions {
 }
 
 /// The outcome of one backup (what `backup run --json` prints).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackupReport {
     /// The new point's ID.
     pub point: String,

@@ -623,6 +623,17 @@ fn every_printing_command_has_json_and_iso_times() {
     assert_eq!(vm["consolidation_needed"], false);
     assert_eq!(vm["snapshots"].as_array().unwrap().len(), 2);
     assert!(ok(ds, &["vm", "show", "web01"]).contains("consolidation: none pending"));
+    let c = json(ds, &["vm", "consolidate", "web01", "--json"]);
+    assert_eq!(
+        (
+            c["was_needed"].clone(),
+            c["merged_layers"].clone(),
+            c["still_needed"].clone()
+        ),
+        (false.into(), 0.into(), false.into())
+    );
+    assert!(ok(ds, &["vm", "consolidate", "web01"]).contains("no consolidation was needed"));
+    fails(ds, &["vm", "consolidate", "nosuch"], "nosuch");
     let disks = json(ds, &["disk", "list", "web01", "--json"]);
     assert_eq!(disks.as_array().unwrap().len(), 2);
     assert!(ok(ds, &["disk", "list", "web01"]).contains("CURRENT CHANGE ID"));

@@ -169,6 +169,13 @@ pub enum Request {
         /// The workload's ID, as [`Response::GuestStarted`] gave it.
         id: u64,
     },
+    /// A disk's map: which epoch (change ID) last wrote each part of it.
+    Map(crate::map::MapRequest),
+    /// The restore points of a repository, oldest first.
+    BackupList {
+        /// The repository directory (an absolute path).
+        repository: PathBuf,
+    },
 
     // What the command line needs beyond the above (`cbtsim` sends every
     // command on a datastore as a request, to its serve or to a service of
@@ -182,6 +189,12 @@ pub enum Request {
     /// A VM in detail: each disk's capacity, granularity, current change ID
     /// and layers, its snapshots, whether a consolidation is pending.
     VmShow {
+        /// The VM.
+        vm: String,
+    },
+    /// Finish a consolidation that a removal left (vSphere's "consolidate"):
+    /// merge every layer that no snapshot needs, remove orphaned layer files.
+    VmConsolidate {
         /// The VM.
         vm: String,
     },
@@ -401,7 +414,7 @@ pub enum Response {
     /// [`Request::Query`].
     ChangedAreas(ChangedAreas),
     /// [`Request::BackupRun`].
-    Backup(BackupOutcome),
+    Backup(backup::BackupReport),
     /// [`Request::GuestRun`] with `detach`.
     GuestStarted {
         /// The workload's ID.
@@ -413,6 +426,10 @@ pub enum Response {
     Guest(GuestReport),
     /// [`Request::GuestList`].
     Guests(Vec<GuestStatus>),
+    /// [`Request::Map`].
+    Map(Box<diskmap::DiskMap>),
+    /// [`Request::BackupList`].
+    BackupPoints(Vec<BackupPoint>),
     /// [`Request::VmDelete`].
     VmDeleted {
         /// The VM.
@@ -420,8 +437,21 @@ pub enum Response {
     },
     /// [`Request::VmShow`].
     VmDetails(VmDetails),
+    /// [`Request::VmConsolidate`].
+    Consolidated {
+        /// The VM.
+        vm: String,
+        /// Whether a consolidation was needed before the request.
+        was_needed: bool,
+        /// Layers merged by the request itself (a VM that was not open yet
+        /// merges on opening, before it: then 0 though `was_needed`).
+        merged_layers: usize,
+        /// Whether one is still needed (a guest writing faster than the
+        /// merge copies; run it again).
+        still_needed: bool,
+    },
     /// [`Request::RestoreToVm`].
-    Restored(RestoreOutcome),
+    Restored(backup::RestoreReport),
     /// [`Request::BackupRepair`].
     Repaired(RepairOutcome),
     /// [`Request::QueryPage`]: one window and the changed areas inside it.
@@ -434,6 +464,46 @@ pub enum Response {
     Detached(crate::attach::Attachment),
     /// [`Request::DiskAttachments`].
     Attachments(Vec<crate::attach::Attachment>),
+}
+
+/// A restore point, as [`Request::BackupList`] lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupPoint {
+    /// The point's ID.
+    pub point: String,
+    /// The VM backed up.
+    pub vm: String,
+    /// `full` or `incremental`.
+    pub kind: String,
+    /// The point an incremental was built on.
+    pub parent: Option<String>,
+    /// When its snapshot was taken, `YYYY-MM-DDTHH:MM:SSZ`.
+    pub time_utc: String,
+    /// Bytes read from the snapshot.
+    pub bytes_read: u64,
+    /// Bytes of new chunks stored.
+    pub bytes_stored: u64,
+    /// Bytes of the changed (or, for a full backup, allocated) areas.
+    pub changed_bytes: u64,
+    /// Per disk, the snapshot's change ID: the next incremental queries since it.
+    pub change_ids: Vec<Option<String>>,
+}
+
+impl From<backup::PointListing> for BackupPoint {
+    fn from(p: backup::PointListing) -> Self {
+        let m = p.meta;
+        BackupPoint {
+            change_ids: m.disks.iter().map(|d| d.change_id.clone()).collect(),
+            point: m.point,
+            vm: m.vm,
+            kind: m.kind,
+            parent: m.parent,
+            time_utc: m.time_utc,
+            bytes_read: m.bytes_read,
+            bytes_stored: m.bytes_stored,
+            changed_bytes: m.changed_bytes,
+        }
+    }
 }
 
 /// A VM, as listed.
@@ -541,39 +611,6 @@ pub struct DiskDetails {
     pub allocated_bytes: u64,
 }
 
-/// What a restore did ([`Request::RestoreToVm`]; the backup client's report).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RestoreOutcome {
-    /// The point restored.
-    pub point: String,
-    /// The VM it was taken from.
-    pub vm: String,
-    /// The file or VM written.
-    pub target: String,
-    /// Disks restored.
-    pub disks: usize,
-    /// Their total size.
-    pub capacity: u64,
-    /// Bytes of non-zero chunks written (the rest is left sparse).
-    pub bytes_written: u64,
-    /// Seconds taken.
-    pub seconds: f64,
-}
-
-impl From<backup::RestoreReport> for RestoreOutcome {
-    fn from(r: backup::RestoreReport) -> Self {
-        RestoreOutcome {
-            point: r.point,
-            vm: r.vm,
-            target: r.target,
-            disks: r.disks,
-            capacity: r.capacity,
-            bytes_written: r.bytes_written,
-            seconds: r.seconds,
-        }
-    }
-}
-
 /// What a repair did ([`Request::BackupRepair`]; the backup client's report).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RepairOutcome {
@@ -619,53 +656,6 @@ pub struct ChangedAreas {
     pub areas: Vec<DiskArea>,
     /// Bytes in `areas`.
     pub changed_bytes: u64,
-}
-
-/// The outcome of a [`Request::BackupRun`] (the backup client's report).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BackupOutcome {
-    /// The new point's ID.
-    pub point: String,
-    /// The VM.
-    pub vm: String,
-    /// `full` or `incremental`.
-    pub kind: String,
-    /// Why this kind.
-    pub reason: String,
-    /// Bytes read from the snapshot.
-    pub bytes_read: u64,
-    /// Bytes of new chunk files written.
-    pub bytes_stored: u64,
-    /// Areas the change query returned, over all disks.
-    pub changed_areas: u64,
-    /// Bytes in those areas.
-    pub changed_bytes: u64,
-    /// Seconds from the start to the commit.
-    pub seconds: f64,
-    /// The point an incremental was built on.
-    pub parent: Option<String>,
-    /// Chunks marked bad by verify that this backup stored again (healing
-    /// every point that references them).
-    #[serde(default)]
-    pub healed_chunks: u64,
-}
-
-impl From<backup::BackupReport> for BackupOutcome {
-    fn from(r: backup::BackupReport) -> Self {
-        BackupOutcome {
-            point: r.point,
-            vm: r.vm,
-            kind: r.kind,
-            reason: r.reason,
-            bytes_read: r.bytes_read,
-            bytes_stored: r.bytes_stored,
-            changed_areas: r.changed_areas,
-            changed_bytes: r.changed_bytes,
-            seconds: r.seconds,
-            parent: r.parent,
-            healed_chunks: r.healed_chunks,
-        }
-    }
 }
 
 /// Where a guest workload is.
@@ -1093,6 +1083,7 @@ mod tests {
             Request::GuestStop { id: 3 },
             Request::VmDelete { vm: "a".into() },
             Request::VmShow { vm: "a".into() },
+            Request::VmConsolidate { vm: "a".into() },
             Request::GuestWait { id: 3 },
             Request::RestoreToVm {
                 repository: "/r".into(),

@@ -262,6 +262,7 @@ impl Daemon {
             password,
             nbd: Some(nbd_addr),
             vsphere,
+            repository: repository.as_ref().map(|(dir, _)| dir.clone()),
         });
         let web = HttpServer::start(http_listener, tls, router).map_err(io_at(&dir))?;
         let control_path = socket_path(&datastore);

@@ -107,7 +107,7 @@ impl Service {
     }
 
     /// VM `vm` for a read-only request.
-    fn reader(&self, vm: &str) -> Result<Reader, ActionError> {
+    pub(crate) fn reader(&self, vm: &str) -> Result<Reader, ActionError> {
         Ok(if self.views {
             Reader::View(self.host.view(vm)?)
         } else {
@@ -122,6 +122,22 @@ impl Service {
 
     pub(crate) fn host(&self) -> &Host {
         &self.host
+    }
+
+    /// [`Request::VmConsolidate`]: what a read-only look saw, then the VM
+    /// opened (which finishes a consolidation a killed process left) and
+    /// consolidated under its lifecycle lock.
+    fn consolidate_vm(&self, vm: String) -> Result<Response, ActionError> {
+        let was_needed = self.reader(&vm)?.details()?.consolidation_needed;
+        let v = self.host.vm(&vm)?;
+        let _l = self.lock_lifecycle(&vm);
+        let merged_layers = v.consolidate()?;
+        Ok(Response::Consolidated {
+            still_needed: v.needs_consolidation(),
+            vm,
+            was_needed,
+            merged_layers,
+        })
     }
 
     /// Refuses new requests ([`ErrorKind::ShuttingDown`]) and stops every
@@ -287,7 +303,7 @@ impl Service {
                 };
                 let report = backup::backup_vm(&Guarded(self), &vm, &repo, &opts, progress)
                     .map_err(|e| ActionError::from(e).context(format_args!("backup of VM {vm} failed")))?;
-                Ok(Response::Backup(report.into()))
+                Ok(Response::Backup(report))
             }
             Request::GuestRun(run) => {
                 let v = self.host.vm(&run.vm)?;
@@ -295,8 +311,17 @@ impl Service {
             }
             Request::GuestList {} => Ok(Response::Guests(self.guests.list())),
             Request::GuestStop { id } => Ok(Response::Guest(self.guests.stop(id)?)),
+            Request::Map(m) => Ok(Response::Map(Box::new(self.map(m)?))),
+            Request::BackupList { repository } => {
+                let repository = absolute("repository", repository)?;
+                let repo = Repository::open(&repository)?;
+                Ok(Response::BackupPoints(
+                    backup::list(&repo)?.into_iter().map(Into::into).collect(),
+                ))
+            }
             Request::VmDelete { vm } => self.delete_vm(vm),
             Request::VmShow { vm } => Ok(Response::VmDetails(self.reader(&vm)?.details()?)),
+            Request::VmConsolidate { vm } => self.consolidate_vm(vm),
             Request::GuestWait { id } => Ok(Response::Guest(self.guests.wait_for(id, progress)?)),
             Request::RestoreToVm { repository, point, vm } => self.restore_to_vm(repository, point, vm, progress),
             Request::BackupRepair { repository } => self.repair(repository, progress),
@@ -386,7 +411,7 @@ impl Service {
         let repo = Self::open_repository(repository)?;
         let r = backup::restore_to_vm(&repo, &point, &self.host, &vm, progress)
             .map_err(|e| ActionError::from(e).context(format_args!("restore of point {point} to VM {vm} failed")))?;
-        Ok(Response::Restored(r.into()))
+        Ok(Response::Restored(r))
     }
 
     fn repair(&self, repository: PathBuf, progress: &dyn Progress) -> Result<Response, ActionError> {

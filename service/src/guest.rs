@@ -22,6 +22,9 @@ use sim::Vm;
 
 use crate::action::{ActionError, ErrorKind, GuestReport, GuestRun, GuestState, GuestStatus, Response};
 
+/// How the names of a verified workload's snapshots begin.
+pub(crate) const SNAPSHOT_PREFIX: &str = "cbtsim-guest-";
+
 /// Most ops of one slice.
 pub const SLICE_OPS: u64 = 5_000;
 /// Longest slice.
@@ -321,7 +324,7 @@ fn run_slices(g: &Guest, vm: &Vm, token: u64, progress: &dyn Progress) {
             verify: run.verify,
             snapshot_every: run.snapshot_every,
             apply_flush: true,
-            snapshot_prefix: format!("cbtsim-guest-{token:x}-{}-{slice}", g.id),
+            snapshot_prefix: format!("{SNAPSHOT_PREFIX}{token:x}-{}-{slice}", g.id),
             backup_every: None,
         };
         match drive::drive(vm, &plan, &Ops { guest: g, progress }) {

@@ -9,7 +9,7 @@
 //!
 //! ```text
 //!  control socket (JSON lines) ──┐
-//!  HTTPS (axum; /sdk, / later) ──┼──▶ Request ──▶ Service::execute ──▶ sim::Host, backup, harness::drive
+//!  HTTPS (axum; /sdk, the page /)┼──▶ Request ──▶ Service::execute ──▶ sim::Host, backup, harness::drive, diskmap
 //!  cbtsim, no serve (in-process)─┘                    │
 //!  NBD (exports VM/DISK[@SNAP]) ──▶ sim::Vm read/write/unmap, QueryChangedDiskAreas
 //! ```
@@ -32,6 +32,10 @@
 //! * [`http`]: the HTTPS router (basic authentication, rustls).
 //! * [`vsphere`]: the vSphere API of change tracking at `/sdk` (SOAP,
 //!   its own logins).
+//! * [`map`]: [`Request::Map`], a disk's map per change ID ([`diskmap`]),
+//!   at a snapshot or now (a snapshot taken for the map and removed).
+//! * `web`: the live page at `/` (plain HTML, CSS and JavaScript built in)
+//!   and its JSON endpoints, which send [`Request`]s to [`Service::execute`].
 //! * [`daemon`]: `cbtsim serve`: the lock and status files, starting and
 //!   stopping the front ends in order.
 //!
@@ -62,10 +66,12 @@ mod exec;
 pub mod export;
 mod guest;
 pub mod http;
+pub mod map;
 pub mod point_export;
 mod reader;
 pub mod real;
 pub mod vsphere;
+mod web;
 
 pub use action::{
     ActionError, DiskDetails, ErrorKind, GuestReport, GuestRun, GuestState, GuestStatus, Request, Response,
@@ -76,3 +82,4 @@ pub use daemon::{Daemon, ServeConfig, ServeError, ServeStatus};
 pub use exec::{Service, MAX_INLINE_READ};
 pub use export::HostExports;
 pub use guest::{SLICE_OPS, SLICE_TIME};
+pub use map::MapRequest;

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::path::Path;
 
 use tracker::{Since, TrackerView};
-use vadp::{DataProtection, DiskArea, DiskChangeInfo, SnapshotDisk, SnapshotInfo, VadpError};
+use vadp::{DataProtection, DiskChangeInfo, SnapshotDisk, SnapshotInfo, VadpError};
 
 use crate::config::{SnapshotDiskConfig, VmConfig};
 use crate::error::SimError;
@@ -183,15 +183,7 @@ impl DataProtection for VmView {
         let page = v.trackers[disk]
             .changed_areas(since, sd.seq, sd.capacity, start_offset, DEFAULT_MAX_AREAS)
             .map_err(SimError::from)?;
-        Ok(DiskChangeInfo {
-            start_offset: page.start_offset,
-            length: page.length,
-            changed_area: page
-                .areas
-                .into_iter()
-                .map(|(start, length)| DiskArea { start, length })
-                .collect(),
-        })
+        Ok(crate::vm::change_info(page))
     }
 
     fn disk_capacity(&self, vm: &str, snapshot: &str, disk: usize) -> Result<u64, VadpError> {

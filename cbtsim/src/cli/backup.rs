@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _};
 use backup::{self, PointListing, PrunePolicy, Repository};
 use clap::{Args, Subcommand, ValueEnum};
-use service::action::{RepairOutcome, RestoreOutcome};
+use service::action::RepairOutcome;
 use service::{Request, Response};
 use workloads::human;
 
@@ -323,7 +323,7 @@ fn print_list(points: &[PointListing]) {
 /// Runs `cbtsim restore ...`.
 pub fn restore(ctx: &Ctx, a: &RestoreArgs) -> anyhow::Result<()> {
     let bar = bar();
-    let r: RestoreOutcome = match (&a.to, &a.to_vm, a.disk) {
+    let r: backup::RestoreReport = match (&a.to, &a.to_vm, a.disk) {
         (Some(to), None, Some(disk)) => {
             // Only the repository and a file: no VM of the datastore is involved.
             let repo = open_repo(&a.repo)?;
@@ -332,7 +332,6 @@ pub fn restore(ctx: &Ctx, a: &RestoreArgs) -> anyhow::Result<()> {
             }
             backup::restore_to_file(&repo, &a.point, disk, to, a.force, &bar)
                 .with_context(|| format!("restore of point {} disk {disk} to {} failed", a.point, to.display()))?
-                .into()
         }
         (None, Some(vm), None) => {
             let req = Request::RestoreToVm {

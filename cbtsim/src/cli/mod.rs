@@ -17,6 +17,7 @@ pub mod demo;
 pub mod disk;
 pub mod dispatch;
 pub mod inspect;
+pub mod map;
 pub mod mount;
 pub mod progress;
 pub mod query;

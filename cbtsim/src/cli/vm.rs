@@ -47,6 +47,15 @@ pub enum VmCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Finish a consolidation that a snapshot removal left ("consolidation needed" in
+    /// `vm show`): merge the layers no snapshot needs and remove orphaned layer files.
+    Consolidate {
+        /// The VM.
+        vm: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete a VM and all its files (it must not be open elsewhere).
     Delete {
         /// The VM.
@@ -176,6 +185,22 @@ pub fn run(ctx: &Ctx, cmd: &VmCmd) -> anyhow::Result<()> {
                 return print_json(&serde_json::json!({ "vm": vm, "deleted": true }));
             }
             println!("deleted VM {vm}");
+        }
+        VmCmd::Consolidate { vm, json } => {
+            let r = request(ctx, Request::VmConsolidate { vm: vm.clone() }, &())?;
+            let (vm, was_needed, merged, still) = answer!(r, Response::Consolidated { vm, was_needed, merged_layers, still_needed } => (vm, was_needed, merged_layers, still_needed));
+            if *json {
+                return print_json(&serde_json::json!({
+                    "vm": vm, "was_needed": was_needed, "merged_layers": merged, "still_needed": still,
+                }));
+            }
+            match (was_needed, still) {
+                (_, true) => println!(
+                    "VM {vm}: merged {merged} layer(s); a consolidation is still needed (the guest writes faster than the merge copies): run it again"
+                ),
+                (true, false) => println!("VM {vm}: consolidated"),
+                (false, false) => println!("VM {vm}: no consolidation was needed"),
+            }
         }
         VmCmd::Show { vm, json } => {
             let r = request(ctx, Request::VmShow { vm: vm.clone() }, &())?;

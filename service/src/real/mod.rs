@@ -73,7 +73,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use backup::Progress;
 use serde::Serialize;
 
-use crate::action::{ActionError, BackupOutcome, ErrorKind, Request, Response};
+use crate::action::{ActionError, ErrorKind, Request, Response};
 use crate::{attach, client};
 
 /// What runs on the attached disk.
@@ -393,7 +393,7 @@ pub struct Figures {
 /// A backup the schedule took.
 #[derive(Debug, Clone)]
 pub(crate) struct Taken {
-    pub(crate) outcome: BackupOutcome,
+    pub(crate) outcome: backup::BackupReport,
     /// Asked for / committed, in seconds since the work began.
     pub(crate) sent_s: f64,
     pub(crate) done_s: f64,

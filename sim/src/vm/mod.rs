@@ -40,6 +40,7 @@ use crate::layer::{Layer, MAX_GRAIN};
 mod consolidate;
 mod io;
 mod query;
+pub(crate) use query::change_info;
 mod snapshot;
 
 /// How many of the most recent stun times a VM keeps.

@@ -82,20 +82,25 @@ impl Vm {
             self.disks[disk]
                 .tracker
                 .changed_areas(since, sd.seq, sd.capacity, start_offset, max_areas.max(1))?;
-        Ok(DiskChangeInfo {
-            start_offset: page.start_offset,
-            length: page.length,
-            changed_area: page
-                .areas
-                .into_iter()
-                .map(|(start, length)| DiskArea { start, length })
-                .collect(),
-        })
+        Ok(change_info(page))
     }
 
     /// The capacity of `disk` at snapshot `snap`.
     pub fn snapshot_capacity(&self, snap: &str, disk: usize) -> Result<u64, SimError> {
         let cfg = self.meta.lock();
         Ok(self.snap_disk(&cfg, snap, disk)?.capacity)
+    }
+}
+
+/// A tracker's page of changed areas as the API answers it.
+pub(crate) fn change_info(page: tracker::AreaPage) -> DiskChangeInfo {
+    DiskChangeInfo {
+        start_offset: page.start_offset,
+        length: page.length,
+        changed_area: page
+            .areas
+            .into_iter()
+            .map(|(start, length)| DiskArea { start, length })
+            .collect(),
     }
 }
