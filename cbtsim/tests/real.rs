@@ -274,6 +274,11 @@ fn ext4_on_an_attached_disk_is_backed_up_while_mounted_and_restores_clean() {
     assert_eq!(list[0]["device"], a["device"]);
     cli_fails(&ds, &["vm", "power", "g", "off"], "attached");
     cli_fails(&ds, &["disk", "extend", "g", "0", "512M"], "attached");
+    cli_fails(
+        &ds,
+        &["guest", "run", "g", "--profile", "os-idle", "--ops", "10"],
+        "attached",
+    );
 
     run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&dev));
     let mnt = dir.path().join("mnt");

@@ -44,7 +44,8 @@
 //!
 //! # While a disk is attached
 //! Reverting the VM, deleting it, powering it off and growing the disk are
-//! refused (the device would change or fail under the mounted file
+//! refused (the device would change or fail under the mounted file system),
+//! and so is a guest workload on the disk (it would write over the file
 //! system); detach first. Detaching refuses while the device is mounted or
 //! open (`umount` first). A serve that stops unmounts the device's file
 //! systems itself (they are written back through the still-running FUSE
@@ -408,6 +409,14 @@ impl Attachments {
             .lock()
             .values()
             .find(|a| a.info.vm == vm)
+            .map(|a| a.info.device.clone())
+    }
+
+    /// The device of disk `disk` of `vm`, if it is attached.
+    pub(crate) fn device_of_disk(&self, vm: &str, disk: usize) -> Option<PathBuf> {
+        self.all
+            .lock()
+            .get(&(vm.to_owned(), disk))
             .map(|a| a.info.device.clone())
     }
 

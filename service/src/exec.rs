@@ -306,6 +306,17 @@ impl Service {
                 Ok(Response::Backup(report))
             }
             Request::GuestRun(run) => {
+                if let Some(dev) = self.attached.device_of_disk(&run.vm, run.disk) {
+                    return Err(ActionError::new(
+                        ErrorKind::InUse,
+                        format!(
+                            "disk {} of VM {:?} is attached as {}: a guest workload would write over what is on it (cbtsim disk detach first)",
+                            run.disk,
+                            run.vm,
+                            dev.display()
+                        ),
+                    ));
+                }
                 let v = self.host.vm(&run.vm)?;
                 self.guests.run(v, run, progress)
             }
