@@ -47,7 +47,7 @@ enum Cmd {
     /// Create, list and configure VMs.
     #[command(subcommand)]
     Vm(cli::vm::VmCmd),
-    /// Guest I/O on a VM's disk: write, read, unmap, extend.
+    /// Guest I/O on a VM's disk: write, read, unmap, extend; attach it as a block device.
     #[command(subcommand)]
     Disk(cli::disk::DiskCmd),
     /// Create, list, remove and revert to snapshots.

@@ -255,6 +255,27 @@ pub enum Request {
         /// The VM.
         vm: String,
     },
+
+    // Attached disks ([`attach`](crate::attach)).
+    /// Expose a VM's live disk as a block device of the serve's machine (a
+    /// loop device over a FUSE file of the serve): its writes are guest writes.
+    DiskAttach {
+        /// The VM.
+        vm: String,
+        /// The disk's index.
+        #[serde(default)]
+        disk: usize,
+    },
+    /// Detach an attached disk (refused while its device is mounted or open).
+    DiskDetach {
+        /// The VM.
+        vm: String,
+        /// The disk's index.
+        #[serde(default)]
+        disk: usize,
+    },
+    /// The attached disks.
+    DiskAttachments {},
 }
 
 fn default_granularity() -> u64 {
@@ -456,6 +477,12 @@ pub enum Response {
     ChangedAreaPage(vadp::DiskChangeInfo),
     /// [`Request::VmChangeIds`]: per disk, absent while tracking is off.
     ChangeIds(Vec<Option<String>>),
+    /// [`Request::DiskAttach`].
+    Attached(crate::attach::Attachment),
+    /// [`Request::DiskDetach`].
+    Detached(crate::attach::Attachment),
+    /// [`Request::DiskAttachments`].
+    Attachments(Vec<crate::attach::Attachment>),
 }
 
 /// A restore point, as [`Request::BackupList`] lists it.
@@ -772,6 +799,9 @@ pub enum ErrorKind {
     ShuttingDown,
     /// A front end could not reach the service, or lost it mid-request.
     Unavailable,
+    /// This machine or service cannot do it: a disk attach without root,
+    /// FUSE or loop devices, or outside a `cbtsim serve`.
+    Unsupported,
     /// Anything else.
     Internal,
 }
@@ -799,6 +829,7 @@ impl ErrorKind {
             ErrorKind::TooLarge => "too-large",
             ErrorKind::ShuttingDown => "shutting-down",
             ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Unsupported => "unsupported",
             ErrorKind::Internal => "internal",
         }
     }

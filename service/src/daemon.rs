@@ -11,7 +11,8 @@
 //! ```
 //!
 //! [`Daemon::shutdown`] stops in an order that leaves the datastore clean:
-//! new requests are refused and guest workloads stopped, the HTTP and NBD
+//! new requests are refused and guest workloads stopped, attached disks are
+//! detached (file systems mounted on them unmounted first), the HTTP and NBD
 //! servers cut their connections, actions in flight on the control socket
 //! finish, and then the VMs are closed, so their trackers close cleanly and
 //! every change ID stays valid across the restart.
@@ -309,6 +310,9 @@ impl Daemon {
     pub fn shutdown(mut self) -> Option<String> {
         let service = self.service.take()?;
         service.shut_down();
+        // Attached disks go first, while the VMs and their FUSE files still
+        // serve the write-back of the file systems mounted on them.
+        let mut warnings = service.detach_all();
         if let Some(h) = self.http.take() {
             h.shutdown();
         }
@@ -326,11 +330,9 @@ impl Daemon {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         match Arc::into_inner(service) {
-            Some(s) => {
-                drop(s);
-                None
-            }
-            None => Some("the host was still in use at shutdown: its VMs were not closed cleanly".into()),
+            Some(s) => drop(s),
+            None => warnings.push("the host was still in use at shutdown: its VMs were not closed cleanly".into()),
         }
+        (!warnings.is_empty()).then(|| warnings.join("; "))
     }
 }

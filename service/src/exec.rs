@@ -17,6 +17,7 @@ use vadp::{DataProtection, DiskChangeInfo, SnapshotInfo, VadpError};
 use crate::action::{
     ActionError, ChangedAreas, ErrorKind, IoDone, Request, Response, SnapshotEntry, VmInfo, WriteData,
 };
+use crate::attach::Attachments;
 use crate::guest::Guests;
 use crate::reader::Reader;
 
@@ -63,6 +64,8 @@ pub struct Service {
     /// Per-VM lifecycle locks.
     lifecycle: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     pub(crate) guests: Guests,
+    /// Disks attached as block devices (only in a serve).
+    attached: Attachments,
     stopping: AtomicBool,
     /// Read-only requests read through read-only views ([`Service::local`])
     /// instead of the VMs this service keeps open.
@@ -97,6 +100,7 @@ impl Service {
             watched: Mutex::new(HashMap::new()),
             lifecycle: Mutex::new(HashMap::new()),
             guests: Guests::default(),
+            attached: Attachments::default(),
             stopping: AtomicBool::new(false),
             views,
         }
@@ -141,6 +145,28 @@ impl Service {
     pub fn shut_down(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         self.guests.stop_all();
+    }
+
+    /// Detaches every attached disk, unmounting the file systems mounted on
+    /// their devices first (a serve that stops calls it after
+    /// [`shut_down`](Self::shut_down), before it closes the VMs). Returns what
+    /// did not go cleanly.
+    pub fn detach_all(&self) -> Vec<String> {
+        self.attached.detach_all()
+    }
+
+    /// Refuses `what` on `vm` while one of its disks is attached.
+    fn not_attached(&self, vm: &str, what: &str) -> Result<(), ActionError> {
+        match self.attached.device_of(vm) {
+            Some(dev) => Err(ActionError::new(
+                ErrorKind::InUse,
+                format!(
+                    "a disk of VM {vm:?} is attached as {}: detach it (cbtsim disk detach) before {what}",
+                    dev.display()
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Whether [`shut_down`](Self::shut_down) was called.
@@ -194,6 +220,9 @@ impl Service {
                 Ok(Response::DurableTracking { vm, was, on })
             }
             Request::VmPower { vm, on } => {
+                if !on {
+                    self.not_attached(&vm, "powering it off")?;
+                }
                 self.host.vm(&vm)?.set_power(on)?;
                 Ok(Response::Power { vm, on })
             }
@@ -223,6 +252,7 @@ impl Service {
                 }))
             }
             Request::DiskExtend { vm, disk, size } => {
+                self.not_attached(&vm, "growing a disk")?;
                 let v = self.host.vm(&vm)?;
                 let old_size = v.capacity(disk)?;
                 v.extend_disk(disk, size)?;
@@ -283,6 +313,17 @@ impl Service {
                 Ok(Response::Backup(report))
             }
             Request::GuestRun(run) => {
+                if let Some(dev) = self.attached.device_of_disk(&run.vm, run.disk) {
+                    return Err(ActionError::new(
+                        ErrorKind::InUse,
+                        format!(
+                            "disk {} of VM {:?} is attached as {}: a guest workload would write over what is on it (cbtsim disk detach first)",
+                            run.disk,
+                            run.vm,
+                            dev.display()
+                        ),
+                    ));
+                }
                 let v = self.host.vm(&run.vm)?;
                 self.guests.run(v, run, progress)
             }
@@ -330,6 +371,25 @@ impl Service {
                     .collect::<Result<_, sim::SimError>>()?;
                 Ok(Response::ChangeIds(ids))
             }
+            Request::DiskAttach { vm, disk } => {
+                if self.views {
+                    return Err(ActionError::new(
+                        ErrorKind::Unsupported,
+                        "disk attach needs a running `cbtsim serve` on the datastore: the serve owns the device \
+                         (a command's own service ends with the command)",
+                    ));
+                }
+                let v = self.host.vm(&vm)?;
+                if let Some(id) = self.guests.running_on(&vm) {
+                    return Err(ActionError::new(
+                        ErrorKind::InUse,
+                        format!("guest workload {id} is running on VM {vm:?}: stop it before attaching a disk"),
+                    ));
+                }
+                Ok(Response::Attached(self.attached.attach(self.root(), v, disk)?))
+            }
+            Request::DiskDetach { vm, disk } => Ok(Response::Detached(self.attached.detach(&vm, disk)?)),
+            Request::DiskAttachments {} => Ok(Response::Attachments(self.attached.list())),
         }
     }
 
@@ -346,6 +406,7 @@ impl Service {
                 format!("guest workload {id} is running on VM {vm:?}: stop it before deleting the VM"),
             ));
         }
+        self.not_attached(&vm, "deleting the VM")?;
         let _l = self.lock_lifecycle(&vm);
         self.host.delete_vm(&vm)?;
         Ok(Response::VmDeleted { vm })
@@ -619,6 +680,7 @@ impl Service {
                 format!("guest workload {id} is running on VM {vm:?}: stop it before reverting"),
             ));
         }
+        self.not_attached(vm, "reverting")?;
         let _l = self.lock_lifecycle(vm);
         let snaps = v.snapshots();
         let Some(idx) = snaps.iter().position(|s| s.name == name) else {

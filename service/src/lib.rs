@@ -22,6 +22,11 @@
 //!   every `cbtsim` command on the datastore uses while a serve runs; without
 //!   one, the command runs the same request on a [`Service::local`] of its
 //!   own.
+//! * [`attach`]: a live disk as a block device of this machine (a loop
+//!   device over a FUSE file of the serve), for real file systems and
+//!   databases.
+//! * [`real`]: real guests on an attached disk (ext4, xfs, PostgreSQL),
+//!   backed up while they write, every point restored and checked.
 //! * [`export`]: the NBD backend over the host ([`HostExports`]); with a
 //!   repository, [`point_export`] serves its backup points read-only.
 //! * [`http`]: the HTTPS router (basic authentication, rustls).
@@ -53,6 +58,7 @@
 //! ```
 
 pub mod action;
+pub mod attach;
 pub mod client;
 pub mod control;
 pub mod daemon;
@@ -63,6 +69,7 @@ pub mod http;
 pub mod map;
 pub mod point_export;
 mod reader;
+pub mod real;
 pub mod vsphere;
 mod web;
 
@@ -70,6 +77,7 @@ pub use action::{
     ActionError, DiskDetails, ErrorKind, GuestReport, GuestRun, GuestState, GuestStatus, Request, Response,
     SnapshotEntry, VmDetails, WriteData,
 };
+pub use attach::Attachment;
 pub use daemon::{Daemon, ServeConfig, ServeError, ServeStatus};
 pub use exec::{Service, MAX_INLINE_READ};
 pub use export::HostExports;

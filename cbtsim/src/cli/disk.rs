@@ -1,4 +1,6 @@
-//! `cbtsim disk`: guest writes, reads (of the live disk or a snapshot), unmaps and extends.
+//! `cbtsim disk`: guest writes, reads (of the live disk or a snapshot), unmaps and extends;
+//! `attach` / `detach` expose a live disk as a block device of this machine (through the
+//! running `cbtsim serve`, see `service::attach`).
 
 use std::path::{Path, PathBuf};
 
@@ -6,7 +8,7 @@ use anyhow::Context as _;
 use clap::Subcommand;
 use service::{Request, Response, WriteData};
 
-use super::dispatch::{answer, request};
+use super::dispatch::{answer, request, Backend};
 use super::progress::Bar;
 use super::{bytes_word, disk_arg, exact, print_json, size_arg, Ctx};
 
@@ -92,6 +94,36 @@ pub enum DiskCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Expose a live disk as a block device of this machine (/dev/loopN) and print its
+    /// path: mkfs, mount, a database on it write as a guest does (tracked). Needs a
+    /// running `cbtsim serve` as root, FUSE and loop devices.
+    Attach {
+        /// The VM.
+        vm: String,
+        /// The disk's index.
+        #[arg(long, default_value_t = 0)]
+        disk: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Release an attached disk's block device (unmount what is mounted on it first).
+    Detach {
+        /// The VM.
+        vm: String,
+        /// The disk's index.
+        #[arg(long, default_value_t = 0)]
+        disk: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the attached disks of the running `cbtsim serve`.
+    Attachments {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `disk write|unmap|read|extend --json`.
@@ -140,6 +172,16 @@ fn transfer_bar(len: u64) -> Bar {
     } else {
         Bar::stderr(TEMPLATE, TEMPLATE)
     }
+}
+
+/// Sends `req` to the datastore's running `cbtsim serve`: only a serve attaches disks
+/// (the device lives as long as the process that serves it).
+fn serve_request(ctx: &Ctx, req: Request) -> anyhow::Result<Response> {
+    let backend = Backend::open(ctx)?;
+    if !backend.is_serve() {
+        anyhow::bail!("attached disks live in a running host: start `cbtsim serve` on this datastore (as root) first");
+    }
+    Ok(backend.call(req, &())?)
 }
 
 /// `path` made absolute (the service may run in another directory).
@@ -301,6 +343,58 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
                 });
             }
             println!("disk {d} of VM {vm} is now {}", exact(size));
+        }
+        DiskCmd::Attach { vm, disk, json } => {
+            let r = serve_request(
+                ctx,
+                Request::DiskAttach {
+                    vm: vm.clone(),
+                    disk: *disk,
+                },
+            )?;
+            let a = answer!(r, Response::Attached(a) => a);
+            if *json {
+                return print_json(&a);
+            }
+            println!("{}", a.device.display());
+        }
+        DiskCmd::Detach { vm, disk, json } => {
+            let r = serve_request(
+                ctx,
+                Request::DiskDetach {
+                    vm: vm.clone(),
+                    disk: *disk,
+                },
+            )?;
+            let a = answer!(r, Response::Detached(a) => a);
+            if *json {
+                return print_json(&a);
+            }
+            println!("detached disk {} of VM {} from {}", a.disk, a.vm, a.device.display());
+        }
+        DiskCmd::Attachments { json } => {
+            // Without a serve nothing is attached: only a serve attaches.
+            let backend = Backend::open(ctx)?;
+            let list = if backend.is_serve() {
+                answer!(backend.call(Request::DiskAttachments {}, &())?, Response::Attachments(l) => l)
+            } else {
+                Vec::new()
+            };
+            if *json {
+                return print_json(&list);
+            }
+            if list.is_empty() {
+                println!("no attached disks");
+            }
+            for a in &list {
+                println!(
+                    "{:<14} VM {} disk {} ({})",
+                    a.device.display(),
+                    a.vm,
+                    a.disk,
+                    exact(a.size)
+                );
+            }
         }
         DiskCmd::List { vm, json } => {
             let r = request(ctx, Request::VmShow { vm: vm.clone() }, &())?;

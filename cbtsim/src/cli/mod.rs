@@ -21,6 +21,7 @@ pub mod map;
 pub mod mount;
 pub mod progress;
 pub mod query;
+pub mod real;
 pub mod serve;
 pub mod snapshot;
 pub mod verify;

@@ -11,6 +11,7 @@ use harness::drive::{DriveReport, OpCounts};
 use harness::replay::{self, ReplayOptions, ReplayReport};
 use harness::scenario::{self, Scenario, ScenarioReport};
 use indicatif::{MultiProgress, ProgressDrawTarget};
+use service::real::{FsKind, RealKind};
 use service::{GuestReport, GuestRun, GuestState, Request, Response};
 use tracker::Granularity;
 use workloads::{human, parse_size, TraceFormat};
@@ -88,15 +89,15 @@ pub struct GuestRunArgs {
     /// The VM.
     pub vm: String,
     /// The workload profile (see `cbtsim workloads list`).
-    #[arg(long)]
-    pub profile: String,
+    #[arg(long, required_unless_present = "real")]
+    pub profile: Option<String>,
     /// Ops to run, all threads together (default 10000; with --detach: until stopped).
     #[arg(long, conflicts_with = "seconds")]
     pub ops: Option<u64>,
     /// Run for this many seconds instead.
     #[arg(long)]
     pub seconds: Option<f64>,
-    /// vCPU threads, 1 to 256.
+    /// vCPU threads, 1 to 256 (with --real: file-tree writers or pgbench clients, 1 to 64).
     #[arg(long, default_value_t = 1)]
     pub threads: u32,
     /// The workload's seed.
@@ -116,9 +117,45 @@ pub struct GuestRunArgs {
     /// its ID (`guest list`, `guest stop` manage it).
     #[arg(long)]
     pub detach: bool,
+    /// Instead of a profile, a real guest on the disk: `ext4` or `xfs` (a file tree
+    /// written, fsynced and deleted, and fio), or `postgres` (initdb, pgbench), backed up
+    /// into --repo every --backup-every seconds while it works (--seconds, default 60); then
+    /// every point is restored and checked (fsck, checksums, PostgreSQL's recovery). The
+    /// disk's content is replaced. Needs a running `cbtsim serve` as root, FUSE and loop
+    /// devices (see docs/real-guests.md).
+    #[arg(long, value_name = "KIND", value_parser = parse_real,
+          conflicts_with_all = ["profile", "ops", "verify", "snapshot_every", "detach"])]
+    pub real: Option<RealKind>,
+    /// With --real postgres: the file system under the database, ext4 (default) or xfs.
+    #[arg(long, value_name = "FS", value_parser = parse_fs)]
+    pub fs: Option<FsKind>,
+    /// With --real: the backup repository (created when missing).
+    #[arg(long, value_name = "DIR")]
+    pub repo: Option<PathBuf>,
+    /// With --real: seconds between backups, the first when the work begins (default 10).
+    #[arg(long, value_name = "SECONDS")]
+    pub backup_every: Option<f64>,
+    /// With --real: where the mount points, checksums, logs and the last checked image
+    /// go, outside the disk (kept); default: a temporary directory, removed at the end.
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+    /// With --real postgres: the unprivileged user PostgreSQL runs as (default postgres).
+    #[arg(long, value_name = "USER")]
+    pub pg_user: Option<String>,
+    /// With --real postgres: pgbench's scale, 100 000 accounts each (default 1).
+    #[arg(long, value_name = "N")]
+    pub scale: Option<u32>,
     /// Print one JSON document.
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_real(s: &str) -> Result<RealKind, String> {
+    s.parse()
+}
+
+fn parse_fs(s: &str) -> Result<FsKind, String> {
+    s.parse()
 }
 
 /// `cbtsim workloads ...`.
@@ -515,6 +552,23 @@ fn print_guest(r: &GuestReport) {
 /// or one of this process), started detached and then waited for, so that Ctrl-C can stop
 /// it by its ID.
 fn guest_run(ctx: &Ctx, a: &GuestRunArgs) -> anyhow::Result<()> {
+    if let Some(kind) = a.real {
+        return super::real::run(ctx, a, kind);
+    }
+    let Some(profile) = &a.profile else {
+        bail!("give --profile NAME (see `cbtsim workloads list`) or --real KIND");
+    };
+    let real_only = [
+        ("--repo", a.repo.is_some()),
+        ("--fs", a.fs.is_some()),
+        ("--backup-every", a.backup_every.is_some()),
+        ("--work-dir", a.work_dir.is_some()),
+        ("--pg-user", a.pg_user.is_some()),
+        ("--scale", a.scale.is_some()),
+    ];
+    if let Some((flag, _)) = real_only.iter().find(|(_, given)| *given) {
+        bail!("{flag} is for --real runs, not a --profile workload");
+    }
     check_run_limits(u64::from(a.threads), a.ops, a.seconds)?;
     if a.snapshot_every == Some(0) {
         bail!("invalid --snapshot-every 0: give at least 1");
@@ -531,7 +585,7 @@ fn guest_run(ctx: &Ctx, a: &GuestRunArgs) -> anyhow::Result<()> {
     };
     let run = GuestRun {
         vm: a.vm.clone(),
-        profile: a.profile.clone(),
+        profile: profile.clone(),
         disk: a.disk,
         threads: a.threads,
         seed: a.seed,
