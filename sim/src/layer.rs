@@ -292,6 +292,17 @@ impl Layer {
         Ok(grains.len() as u64 * gb)
     }
 
+    /// Empties this delta's grain map (in its mapping, where a killed process
+    /// leaves it): opened again, the layer holds nothing and reads fall through
+    /// to the layers below. For a delta whose grains were all merged into its
+    /// parent inside a stun, before the guest writes into the parent.
+    pub(crate) fn forget_grains(&self) {
+        if let Some(g) = &self.grains {
+            g.present.drain(|_, _| {});
+            g.claimed.drain(|_, _| {});
+        }
+    }
+
     /// Grains this delta holds.
     pub(crate) fn grain_count(&self) -> u64 {
         self.grains.as_ref().map_or(0, |g| g.present.count())
