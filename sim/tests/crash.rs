@@ -267,3 +267,56 @@ fn a_write_after_the_helper_delta_was_merged_in_the_stun_survives_a_kill() {
     assert!(!vm.needs_consolidation());
     assert_eq!(vm.chain_len(0).unwrap(), 1, "everything merged into the base");
 }
+
+/// Where the killed child of the next test works.
+const KILL_CHILD_ENV: &str = "SIM_CRASH_KILL_CHILD";
+
+/// The child half of `a_write_killed_before_its_data_landed_leaves_whole_grains_as_they_were`:
+/// the process ends (no destructor runs, as under SIGKILL) when the write's data is
+/// about to land in the live delta.
+#[test]
+#[ignore = "run by the kill test as its child process"]
+fn kill_child_mid_write() {
+    let Ok(dir) = std::env::var(KILL_CHILD_ENV) else {
+        eprintln!("skipped: run only as the kill test's child process");
+        return;
+    };
+    let host = Host::open(std::path::Path::new(&dir)).unwrap();
+    let vm = host.vm("vm").unwrap();
+    let _h = set_hook(|p| {
+        if matches!(p, Point::ExtentWrite { .. }) {
+            std::process::exit(86);
+        }
+        Ok(())
+    });
+    let _ = vm.write(0, 0, &[2; 16384]);
+    unreachable!("the write's data lands in an extent");
+}
+
+#[test]
+fn a_write_killed_before_its_data_landed_leaves_whole_grains_as_they_were() {
+    // A write covering whole grains of the live delta copies nothing into them
+    // first. Killed after claiming them and before its data landed, the next
+    // open must read them as they were, not as present grains of zeros.
+    let (d, host) = host();
+    let vm = host.create_vm("vm", &[spec(4 * MIB, 64 * KIB)]).unwrap();
+    vm.write(0, 0, &[1; 16384]).unwrap();
+    vm.create_snapshot("s1").unwrap();
+    drop(host.close_vm("vm"));
+    drop(vm);
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["kill_child_mid_write", "--exact", "--ignored", "--nocapture"])
+        .env(KILL_CHILD_ENV, d.path())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(86), "the child ended at the write");
+    let vm = host.vm("vm").unwrap();
+    let mut now = vec![0u8; 16384];
+    vm.read(0, 0, &mut now).unwrap();
+    assert!(
+        now.iter().all(|&b| b == 1),
+        "the write never landed: the old content, not {:?}",
+        now.iter().find(|&&b| b != 1)
+    );
+}

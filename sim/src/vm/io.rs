@@ -67,10 +67,14 @@ impl Vm {
         marker.mark(offset, len);
         fault_point!(crate::fault::Point::Marked { disk, offset, len });
         let (top, below) = d.chain.split_last().expect("a chain has a base layer");
-        if !below.is_empty() {
-            top.cow(offset, len, below)?;
+        if below.is_empty() {
+            return top.write_raw(offset, len, src);
         }
-        top.write_raw(offset, len, src)
+        // Grains the write covers whole become present only once its data is
+        // in them: killed before, the delta does not hold them (old content).
+        let written = top.cow(offset, len, below).and_then(|()| top.write_raw(offset, len, src));
+        top.publish(offset, len);
+        written
     }
 
     /// A guest read of the live disk.
