@@ -13,6 +13,11 @@
 //! block's first touch. Iteration walks the summary levels, so it costs time
 //! proportional to the words that are set, not to the bitmap's size.
 //!
+//! Summary bits are set before the bits below them (top down) and cleared
+//! after them (bottom up), so every set bit is reachable from the top at every
+//! instant: a process killed between any two stores, of any of its writers or
+//! of a drain, leaves every mark that a completed write relies on findable.
+//!
 //! # Memory ordering
 //! Marking uses `Relaxed` operations. Iteration and clearing (`drain`) are
 //! only correct once every marker has finished: the host guarantees that
@@ -131,28 +136,29 @@ impl AtomicBitmap {
         let word = &leaf[w];
         // Relaxed: see the module doc; ordering comes from the host's I/O gate.
         if word.load(Ordering::Relaxed) & mask != mask {
-            // The writer that makes a word non-zero sets its summary bit; a
-            // word that already had bits has its summary bit (or its first
-            // writer is about to set it, before its I/O completes).
-            if word.fetch_or(mask, Ordering::Relaxed) == 0 {
-                self.set_summary(1, w);
-            }
+            self.set_summaries(w);
+            // Release: the summary bits are stored before the leaf bits.
+            word.fetch_or(mask, Ordering::Release);
         }
     }
 
-    /// Sets the bit for word `child` of level `k - 1` in level `k`, and up.
+    /// Sets leaf word `w`'s bit in every summary level, top down, before the
+    /// caller sets the leaf bits: a set bit is reachable from the top at every
+    /// instant. A process killed between two stores (of this writer or of
+    /// another one that the writer saw) then loses no mark that a completed
+    /// write relies on: the bits a writer finds set have their summaries set
+    /// already, so it never depends on another writer finishing them.
     #[inline]
-    fn set_summary(&self, mut k: usize, mut child: usize) {
-        while k < self.layout.levels.len() {
+    fn set_summaries(&self, w: usize) {
+        for k in (1..self.layout.levels.len()).rev() {
             let lvl = self.level(k);
-            let (w, bit) = (child / 64, 1u64 << (child % 64));
-            // Relaxed: summary bits are read only after the gate quiesces writers.
-            if lvl[w].load(Ordering::Relaxed) & bit != 0 {
-                return;
+            // The level-(k - 1) word above leaf word `w`.
+            let child = w >> (6 * (k - 1));
+            let (i, bit) = (child / 64, 1u64 << (child % 64));
+            // Test before set: a summary bit is set once per epoch, then only read.
+            if lvl[i].load(Ordering::Relaxed) & bit == 0 {
+                lvl[i].fetch_or(bit, Ordering::Release);
             }
-            lvl[w].fetch_or(bit, Ordering::Relaxed);
-            child = w;
-            k += 1;
         }
     }
 
@@ -167,11 +173,17 @@ impl AtomicBitmap {
     pub fn test_and_set(&self, bit: u64, order: Ordering) -> bool {
         let w = (bit / 64) as usize;
         let mask = 1u64 << (bit % 64);
-        let old = self.leaf()[w].fetch_or(mask, order);
-        if old & mask == 0 {
-            self.set_summary(1, w);
+        let word = &self.leaf()[w];
+        if word.load(Ordering::Relaxed) & mask == 0 {
+            self.set_summaries(w); // summaries first, as in `set_range`
         }
-        old & mask != 0
+        // At least Release: the summary bits are stored before the leaf bit.
+        let order = match order {
+            Ordering::Relaxed => Ordering::Release,
+            Ordering::Acquire => Ordering::AcqRel,
+            o => o,
+        };
+        word.fetch_or(mask, order) & mask != 0
     }
 
     /// Calls `f(word_index, bits)` for every non-zero leaf word at or after
@@ -192,20 +204,23 @@ impl AtomicBitmap {
         self.walk_level(top, 0, from_word, clear, f);
     }
 
-    /// Visits word `idx` of level `k` (`k > 0`: a summary word).
+    /// Visits word `idx` of level `k` (`k > 0`: a summary word). Clearing goes
+    /// bottom up (a summary word after the words below it): a drain stopped half
+    /// way leaves every bit it has not cleared reachable, for the next drain.
     fn walk_level(&self, k: usize, idx: usize, from_word: usize, clear: bool, f: &mut dyn FnMut(usize, u64)) {
         let lvl = self.level(k);
-        let bits = if clear {
-            lvl[idx].swap(0, Ordering::Relaxed)
-        } else {
-            lvl[idx].load(Ordering::Relaxed)
-        };
         if k == 0 {
+            let bits = if clear {
+                lvl[idx].swap(0, Ordering::Relaxed)
+            } else {
+                lvl[idx].load(Ordering::Relaxed)
+            };
             if bits != 0 && idx >= from_word {
                 f(idx, bits);
             }
             return;
         }
+        let bits = lvl[idx].load(Ordering::Relaxed);
         // Each level-k bit covers 64^k leaf words.
         let span = 1usize << (6 * k);
         let mut rest = bits;
@@ -217,6 +232,9 @@ impl AtomicBitmap {
                 continue;
             }
             self.walk_level(k - 1, child, from_word, clear, f);
+        }
+        if clear && bits != 0 {
+            lvl[idx].fetch_and(!bits, Ordering::Relaxed);
         }
     }
 
@@ -287,6 +305,85 @@ mod tests {
         // Marking after a drain works again, summaries included.
         b.set_range(99_999, 99_999);
         assert_eq!(bits(&b, 0).into_iter().collect::<Vec<_>>(), vec![99_999]);
+    }
+
+    /// The bits of level `k`, as (word, bit) pairs.
+    fn level_bits(b: &AtomicBitmap, k: usize) -> Vec<(usize, u32)> {
+        let mut out = Vec::new();
+        for (i, w) in b.level(k).iter().enumerate() {
+            let mut x = w.load(Ordering::Relaxed);
+            while x != 0 {
+                out.push((i, x.trailing_zeros()));
+                x &= x - 1;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_mark_is_reachable_even_where_another_writer_stopped_half_way() {
+        // A process killed in the middle of one writer's mark: what that writer
+        // stored must not hide a mark another writer completed meanwhile. The
+        // half-way state is built by hand: another writer's bit in leaf word 6,
+        // and its summary bit in level 1 only (as the old bottom-up order left it).
+        let (_f, b) = bitmap(1 << 30);
+        assert!(b.layout.levels.len() > 3);
+        b.leaf()[6].fetch_or(1 << 5, Ordering::Relaxed);
+        b.level(1)[0].fetch_or(1 << 6, Ordering::Relaxed);
+        // This writer marks another block of the same words and returns: its
+        // write completes. Its mark must be reachable from the top now.
+        b.set_range(6 * 64 + 9, 6 * 64 + 9);
+        assert!(bits(&b, 0).contains(&(6 * 64 + 9)), "the completed mark is reachable");
+        // Another word under the same summaries, and a claim by test_and_set.
+        let (_f, b) = bitmap(1 << 30);
+        b.level(1)[0].fetch_or(1 << 7, Ordering::Relaxed);
+        assert!(!b.test_and_set(7 * 64 + 1, Ordering::AcqRel));
+        assert!(bits(&b, 0).contains(&(7 * 64 + 1)));
+    }
+
+    #[test]
+    fn every_set_bit_has_its_summary_bits() {
+        // After marks of every shape, each level's bits are covered by the level above.
+        let (_f, b) = bitmap(1 << 24);
+        b.set_range(3, 3);
+        b.set_range(60, 70);
+        b.set_range(1 << 20, (1 << 20) + 5000);
+        b.test_and_set((1 << 24) - 1, Ordering::Relaxed);
+        for k in 0..b.layout.levels.len() - 1 {
+            for (w, _) in level_bits(&b, k) {
+                let (pw, pbit) = (w / 64, w % 64);
+                assert!(
+                    b.level(k + 1)[pw].load(Ordering::Relaxed) & (1 << pbit) != 0,
+                    "level {k} word {w} has bits but no summary bit"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_drain_stopped_half_way_leaves_the_rest_reachable() {
+        // A process killed in the middle of a drain: what it has not cleared yet
+        // must still be found by the next drain (at the next open).
+        let (_f, b) = bitmap(1 << 30);
+        let marked: Vec<u64> = (0..40).map(|i| i * 3_000_017 % (1 << 30)).collect();
+        for &m in &marked {
+            b.set_range(m, m);
+        }
+        let mut seen = 0;
+        let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            b.drain(|_, _| {
+                seen += 1;
+                assert!(seen < 10, "killed here");
+            })
+        }));
+        assert!(stopped.is_err());
+        let left = bits(&b, 0);
+        assert_eq!(left.len(), marked.len() - 10, "every word not drained yet is still reachable");
+        b.drain(|_, _| {});
+        assert!(bits(&b, 0).is_empty());
+        for k in 0..b.layout.levels.len() {
+            assert!(level_bits(&b, k).is_empty(), "level {k} cleared");
+        }
     }
 
     #[test]
