@@ -23,6 +23,9 @@ pub struct Common {
     /// exists, so page writeback does not add noise; else the temp dir).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Also draw the results as SVG charts into this directory (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub charts: Option<PathBuf>,
 }
 
 impl Common {
@@ -41,6 +44,17 @@ impl Common {
     /// Where to put files that should live on a real file system: `--dir`, else the temp dir.
     pub fn disk_dir(&self) -> PathBuf {
         self.dir.clone().unwrap_or_else(std::env::temp_dir)
+    }
+
+    /// The chart directory, created, if `--charts` was given.
+    pub fn chart_dir(&self) -> anyhow::Result<Option<PathBuf>> {
+        match &self.charts {
+            Some(d) => {
+                std::fs::create_dir_all(d).map_err(|e| anyhow::anyhow!("--charts {}: {e}", d.display()))?;
+                Ok(Some(d.clone()))
+            }
+            None => Ok(None),
+        }
     }
 
     /// Checks the thread list.

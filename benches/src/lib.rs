@@ -30,6 +30,7 @@
 //! ```
 
 pub mod baselines;
+pub mod charts;
 pub mod cli;
 pub mod pool;
 pub mod report;

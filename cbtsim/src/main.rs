@@ -12,6 +12,7 @@
 //! $ cbtsim disk write web01 0 1M 64KiB
 //! $ cbtsim snapshot create web01 s2
 //! $ cbtsim query web01 --snapshot s2 --since "$S1"
+//! $ cbtsim map web01 --snapshot s2 --since "$S1" --svg web01.svg
 //! $ cbtsim backup run web01 --repo /tmp/repo
 //! ```
 
@@ -56,6 +57,8 @@ enum Cmd {
     Mount(cli::mount::MountArgs),
     /// The changed areas of a snapshot's disk since a change ID (QueryChangedDiskAreas, paged).
     Query(cli::query::QueryArgs),
+    /// A disk drawn as cells colored by the epoch (change ID) that last wrote them.
+    Map(cli::map::MapArgs),
     /// A torture test: random lifecycle operations under concurrent writes, checked.
     Verify(cli::verify::VerifyArgs),
     /// Replay a block I/O trace into a fresh VM and report the changed areas.
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
         Cmd::Disk(c) => cli::disk::run(&ctx, c),
         Cmd::Snapshot(c) => cli::snapshot::run(&ctx, c),
         Cmd::Query(a) => cli::query::run(&ctx, a),
+        Cmd::Map(a) => cli::map::run(&ctx, a),
         Cmd::Mount(a) => cli::mount::run(a),
         Cmd::Verify(a) => cli::verify::run(&ctx, a),
         Cmd::Replay(a) => cli::workload::replay(&ctx, a),

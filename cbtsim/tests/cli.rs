@@ -399,13 +399,13 @@ fn bad_input_gives_one_line_and_changes_nothing() {
     fails(
         ds,
         &["query", "web01", "--snapshot", "s1", "--since", "garbage"],
-        "invalid --since",
+        "malformed change ID",
     );
     let bad_seq = format!("{}/x", cid.split('/').next().unwrap());
     fails(
         ds,
         &["query", "web01", "--snapshot", "s1", "--since", &bad_seq],
-        "invalid --since",
+        "malformed change ID",
     );
     let foreign = "5f0c3f5e-3f2a-4d4b-9d7e-0a1b2c3d4e5f/1";
     fails(
@@ -437,7 +437,7 @@ fn bad_input_gives_one_line_and_changes_nothing() {
     fails(
         ds,
         &["disk", "write", "web01", "0", "0", "1M", "--from", o],
-        "fewer than LENGTH",
+        "fewer than the 1048576 to write",
     );
     let missing = ds.join("nowhere/out.bin");
     fails(

@@ -81,7 +81,12 @@ fn serve_on(ds: &Path, nbd: &str) -> Command {
 
 impl Serve {
     fn start(ds: &Path) -> Serve {
+        Self::start_with(ds, &[])
+    }
+
+    fn start_with(ds: &Path, extra: &[&str]) -> Serve {
         let mut child = serve_cmd(ds)
+            .args(extra)
             .env("CBTSIM_PASSWORD", "secret")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -587,17 +592,11 @@ fn a_second_serve_fails_naming_the_first_and_no_password_refuses() {
     assert!(err.contains("already served by cbtsim serve pid"), "{err}");
     assert!(err.contains(&first.status.pid.to_string()), "{err}");
     assert!(err.contains(&first.status.nbd), "{err}");
-    // While serve owns the datastore, a plain CLI command cannot open the VM.
+    // While serve owns the datastore, CLI commands go through it.
     create(&first, "web01");
-    let out = Command::new(env!("CARGO_BIN_EXE_cbtsim"))
-        .env_remove("CBTSIM_DATASTORE")
-        .arg("--datastore")
-        .arg(dir.path())
-        .args(["snapshot", "list", "web01"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
+    let out = cli(dir.path(), &["snapshot", "list", "web01"]);
+    assert_eq!(out.0, Some(0), "{}", out.2);
+    assert_eq!(out.1, "VM web01 has no snapshots\n");
     first.stop();
     let other = tempfile::tempdir().unwrap();
     let out = serve_cmd(other.path()).output().unwrap();
@@ -618,4 +617,529 @@ fn a_second_serve_fails_naming_the_first_and_no_password_refuses() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-remote"));
+}
+
+// ---- cbtsim commands from "a second terminal": through the serve, as without one ----
+
+/// Runs `cbtsim --datastore DS ARGS`: exit code, stdout, stderr.
+fn cli(ds: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cbtsim"))
+        .env_remove("CBTSIM_DATASTORE")
+        .arg("--datastore")
+        .arg(ds)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// A command that must succeed and print one JSON document.
+fn cli_json(ds: &Path, args: &[&str]) -> Value {
+    let (code, out, err) = cli(ds, args);
+    assert_eq!(code, Some(0), "cbtsim {args:?} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("cbtsim {args:?}: not one JSON document ({e}): {out}"))
+}
+
+/// The shape of a JSON document: objects keep their keys, arrays the shape of their
+/// first element, every other value becomes null.
+fn shape(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), shape(v))).collect()),
+        Value::Array(a) => Value::Array(a.first().map(shape).into_iter().collect()),
+        _ => Value::Null,
+    }
+}
+
+/// The same command on a datastore without a serve and on one with: `{ds}` and `{aux}`
+/// in the arguments name each side's datastore and a scratch directory.
+struct Both<'a> {
+    local: (&'a Path, &'a Path),
+    served: (&'a Path, &'a Path),
+}
+
+impl Both<'_> {
+    fn args(side: (&Path, &Path), args: &[&str]) -> Vec<String> {
+        args.iter()
+            .map(|a| {
+                a.replace("{ds}", side.0.to_str().unwrap())
+                    .replace("{aux}", side.1.to_str().unwrap())
+            })
+            .collect()
+    }
+
+    /// Runs `args` on both sides; the JSON documents must have the same shape.
+    fn json(&self, args: &[&str]) -> (Value, Value) {
+        let l = Self::args(self.local, args);
+        let s = Self::args(self.served, args);
+        let l = cli_json(self.local.0, &l.iter().map(String::as_str).collect::<Vec<_>>());
+        let s = cli_json(self.served.0, &s.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(shape(&l), shape(&s), "cbtsim {args:?}: local {l} vs through serve {s}");
+        (l, s)
+    }
+
+    /// Runs `args` on both sides; both must fail alike: exit code and message.
+    fn fails(&self, args: &[&str], needle: &str) {
+        let l = cli(self.local.0, args);
+        let s = cli(self.served.0, args);
+        assert_ne!(l.0, Some(0), "cbtsim {args:?} succeeded");
+        assert_eq!((l.0, &l.2), (s.0, &s.2), "cbtsim {args:?}: local vs through serve");
+        assert!(l.2.contains(needle), "{}", l.2);
+        assert!(s.1.is_empty(), "{}", s.1);
+    }
+}
+
+#[test]
+fn every_command_goes_through_a_running_serve_with_the_same_output() {
+    let (ld, la, sd, sa) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let s = Serve::start(sd.path());
+    let both = Both {
+        local: (ld.path(), la.path()),
+        served: (sd.path(), sa.path()),
+    };
+    both.json(&["vm", "create", "web01", "--disk", "16M", "--disk", "4M", "--json"]);
+    both.json(&["disk", "write", "web01", "0", "0", "1M", "--json"]);
+    let (c1, _) = both.json(&["snapshot", "create", "web01", "s1", "--json"]);
+    let cid = c1["disks"][0]["change_id"].as_str().unwrap().to_owned();
+    std::fs::write(la.path().join("data"), [7u8; 65536]).unwrap();
+    std::fs::write(sa.path().join("data"), [7u8; 65536]).unwrap();
+    both.json(&[
+        "disk",
+        "write",
+        "web01",
+        "0",
+        "4M",
+        "64K",
+        "--from",
+        "{aux}/data",
+        "--json",
+    ]);
+    both.json(&["snapshot", "create", "web01", "s2", "--json"]);
+    // The served side answers its own change IDs.
+    let (sc, _) = (cli_json(sd.path(), &["snapshot", "show", "web01", "s1", "--json"]), ());
+    let scid = sc["disks"][0]["change_id"].as_str().unwrap().to_owned();
+    let lq = cli_json(
+        ld.path(),
+        &["query", "web01", "--snapshot", "s2", "--since", &cid, "--json"],
+    );
+    let sq = cli_json(
+        sd.path(),
+        &["query", "web01", "--snapshot", "s2", "--since", &scid, "--json"],
+    );
+    assert_eq!(shape(&lq), shape(&sq));
+    assert_eq!(lq["changed_areas"], serde_json::json!([[4 * MIB, GRAN]]));
+    assert_eq!(sq["changed_areas"], lq["changed_areas"]);
+    both.json(&["snapshot", "list", "web01", "--json"]);
+    both.json(&["snapshot", "show", "web01", "s1", "--json"]);
+    let (lv, sv) = both.json(&["vm", "show", "web01", "--json"]);
+    assert_eq!(lv["disks"][0]["layers"], 3);
+    assert_eq!(sv["disks"][0]["layers"], 3);
+    both.json(&["disk", "list", "web01", "--json"]);
+    both.json(&["vm", "list", "--json"]);
+    let (lr, sr) = both.json(&[
+        "disk",
+        "read",
+        "web01",
+        "0",
+        "4M",
+        "64K",
+        "--snapshot",
+        "s2",
+        "--out",
+        "{aux}/out",
+        "--json",
+    ]);
+    assert_eq!(
+        (lr["capacity"].as_u64(), sr["capacity"].as_u64()),
+        (Some(SIZE), Some(SIZE))
+    );
+    assert_eq!(std::fs::read(sa.path().join("out")).unwrap(), vec![7u8; 65536]);
+    both.json(&["disk", "unmap", "web01", "0", "8M", "64K", "--json"]);
+    both.json(&["disk", "extend", "web01", "1", "8M", "--json"]);
+    both.json(&["vm", "cbt", "web01", "on", "--json"]);
+    both.json(&["vm", "power", "web01", "on", "--json"]);
+    let (lb, sb) = both.json(&["backup", "run", "web01", "--repo", "{aux}/repo", "--json"]);
+    both.json(&["snapshot", "remove", "web01", "s1", "--json"]);
+    both.json(&["snapshot", "revert", "web01", "s2", "--json"]);
+    both.json(&[
+        "guest",
+        "run",
+        "web01",
+        "--profile",
+        "oltp-db",
+        "--ops",
+        "300",
+        "--json",
+    ]);
+    let lp = lb["point"].as_str().unwrap();
+    let sp = sb["point"].as_str().unwrap();
+    let l = cli_json(
+        ld.path(),
+        &[
+            "restore",
+            "--repo",
+            la.path().join("repo").to_str().unwrap(),
+            "--point",
+            lp,
+            "--to-vm",
+            "copy",
+            "--json",
+        ],
+    );
+    let r = cli_json(
+        sd.path(),
+        &[
+            "restore",
+            "--repo",
+            sa.path().join("repo").to_str().unwrap(),
+            "--point",
+            sp,
+            "--to-vm",
+            "copy",
+            "--json",
+        ],
+    );
+    assert_eq!(shape(&l), shape(&r));
+    both.json(&["vm", "delete", "copy", "--json"]);
+
+    // Errors: the same message and exit code.
+    both.fails(&["snapshot", "create", "nosuch", "s9"], "no VM named \"nosuch\"");
+    both.fails(
+        &["query", "web01", "--snapshot", "s2", "--since", "garbage"],
+        "malformed change ID",
+    );
+    both.fails(&["disk", "write", "web01", "0", "16M", "1"], "outside disk 0");
+    both.fails(&["vm", "create", "web01", "--disk", "1M"], "already exists");
+    both.fails(&["guest", "stop", "99"], "no guest workload 99");
+    // The serve did it all: it still owns the datastore.
+    assert!(s.status.control.exists());
+    let (status, err) = s.stop();
+    assert!(status.success(), "{err}");
+}
+
+#[test]
+fn a_backup_from_a_second_terminal_while_the_guest_writes_restores_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let aux = tempfile::tempdir().unwrap();
+    let ds = dir.path();
+    let repo = aux.path().join("repo");
+    let repo = repo.to_str().unwrap();
+    let s = Serve::start(ds);
+    cli_json(
+        ds,
+        &["vm", "create", "web01", "--disk", "16M", "--disk", "4M", "--json"],
+    );
+    cli_json(
+        ds,
+        &["disk", "write", "web01", "0", "0", "4M", "--pattern", "3", "--json"],
+    );
+    let g = cli_json(
+        ds,
+        &[
+            "guest",
+            "run",
+            "web01",
+            "--profile",
+            "oltp-db",
+            "--threads",
+            "2",
+            "--detach",
+            "--json",
+        ],
+    );
+    let id = g["id"].as_u64().unwrap();
+    let running = |ds: &Path| {
+        let l = cli_json(ds, &["guest", "list", "--json"]);
+        l.as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["id"] == id && x["state"] == "running" && x["ops"].as_u64().unwrap() > 0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !running(ds) {
+        assert!(Instant::now() < deadline, "the guest never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // While it writes: a snapshot, a query, a full backup, a removal (consolidating
+    // under writes), writes and reads of the other disk, vm show.
+    let b0 = cli_json(ds, &["snapshot", "create", "web01", "b0", "--json"]);
+    let c0 = b0["disks"][0]["change_id"].as_str().unwrap().to_owned();
+    cli_json(ds, &["query", "web01", "--snapshot", "b0", "--since", "*", "--json"]);
+    let p1 = cli_json(ds, &["backup", "run", "web01", "--repo", repo, "--json"]);
+    assert_eq!(p1["kind"], "full");
+    cli_json(ds, &["snapshot", "create", "web01", "b1", "--json"]);
+    let q = cli_json(ds, &["query", "web01", "--snapshot", "b1", "--since", &c0, "--json"]);
+    assert!(q["changed_bytes"].as_u64().unwrap() > 0, "the guest wrote: {q}");
+    cli_json(ds, &["snapshot", "remove", "web01", "b0", "--json"]);
+    cli_json(
+        ds,
+        &["disk", "write", "web01", "1", "1M", "64K", "--pattern", "9", "--json"],
+    );
+    let out = aux.path().join("d1");
+    cli_json(
+        ds,
+        &[
+            "disk",
+            "read",
+            "web01",
+            "1",
+            "1M",
+            "64K",
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), vec![9u8; 65536]);
+    let v = cli_json(ds, &["vm", "show", "web01", "--json"]);
+    assert_eq!(v["snapshots"].as_array().unwrap().len(), 1);
+    assert!(running(ds), "the guest wrote all along");
+    let r = cli_json(ds, &["guest", "stop", "web01", "--json"]);
+    assert_eq!((r["id"].as_u64(), r["state"].as_str()), (Some(id), Some("stopped")));
+    assert!(r["writes"].as_u64().unwrap() > 0);
+    // Now frozen: an incremental on the backup taken under writes must restore to exactly
+    // the snapshot's content (a block the first backup got wrong and that did not change
+    // since would show here).
+    cli_json(ds, &["snapshot", "create", "web01", "s", "--json"]);
+    let p2 = cli_json(ds, &["backup", "run", "web01", "--repo", repo, "--json"]);
+    assert_eq!(
+        (p2["kind"].as_str(), &p2["parent"]),
+        (Some("incremental"), &p1["point"])
+    );
+    let img = aux.path().join("img");
+    let snap = aux.path().join("snap");
+    let (code, _, err) = cli(
+        ds,
+        &[
+            "restore",
+            "--repo",
+            repo,
+            "--point",
+            p2["point"].as_str().unwrap(),
+            "--disk",
+            "0",
+            "--to",
+            img.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    cli_json(
+        ds,
+        &[
+            "disk",
+            "read",
+            "web01",
+            "0",
+            "0",
+            "16M",
+            "--snapshot",
+            "s",
+            "--out",
+            snap.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert!(
+        std::fs::read(&img).unwrap() == std::fs::read(&snap).unwrap(),
+        "restore != snapshot"
+    );
+    s.stop();
+}
+
+/// Sends SIGINT to `pid`.
+fn interrupt(pid: u32) {
+    let ok = Command::new("kill").args(["-INT", &pid.to_string()]).status().unwrap();
+    assert!(ok.success());
+}
+
+/// `cbtsim guest run` in the background; Ctrl-C once it runs. Returns its exit code,
+/// stdout and stderr.
+fn guest_run_then_ctrl_c(ds: &Path, until_running: impl Fn() -> bool) -> (Option<i32>, String, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_cbtsim"))
+        .env_remove("CBTSIM_DATASTORE")
+        .arg("--datastore")
+        .arg(ds)
+        .args([
+            "guest",
+            "run",
+            "web01",
+            "--profile",
+            "os-idle",
+            "--seconds",
+            "60",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !until_running() {
+        assert!(Instant::now() < deadline, "the guest never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    interrupt(child.id());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn ctrl_c_on_guest_run_stops_the_workload_and_prints_its_report() {
+    // Through a serve: the workload stops in the service.
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path();
+    let s = Serve::start(ds);
+    cli_json(ds, &["vm", "create", "web01", "--disk", "16M", "--json"]);
+    let running = || {
+        let l = cli_json(ds, &["guest", "list", "--json"]);
+        l.as_array().unwrap().iter().any(|x| x["state"] == "running")
+    };
+    let (code, out, err) = guest_run_then_ctrl_c(ds, running);
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("interrupted: guest workload 1 on VM web01 was stopped"),
+        "{err}"
+    );
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["state"], "stopped");
+    assert!(r["elapsed_s"].as_f64().unwrap() < 30.0);
+    let l = cli_json(ds, &["guest", "list", "--json"]);
+    assert_eq!(l[0]["state"], "stopped");
+    s.stop();
+    // Without one: the same, in the command's own process (which holds the VM once the
+    // workload runs).
+    let in_use = || cli(ds, &["snapshot", "list", "web01"]).2.contains("in use");
+    let (code, out, err) = guest_run_then_ctrl_c(ds, in_use);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("interrupted"), "{err}");
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["state"], "stopped");
+}
+
+#[test]
+fn a_killed_serve_leaves_nothing_that_confuses_the_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path();
+    let mut s = Serve::start(ds);
+    cli_json(ds, &["vm", "create", "web01", "--disk", "16M", "--json"]);
+    let g = cli_json(
+        ds,
+        &["guest", "run", "web01", "--profile", "os-idle", "--detach", "--json"],
+    );
+    assert_eq!(g["vm"], "web01");
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+    assert!(ds.join(".cbtsim/control.sock").exists(), "left behind");
+    assert!(ds.join(".cbtsim/serve.json").exists(), "left behind");
+    // The commands open the datastore themselves.
+    let c = cli_json(ds, &["snapshot", "create", "web01", "s1", "--json"]);
+    assert!(c["disks"][0]["change_id"].is_string());
+    assert_eq!(cli_json(ds, &["guest", "list", "--json"]), serde_json::json!([]));
+    let (code, out, err) = cli(ds, &["guest", "run", "web01", "--profile", "os-idle", "--detach"]);
+    assert_ne!(code, Some(0));
+    assert!(out.is_empty());
+    assert!(err.contains("start `cbtsim serve`"), "{err}");
+    // And a new serve takes over.
+    let s = Serve::start(ds);
+    let l = cli_json(ds, &["snapshot", "list", "web01", "--json"]);
+    assert_eq!(l[0]["name"], "s1");
+    s.stop();
+}
+
+#[test]
+fn serve_repo_exports_backup_points_that_copy_as_a_restore_does() {
+    if !tool("qemu-img") || !tool("nbdinfo") || !tool("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let aux = tempfile::tempdir().unwrap();
+    let ds = dir.path();
+    let repo = aux.path().join("repo");
+    let repo_s = repo.to_str().unwrap();
+    // A first point before the serve (the repository must exist), a second through it.
+    cli_json(
+        ds,
+        &["vm", "create", "web01", "--disk", "16M", "--disk", "2M", "--json"],
+    );
+    cli_json(
+        ds,
+        &["disk", "write", "web01", "0", "1M", "3M", "--pattern", "5", "--json"],
+    );
+    let p1 = cli_json(ds, &["backup", "run", "web01", "--repo", repo_s, "--json"]);
+    let s = Serve::start_with(ds, &["--repo", repo_s]);
+    assert_eq!(
+        s.status.repository.as_deref(),
+        Some(repo.canonicalize().unwrap().as_path())
+    );
+    cli_json(
+        ds,
+        &["disk", "write", "web01", "0", "2M", "64K", "--pattern", "6", "--json"],
+    );
+    cli_json(
+        ds,
+        &["disk", "write", "web01", "1", "0", "4K", "--pattern", "7", "--json"],
+    );
+    let p2 = cli_json(ds, &["backup", "run", "web01", "--repo", repo_s, "--json"]);
+    let (p1, p2) = (p1["point"].as_str().unwrap(), p2["point"].as_str().unwrap());
+    let list = run(Command::new("nbdinfo").args(["--json", "--list", &s.uri("")]));
+    for name in [format!("repo:{p1}/0"), format!("repo:{p2}/0"), format!("repo:{p2}/1")] {
+        assert!(list.contains(&format!("\"{name}\"")), "{name} not listed: {list}");
+    }
+    for (point, disk) in [(p1, "0"), (p2, "0"), (p2, "1")] {
+        let copy = aux.path().join(format!("copy-{point}-{disk}"));
+        let restored = aux.path().join(format!("restored-{point}-{disk}"));
+        run(Command::new("qemu-img")
+            .args([
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "raw",
+                &s.uri(&format!("repo:{point}/{disk}")),
+            ])
+            .arg(&copy));
+        let (code, _, err) = cli(
+            ds,
+            &[
+                "restore",
+                "--repo",
+                repo_s,
+                "--point",
+                point,
+                "--disk",
+                disk,
+                "--to",
+                restored.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(code, Some(0), "{err}");
+        assert!(
+            std::fs::read(&copy).unwrap() == std::fs::read(&restored).unwrap(),
+            "repo:{point}/{disk} copies as its restore"
+        );
+    }
+    // Read-only, and unknown points, disks and names are refused.
+    let w = run_fails(Command::new("qemu-io").args(["-f", "raw", "-c", "write 0 4k", &s.uri(&format!("repo:{p2}/0"))]));
+    assert!(w.contains("read-only") || w.contains("ermission"), "{w}");
+    for bad in ["repo:ffffffff/0", &format!("repo:{p2}/9"), "repo:../0"] {
+        run_fails(Command::new("qemu-img").args(["info", &s.uri(bad)]));
+    }
+    s.stop();
+    // A serve without --repo has no such exports.
+    let s = Serve::start(ds);
+    let err = run_fails(Command::new("qemu-img").args(["info", &s.uri(&format!("repo:{p2}/0"))]));
+    assert!(err.contains("no repository") || err.contains("repo:"), "{err}");
+    s.stop();
 }

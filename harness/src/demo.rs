@@ -60,6 +60,59 @@ fn fill(tag: u8, len: usize) -> Vec<u8> {
 
 /// Runs the walk-through in `dir`, narrating to `out`.
 pub fn run(dir: &Path, out: &mut dyn Write) -> Result<DemoReport, HarnessError> {
+    run_with_maps(dir, out, false)
+}
+
+/// Draws disk 0 of the demo's VM in the terminal ([`diskmap::term`]): at
+/// snapshot `at`, or now (through a snapshot taken for the map and removed),
+/// with the epochs of the older snapshots, or of the last `history` change IDs.
+fn show_map(
+    host: &Host,
+    vm: &sim::Vm,
+    at: Option<&str>,
+    since: Option<&str>,
+    history: Option<u32>,
+    out: &mut dyn Write,
+) -> Result<(), HarnessError> {
+    let snapshots = |vm: &sim::Vm| -> Vec<(String, Option<String>)> {
+        vm.snapshots()
+            .into_iter()
+            .map(|s| (s.name, s.disks[0].change_id.clone()))
+            .collect()
+    };
+    let draw = |name: &str, label: &str| -> Result<diskmap::DiskMap, HarnessError> {
+        let (chain, cid) = diskmap::chain(&snapshots(vm), name, history)?;
+        Ok(diskmap::compute(
+            host,
+            &diskmap::MapQuery {
+                vm: vm.name(),
+                disk: 0,
+                snapshot: name,
+                label,
+                change_id: cid.as_deref(),
+                granularity: vm.granularity(0)?.bytes(),
+                chain: &chain,
+                since,
+                shape: diskmap::Shape::TERMINAL,
+            },
+        )?)
+    };
+    let map = match at {
+        Some(s) => draw(s, s)?,
+        None => {
+            vm.create_snapshot("demo-map")?;
+            let map = draw("demo-map", "now");
+            vm.remove_snapshot("demo-map")?;
+            map?
+        }
+    };
+    let _ = write!(out, "{}", diskmap::term::render(&map));
+    Ok(())
+}
+
+/// [`run`], and with `maps` the disk's map after the steps that change it
+/// (in the terminal's colors).
+pub fn run_with_maps(dir: &Path, out: &mut dyn Write, maps: bool) -> Result<DemoReport, HarnessError> {
     let say = |out: &mut dyn Write, s: String| {
         let _ = writeln!(out, "{s}");
     };
@@ -109,6 +162,9 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<DemoReport, HarnessError> 
         out,
         format!("4. Snapshot \"backup-1\": I/O stunned for an O(1) epoch switch; change ID {cid1}"),
     );
+    if maps {
+        show_map(&host, &vm, Some("backup-1"), None, None, out)?;
+    }
     let all: Vec<DiskArea> = changed_areas(&host, "demo-vm", "backup-1", 0, "*").collect::<Result<_, _>>()?;
     let allocated: u64 = all.iter().map(|a| a.length).sum();
     say(
@@ -144,6 +200,9 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<DemoReport, HarnessError> 
     let s2 = vm.create_snapshot("backup-2")?;
     let cid2 = s2.disks[0].change_id.clone().expect("CBT is on");
     say(out, format!("7. Snapshot \"backup-2\": change ID {cid2}"));
+    if maps {
+        show_map(&host, &vm, Some("backup-2"), None, None, out)?;
+    }
     let changed: Vec<DiskArea> = changed_areas(&host, "demo-vm", "backup-2", 0, &cid1).collect::<Result<_, _>>()?;
     let changed_bytes: u64 = changed.iter().map(|a| a.length).sum();
     say(
@@ -160,6 +219,9 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<DemoReport, HarnessError> 
             out,
             format!("     [{:>14} .. {:>14})  {}", a.start, a.end(), human(a.length)),
         );
+    }
+    if maps {
+        show_map(&host, &vm, Some("backup-2"), Some(&cid1), None, out)?;
     }
 
     // Read the changed areas from the snapshot, as an incremental backup
@@ -214,6 +276,13 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<DemoReport, HarnessError> 
         out,
         "10. Both snapshots removed (deltas consolidated); change IDs stay valid for the next incremental".into(),
     );
+    if maps {
+        say(
+            out,
+            "    The disk now, its epochs told apart by the removed snapshots' change IDs:".into(),
+        );
+        show_map(&host, &vm, None, None, Some(2), out)?;
+    }
 
     // The same flow, done by the backup client: a full backup, more guest
     // writes, an incremental, and a verified restore.
@@ -229,6 +298,9 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<DemoReport, HarnessError> 
     }
     let inc = backup_vm(&host, "demo-vm", &repo, &opts, &())?;
     say(out, format!("12. The guest writes 8 KiB at 10 GiB and 70,000 bytes at 20 GiB + 1; incremental point {}: read {} (= the changed areas, {}), stored {}", inc.point, human(inc.bytes_read), human(inc.changed_bytes), human(inc.bytes_stored)));
+    if maps {
+        show_map(&host, &vm, None, None, Some(4), out)?;
+    }
     let image = dir.join("restored-disk0.img");
     restore_to_file(&repo, &inc.point, 0, &image, true, &())?;
     let mut checked = 0u64;

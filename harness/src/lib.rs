@@ -88,4 +88,7 @@ pub enum HarnessError {
         /// What differs.
         reason: String,
     },
+    /// A disk's map could not be drawn.
+    #[error(transparent)]
+    Map(#[from] diskmap::MapError),
 }

@@ -169,6 +169,76 @@ pub enum Request {
         /// The workload's ID, as [`Response::GuestStarted`] gave it.
         id: u64,
     },
+    /// A disk's map: which epoch (change ID) last wrote each part of it.
+    Map(crate::map::MapRequest),
+    /// The restore points of a repository, oldest first.
+    BackupList {
+        /// The repository directory (an absolute path).
+        repository: PathBuf,
+    },
+
+    // What the command line needs beyond the above (`cbtsim` sends every
+    // command on a datastore as a request, to its serve or to a service of
+    // its own).
+    /// Delete a VM and all its files (no workload, export or other process
+    /// may hold it).
+    VmDelete {
+        /// The VM.
+        vm: String,
+    },
+    /// A VM in detail: each disk's capacity, granularity, current change ID
+    /// and layers, its snapshots, whether a consolidation is pending.
+    VmShow {
+        /// The VM.
+        vm: String,
+    },
+    /// Wait for a guest workload's end (reporting its ops as progress) and
+    /// return its report.
+    GuestWait {
+        /// The workload's ID.
+        id: u64,
+    },
+    /// Restore a backup point into a new VM of the datastore.
+    RestoreToVm {
+        /// The repository directory (an absolute path).
+        repository: PathBuf,
+        /// The point's ID.
+        point: String,
+        /// The new VM's name.
+        vm: String,
+    },
+    /// Read the chunks that `backup verify` marked bad again from snapshots
+    /// of the VMs, where their data has not changed since.
+    BackupRepair {
+        /// The repository directory (an absolute path).
+        repository: PathBuf,
+    },
+    /// One page of `QueryChangedDiskAreas`, as the vSphere API answers it:
+    /// the window from `start_offset` with at most `max_areas` areas (the
+    /// caller pages; [`Request::Query`] pages for it).
+    QueryPage {
+        /// The VM.
+        vm: String,
+        /// The snapshot whose disk is asked about.
+        snapshot: String,
+        /// The disk's index.
+        #[serde(default)]
+        disk: usize,
+        /// Where the window starts (below the disk's capacity at the snapshot).
+        #[serde(default)]
+        start_offset: u64,
+        /// A change ID, or `*` for every allocated area.
+        since: String,
+        /// The most areas in the page (1 or more; 2000 if absent, as ESXi).
+        #[serde(default)]
+        max_areas: Option<usize>,
+    },
+    /// Each disk's current change ID (its newest snapshot's, as the VM's
+    /// `backing.changeId` shows it on vSphere).
+    VmChangeIds {
+        /// The VM.
+        vm: String,
+    },
 }
 
 fn default_granularity() -> u64 {
@@ -284,6 +354,8 @@ pub enum Response {
         disk: usize,
         /// Its new capacity.
         size: u64,
+        /// Its capacity before.
+        old_size: u64,
     },
     /// [`Request::SnapshotCreate`]: the snapshot and each disk's change ID.
     SnapshotCreated(SnapshotInfo),
@@ -300,6 +372,8 @@ pub enum Response {
         vm: String,
         /// The snapshot.
         name: String,
+        /// The VM's snapshots now, oldest first.
+        snapshots: Vec<String>,
     },
     /// [`Request::SnapshotRevert`].
     Reverted {
@@ -307,6 +381,8 @@ pub enum Response {
         vm: String,
         /// The snapshot.
         name: String,
+        /// The VM's snapshots now, oldest first.
+        snapshots: Vec<String>,
     },
     /// [`Request::Query`].
     ChangedAreas(ChangedAreas),
@@ -323,6 +399,65 @@ pub enum Response {
     Guest(GuestReport),
     /// [`Request::GuestList`].
     Guests(Vec<GuestStatus>),
+    /// [`Request::Map`].
+    Map(Box<diskmap::DiskMap>),
+    /// [`Request::BackupList`].
+    BackupPoints(Vec<BackupPoint>),
+    /// [`Request::VmDelete`].
+    VmDeleted {
+        /// The VM.
+        vm: String,
+    },
+    /// [`Request::VmShow`].
+    VmDetails(VmDetails),
+    /// [`Request::RestoreToVm`].
+    Restored(RestoreOutcome),
+    /// [`Request::BackupRepair`].
+    Repaired(RepairOutcome),
+    /// [`Request::QueryPage`]: one window and the changed areas inside it.
+    ChangedAreaPage(vadp::DiskChangeInfo),
+    /// [`Request::VmChangeIds`]: per disk, absent while tracking is off.
+    ChangeIds(Vec<Option<String>>),
+}
+
+/// A restore point, as [`Request::BackupList`] lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupPoint {
+    /// The point's ID.
+    pub point: String,
+    /// The VM backed up.
+    pub vm: String,
+    /// `full` or `incremental`.
+    pub kind: String,
+    /// The point an incremental was built on.
+    pub parent: Option<String>,
+    /// When its snapshot was taken, `YYYY-MM-DDTHH:MM:SSZ`.
+    pub time_utc: String,
+    /// Bytes read from the snapshot.
+    pub bytes_read: u64,
+    /// Bytes of new chunks stored.
+    pub bytes_stored: u64,
+    /// Bytes of the changed (or, for a full backup, allocated) areas.
+    pub changed_bytes: u64,
+    /// Per disk, the snapshot's change ID: the next incremental queries since it.
+    pub change_ids: Vec<Option<String>>,
+}
+
+impl From<backup::PointListing> for BackupPoint {
+    fn from(p: backup::PointListing) -> Self {
+        let m = p.meta;
+        BackupPoint {
+            change_ids: m.disks.iter().map(|d| d.change_id.clone()).collect(),
+            point: m.point,
+            vm: m.vm,
+            kind: m.kind,
+            parent: m.parent,
+            time_utc: m.time_utc,
+            bytes_read: m.bytes_read,
+            bytes_stored: m.bytes_stored,
+            changed_bytes: m.changed_bytes,
+        }
+    }
 }
 
 /// A VM, as listed.
@@ -363,6 +498,8 @@ pub struct IoDone {
     pub offset: u64,
     /// Bytes.
     pub length: u64,
+    /// The disk's capacity (of the snapshot read, for a read of a snapshot).
+    pub capacity: u64,
 }
 
 /// A snapshot, as listed.
@@ -372,6 +509,8 @@ pub struct SnapshotEntry {
     pub name: String,
     /// Seconds since the Unix epoch.
     pub created: u64,
+    /// The same, ISO 8601 in UTC.
+    pub created_utc: String,
     /// Per disk: capacity, granularity and change ID (absent when CBT was off).
     pub disks: Vec<SnapshotDisk>,
 }
@@ -381,7 +520,104 @@ impl From<sim::SnapshotSummary> for SnapshotEntry {
         SnapshotEntry {
             name: s.name,
             created: s.created,
+            created_utc: backup::format_utc(s.created),
             disks: s.disks,
+        }
+    }
+}
+
+/// A VM in detail ([`Request::VmShow`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDetails {
+    /// Its name.
+    pub name: String,
+    /// Power state.
+    pub powered_on: bool,
+    /// Change tracking on.
+    pub cbt: bool,
+    /// Its disks.
+    pub disks: Vec<DiskDetails>,
+    /// Its snapshots, oldest first.
+    pub snapshots: Vec<SnapshotEntry>,
+    /// Whether a disk has more layers than its snapshots explain: a removal
+    /// merged while the guest wrote faster, and kept a helper delta as the
+    /// live top (correct, one more layer to read through); the next snapshot
+    /// removal merges it.
+    pub consolidation_needed: bool,
+}
+
+/// One disk of a [`VmDetails`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskDetails {
+    /// Index.
+    pub disk: usize,
+    /// Live capacity in bytes.
+    pub capacity: u64,
+    /// Tracking granularity in bytes.
+    pub granularity: u64,
+    /// The change ID of the newest closed epoch (the newest snapshot's) if
+    /// tracking is on and it belongs to the current session.
+    pub change_id: Option<String>,
+    /// Layers of the disk's chain: the base and one delta per snapshot, plus
+    /// one where a consolidation could not finish.
+    pub layers: usize,
+    /// Bytes the layers hold in the datastore.
+    pub allocated_bytes: u64,
+}
+
+/// What a restore did ([`Request::RestoreToVm`]; the backup client's report).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestoreOutcome {
+    /// The point restored.
+    pub point: String,
+    /// The VM it was taken from.
+    pub vm: String,
+    /// The file or VM written.
+    pub target: String,
+    /// Disks restored.
+    pub disks: usize,
+    /// Their total size.
+    pub capacity: u64,
+    /// Bytes of non-zero chunks written (the rest is left sparse).
+    pub bytes_written: u64,
+    /// Seconds taken.
+    pub seconds: f64,
+}
+
+impl From<backup::RestoreReport> for RestoreOutcome {
+    fn from(r: backup::RestoreReport) -> Self {
+        RestoreOutcome {
+            point: r.point,
+            vm: r.vm,
+            target: r.target,
+            disks: r.disks,
+            capacity: r.capacity,
+            bytes_written: r.bytes_written,
+            seconds: r.seconds,
+        }
+    }
+}
+
+/// What a repair did ([`Request::BackupRepair`]; the backup client's report).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairOutcome {
+    /// Chunks marked bad that points reference.
+    pub bad_chunks: u64,
+    /// Those read again from a VM and stored.
+    pub repaired: Vec<String>,
+    /// Those whose data is no longer on any VM.
+    pub unrepaired: Vec<String>,
+    /// Bytes read from the VMs' snapshots.
+    pub bytes_read: u64,
+}
+
+impl From<backup::RepairReport> for RepairOutcome {
+    fn from(r: backup::RepairReport) -> Self {
+        RepairOutcome {
+            bad_chunks: r.bad_chunks,
+            repaired: r.repaired,
+            unrepaired: r.unrepaired,
+            bytes_read: r.bytes_read,
         }
     }
 }
@@ -432,6 +668,10 @@ pub struct BackupOutcome {
     pub seconds: f64,
     /// The point an incremental was built on.
     pub parent: Option<String>,
+    /// Chunks marked bad by verify that this backup stored again (healing
+    /// every point that references them).
+    #[serde(default)]
+    pub healed_chunks: u64,
 }
 
 impl From<backup::BackupReport> for BackupOutcome {
@@ -447,6 +687,7 @@ impl From<backup::BackupReport> for BackupOutcome {
             changed_bytes: r.changed_bytes,
             seconds: r.seconds,
             parent: r.parent,
+            healed_chunks: r.healed_chunks,
         }
     }
 }
@@ -870,6 +1111,17 @@ mod tests {
                 detach: true,
             }),
             Request::GuestStop { id: 3 },
+            Request::VmDelete { vm: "a".into() },
+            Request::VmShow { vm: "a".into() },
+            Request::GuestWait { id: 3 },
+            Request::RestoreToVm {
+                repository: "/r".into(),
+                point: "p1".into(),
+                vm: "b".into(),
+            },
+            Request::BackupRepair {
+                repository: "/r".into(),
+            },
         ];
         for r in reqs {
             let json = serde_json::to_string(&r).unwrap();

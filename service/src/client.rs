@@ -29,6 +29,13 @@ pub fn socket_path(datastore: &Path) -> PathBuf {
     datastore.join(STATE_DIR).join("control.sock")
 }
 
+/// Whether a service answers on the control socket of `datastore`. A socket
+/// file that a killed serve left behind does not answer (the connection is
+/// refused), nor does a missing one.
+pub fn is_serving(datastore: &Path) -> bool {
+    UnixStream::connect(socket_path(datastore)).is_ok()
+}
+
 /// Sends `request` to the service of `datastore`, reports its progress
 /// events to `progress`, and returns its result. A service that is not
 /// running, or that goes away mid-request, is [`ErrorKind::Unavailable`].

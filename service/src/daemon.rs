@@ -48,6 +48,11 @@ pub struct ServeConfig {
     pub allow_remote: bool,
     /// The password of user `root`.
     pub password: String,
+    /// A backup repository whose points NBD exports as `repo:POINT/DISK` (read-only).
+    pub repository: Option<PathBuf>,
+    /// The most changed areas in one `QueryChangedDiskAreas` answer of the
+    /// vSphere API (ESXi: 2000).
+    pub max_areas: usize,
 }
 
 /// A running serve, as `serve.json` and `cbtsim serve --json` describe it.
@@ -67,6 +72,9 @@ pub struct ServeStatus {
     pub nbd: String,
     /// The control socket.
     pub control: PathBuf,
+    /// The repository whose points are exported as `repo:POINT/DISK`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<PathBuf>,
 }
 
 impl ServeStatus {
@@ -215,6 +223,16 @@ impl Daemon {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io_at(&dir))?;
         let lock = lock(&datastore, &dir)?;
         let service = Arc::new(Service::open(&datastore)?);
+        let repository = match &config.repository {
+            Some(dir) => {
+                let dir = dir.canonicalize().map_err(io_at(dir))?;
+                let repo = backup::Repository::open(&dir).map_err(|e| {
+                    ServeError::Open(ActionError::from(e).context(format_args!("repository {}", dir.display())))
+                })?;
+                Some((dir, repo))
+            }
+            None => None,
+        };
 
         let nbd_listener = bind("NBD", config.nbd)?;
         let http_listener = bind("HTTP", config.listen)?;
@@ -224,13 +242,26 @@ impl Daemon {
             Some(http::tls_config(&dir).map_err(ServeError::Tls)?)
         };
         let nbd_addr = nbd_listener.local_addr().map_err(io_at(&dir))?;
-        let nbd = nbd::Server::new(Arc::new(HostExports::new(service.clone())))
+        let mut exports = HostExports::new(service.clone());
+        if let Some((_, repo)) = &repository {
+            exports = exports.with_repository(repo.clone());
+        }
+        let nbd = nbd::Server::new(Arc::new(exports))
             .serve_tcp(nbd_listener)
             .map_err(io_at(&dir))?;
+        let password: Arc<str> = config.password.as_str().into();
+        let vsphere = Arc::new(crate::vsphere::Api::new(
+            service.clone(),
+            password.clone(),
+            config.max_areas,
+            !config.plain_http,
+        ));
         let router = http::router(WebState {
             service: service.clone(),
-            password: config.password.as_str().into(),
+            password,
             nbd: Some(nbd_addr),
+            vsphere,
+            repository: repository.as_ref().map(|(dir, _)| dir.clone()),
         });
         let web = HttpServer::start(http_listener, tls, router).map_err(io_at(&dir))?;
         let control_path = socket_path(&datastore);
@@ -244,6 +275,7 @@ impl Daemon {
             web: web.url(),
             nbd: nbd_addr.to_string(),
             control: control_path,
+            repository: repository.map(|(dir, _)| dir),
         };
         let status_path = dir.join("serve.json");
         let tmp = dir.join("serve.json.tmp");

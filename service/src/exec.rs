@@ -2,7 +2,7 @@
 //! calls, [`Service::execute`].
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,6 +18,7 @@ use crate::action::{
     ActionError, ChangedAreas, ErrorKind, IoDone, Request, Response, SnapshotEntry, VmInfo, WriteData,
 };
 use crate::guest::Guests;
+use crate::reader::Reader;
 
 /// Bytes per call to the host when writing or reading large ranges.
 const CHUNK: u64 = 4 << 20;
@@ -63,6 +64,9 @@ pub struct Service {
     lifecycle: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     pub(crate) guests: Guests,
     stopping: AtomicBool,
+    /// Read-only requests read through read-only views ([`Service::local`])
+    /// instead of the VMs this service keeps open.
+    views: bool,
 }
 
 impl Service {
@@ -75,12 +79,35 @@ impl Service {
             host.vm(&v.name)
                 .map_err(|e| ActionError::from(e).context(format_args!("cannot open VM {:?}", v.name)))?;
         }
-        Ok(Service {
+        Ok(Self::over(host, false))
+    }
+
+    /// The datastore at `root` (created if needed) for the requests of one
+    /// command, in its own process (`cbtsim` without a serve): VMs are opened
+    /// when a request needs them, and read-only requests (snapshot list,
+    /// query, vm show) read through read-only views, which write nothing and
+    /// let other readers in.
+    pub fn local(root: &Path) -> Result<Self, ActionError> {
+        Ok(Self::over(Host::open(root)?, true))
+    }
+
+    fn over(host: Host, views: bool) -> Self {
+        Service {
             host,
             watched: Mutex::new(HashMap::new()),
             lifecycle: Mutex::new(HashMap::new()),
             guests: Guests::default(),
             stopping: AtomicBool::new(false),
+            views,
+        }
+    }
+
+    /// VM `vm` for a read-only request.
+    pub(crate) fn reader(&self, vm: &str) -> Result<Reader, ActionError> {
+        Ok(if self.views {
+            Reader::View(self.host.view(vm)?)
+        } else {
+            Reader::Open(self.host.vm(vm)?)
         })
     }
 
@@ -122,6 +149,9 @@ impl Service {
                 if disks.is_empty() {
                     return Err(ActionError::invalid("a VM needs at least one disk"));
                 }
+                for &n in &disks {
+                    check_disk_size(n)?;
+                }
                 let specs: Vec<DiskSpec> = disks
                     .iter()
                     .map(|&capacity| DiskSpec {
@@ -159,8 +189,10 @@ impl Service {
                 offset,
                 length,
             } => {
-                self.host.vm(&vm)?.unmap(disk, offset, length)?;
+                let v = self.host.vm(&vm)?;
+                v.unmap(disk, offset, length)?;
                 Ok(Response::Unmapped(IoDone {
+                    capacity: v.capacity(disk)?,
                     vm,
                     disk,
                     offset,
@@ -168,22 +200,35 @@ impl Service {
                 }))
             }
             Request::DiskExtend { vm, disk, size } => {
-                self.host.vm(&vm)?.extend_disk(disk, size)?;
-                Ok(Response::Extended { vm, disk, size })
+                let v = self.host.vm(&vm)?;
+                let old_size = v.capacity(disk)?;
+                v.extend_disk(disk, size)?;
+                Ok(Response::Extended {
+                    vm,
+                    disk,
+                    size,
+                    old_size,
+                })
             }
             Request::SnapshotCreate { vm, name } => Ok(Response::SnapshotCreated(self.create_snapshot(&vm, &name)?)),
             Request::SnapshotList { vm } => {
-                let v = self.host.vm(&vm)?;
-                let snapshots = v.snapshots().into_iter().map(SnapshotEntry::from).collect();
+                let snapshots = self
+                    .reader(&vm)?
+                    .snapshots()
+                    .into_iter()
+                    .map(SnapshotEntry::from)
+                    .collect();
                 Ok(Response::Snapshots { vm, snapshots })
             }
             Request::SnapshotRemove { vm, name } => {
                 self.remove_snapshot(&vm, &name)?;
-                Ok(Response::SnapshotRemoved { vm, name })
+                let snapshots = self.snapshot_names(&vm)?;
+                Ok(Response::SnapshotRemoved { vm, name, snapshots })
             }
             Request::SnapshotRevert { vm, name } => {
                 self.revert(&vm, &name)?;
-                Ok(Response::Reverted { vm, name })
+                let snapshots = self.snapshot_names(&vm)?;
+                Ok(Response::Reverted { vm, name, snapshots })
             }
             Request::Query {
                 vm,
@@ -198,7 +243,9 @@ impl Service {
                 no_compress,
             } => {
                 let repository = absolute("repository", repository)?;
-                let repo = Repository::create_or_open(&repository)?;
+                let repo = Repository::create_or_open(&repository).map_err(|e| {
+                    ActionError::from(e).context(format_args!("cannot open repository {}", repository.display()))
+                })?;
                 let opts = BackupOptions {
                     full,
                     compression: if no_compress {
@@ -208,7 +255,8 @@ impl Service {
                     },
                     time: None,
                 };
-                let report = backup::backup_vm(&Guarded(self), &vm, &repo, &opts, progress)?;
+                let report = backup::backup_vm(&Guarded(self), &vm, &repo, &opts, progress)
+                    .map_err(|e| ActionError::from(e).context(format_args!("backup of VM {vm} failed")))?;
                 Ok(Response::Backup(report.into()))
             }
             Request::GuestRun(run) => {
@@ -217,7 +265,93 @@ impl Service {
             }
             Request::GuestList {} => Ok(Response::Guests(self.guests.list())),
             Request::GuestStop { id } => Ok(Response::Guest(self.guests.stop(id)?)),
+            Request::Map(m) => Ok(Response::Map(Box::new(self.map(m)?))),
+            Request::BackupList { repository } => {
+                let repository = absolute("repository", repository)?;
+                let repo = Repository::open(&repository)?;
+                Ok(Response::BackupPoints(
+                    backup::list(&repo)?.into_iter().map(Into::into).collect(),
+                ))
+            }
+            Request::VmDelete { vm } => self.delete_vm(vm),
+            Request::VmShow { vm } => Ok(Response::VmDetails(self.reader(&vm)?.details()?)),
+            Request::GuestWait { id } => Ok(Response::Guest(self.guests.wait_for(id, progress)?)),
+            Request::RestoreToVm { repository, point, vm } => self.restore_to_vm(repository, point, vm, progress),
+            Request::BackupRepair { repository } => self.repair(repository, progress),
+            Request::QueryPage {
+                vm,
+                snapshot,
+                disk,
+                start_offset,
+                since,
+                max_areas,
+            } => {
+                let max = max_areas.unwrap_or(sim::DEFAULT_MAX_AREAS);
+                if max == 0 {
+                    return Err(ActionError::invalid("max_areas must be at least 1"));
+                }
+                let page =
+                    self.host
+                        .vm(&vm)?
+                        .query_changed_disk_areas_max(&snapshot, disk, start_offset, &since, max)?;
+                Ok(Response::ChangedAreaPage(page))
+            }
+            Request::VmChangeIds { vm } => {
+                let v = self.host.vm(&vm)?;
+                let ids = (0..v.disk_count())
+                    .map(|d| {
+                        let t = v.tracker(d)?;
+                        Ok(t.change_id(t.last_closed()).map(|c| c.to_string()))
+                    })
+                    .collect::<Result<_, sim::SimError>>()?;
+                Ok(Response::ChangeIds(ids))
+            }
         }
+    }
+
+    /// The names of `vm`'s snapshots, oldest first (after a change: through the VM the
+    /// change opened).
+    fn snapshot_names(&self, vm: &str) -> Result<Vec<String>, ActionError> {
+        Ok(self.host.vm(vm)?.snapshots().into_iter().map(|s| s.name).collect())
+    }
+
+    fn delete_vm(&self, vm: String) -> Result<Response, ActionError> {
+        if let Some(id) = self.guests.running_on(&vm) {
+            return Err(ActionError::new(
+                ErrorKind::InUse,
+                format!("guest workload {id} is running on VM {vm:?}: stop it before deleting the VM"),
+            ));
+        }
+        let _l = self.lock_lifecycle(&vm);
+        self.host.delete_vm(&vm)?;
+        Ok(Response::VmDeleted { vm })
+    }
+
+    fn open_repository(repository: PathBuf) -> Result<Repository, ActionError> {
+        let repository = absolute("repository", repository)?;
+        Repository::open(&repository)
+            .map_err(|e| ActionError::from(e).context(format_args!("cannot open repository {}", repository.display())))
+    }
+
+    fn restore_to_vm(
+        &self,
+        repository: PathBuf,
+        point: String,
+        vm: String,
+        progress: &dyn Progress,
+    ) -> Result<Response, ActionError> {
+        sim::check_name(&vm)?;
+        let repo = Self::open_repository(repository)?;
+        let r = backup::restore_to_vm(&repo, &point, &self.host, &vm, progress)
+            .map_err(|e| ActionError::from(e).context(format_args!("restore of point {point} to VM {vm} failed")))?;
+        Ok(Response::Restored(r.into()))
+    }
+
+    fn repair(&self, repository: PathBuf, progress: &dyn Progress) -> Result<Response, ActionError> {
+        let repo = Self::open_repository(repository)?;
+        Ok(Response::Repaired(
+            backup::repair(&repo, &Guarded(self), progress)?.into(),
+        ))
     }
 
     fn info(&self, v: &Vm) -> VmInfo {
@@ -261,7 +395,8 @@ impl Service {
             }
         };
         // Checked up front, so a bad range writes nothing.
-        check_range(&vm, disk, offset, length, v.capacity(disk)?)?;
+        let capacity = v.capacity(disk)?;
+        check_range(&vm, disk, offset, length, capacity)?;
         if !v.powered_on() {
             return Err(sim::SimError::PoweredOff(vm).into());
         }
@@ -283,6 +418,7 @@ impl Service {
             disk,
             offset,
             length,
+            capacity,
         }))
     }
 
@@ -314,6 +450,7 @@ impl Service {
             disk,
             offset,
             length,
+            capacity,
         };
         let Some(out) = out else {
             if length > MAX_INLINE_READ {
@@ -333,7 +470,7 @@ impl Service {
         };
         let out = absolute("out", out)?;
         let dir = out.parent().unwrap_or(Path::new("/"));
-        let mut tmp = tempfile::Builder::new()
+        let tmp = tempfile::Builder::new()
             .prefix(".cbtsim-read")
             .tempfile_in(dir)
             .map_err(|e| io_error("cannot create a file in", dir, e))?;
@@ -343,12 +480,15 @@ impl Service {
         while done < length {
             let n = CHUNK.min(length - done) as usize;
             read(offset + done, &mut buf[..n])?;
-            tmp.write_all(&buf[..n])
-                .map_err(|e| io_error("cannot write", &out, e))?;
+            write_sparse(tmp.as_file(), done, &buf[..n]).map_err(|e| io_error("cannot write", &out, e))?;
             done += n as u64;
             progress.advance(n as u64);
         }
         progress.end();
+        // Holes up to the end: the zeros of the range are never written.
+        tmp.as_file()
+            .set_len(length)
+            .map_err(|e| io_error("cannot write", &out, e))?;
         tmp.as_file()
             .sync_all()
             .map_err(|e| io_error("cannot write", &out, e))?;
@@ -366,16 +506,16 @@ impl Service {
         if since != "*" {
             since.parse::<tracker::ChangeId>()?;
         }
-        let v = self.host.vm(&vm)?;
+        let v = self.reader(&vm)?;
         let disk_size = v.snapshot_capacity(&snapshot, disk)?;
-        let granularity = v.granularity(disk)?.bytes();
+        let granularity = v.granularity(disk)?;
         let change_id = v
             .snapshots()
             .into_iter()
             .find(|s| s.name == snapshot)
             .and_then(|s| s.disks.into_iter().nth(disk))
             .and_then(|d| d.change_id);
-        let areas = vadp::changed_areas(&self.host, &vm, &snapshot, disk, &since)
+        let areas = vadp::changed_areas(v.protection(), &vm, &snapshot, disk, &since)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| {
                 ActionError::from(e).context(format_args!(
@@ -532,6 +672,41 @@ fn check_range(vm: &str, disk: usize, offset: u64, len: u64, capacity: u64) -> R
         })
         .context(format_args!("VM {vm:?}"))),
     }
+}
+
+/// The size rule of a new disk (as for scenario files): a whole number of
+/// 512-byte sectors from 1 MiB (what the workload profiles need) to 64 TiB.
+fn check_disk_size(n: u64) -> Result<(), ActionError> {
+    let (min, max) = (workloads::MIN_DISK_SIZE, tracker::MAX_CAPACITY);
+    if n >= min && n.is_multiple_of(512) && n <= max {
+        Ok(())
+    } else {
+        Err(ActionError::invalid(format!(
+            "a disk is a multiple of 512 bytes from {min} (1 MiB) to {max} (64 TiB), found {n}"
+        )))
+    }
+}
+
+/// Writes `data` at `at` of `f`, leaving a hole where a 4 KiB block of it is
+/// all zeros.
+fn write_sparse(f: &std::fs::File, at: u64, data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const BLOCK: usize = 4096;
+    let mut i = 0;
+    while i < data.len() {
+        // A run of non-zero blocks, written at once.
+        let start = i;
+        while i < data.len() && data[i..(i + BLOCK).min(data.len())].iter().any(|&b| b != 0) {
+            i = (i + BLOCK).min(data.len());
+        }
+        if i > start {
+            f.write_all_at(&data[start..i], at + start as u64)?;
+        }
+        while i < data.len() && data[i..(i + BLOCK).min(data.len())].iter().all(|&b| b == 0) {
+            i = (i + BLOCK).min(data.len());
+        }
+    }
+    Ok(())
 }
 
 /// Paths travel between processes: only absolute ones are taken.

@@ -4,6 +4,7 @@
 //! | --- | --- | --- |
 //! | `VM/DISK` | the live disk | guest writes ([`Vm::write`], trims and zeroing as [`Vm::unmap`]): tracked, gated, stunned like any other |
 //! | `VM/DISK@SNAPSHOT` | the snapshot's frozen view | `EPERM` |
+//! | `repo:POINT/DISK` | a backup point's disk, with `serve --repo` ([`point_export`](crate::point_export)) | `EPERM` |
 //!
 //! Metadata contexts:
 //! * `base:allocation` on a snapshot: the `*` answer of
@@ -81,16 +82,27 @@ impl std::fmt::Display for ExportName {
     }
 }
 
-/// The exports of a [`Service`]'s host.
+/// The exports of a [`Service`]'s host (and of a backup repository's points, see
+/// [`point_export`](crate::point_export)).
 #[derive(Debug)]
 pub struct HostExports {
     service: Arc<Service>,
+    repository: Option<backup::Repository>,
 }
 
 impl HostExports {
     /// The exports of `service`'s VMs.
     pub fn new(service: Arc<Service>) -> Self {
-        HostExports { service }
+        HostExports {
+            service,
+            repository: None,
+        }
+    }
+
+    /// Also the points of `repository`, as `repo:POINT/DISK` (read-only).
+    pub fn with_repository(mut self, repository: backup::Repository) -> Self {
+        self.repository = Some(repository);
+        self
     }
 }
 
@@ -138,12 +150,18 @@ impl Exports for HostExports {
                 }
             }
         }
+        if let Some(repo) = &self.repository {
+            out.extend(crate::point_export::list(repo));
+        }
         out
     }
 
     fn open(&self, name: &str) -> Result<Arc<dyn Export>, OpenError> {
         if self.service.is_stopping() {
             return Err(OpenError::Shutdown);
+        }
+        if name.starts_with(crate::point_export::PREFIX) {
+            return Ok(Arc::new(crate::point_export::open(self.repository.as_ref(), name)?));
         }
         let Some(n) = ExportName::parse(name) else {
             return Err(OpenError::Unknown(format!(

@@ -22,6 +22,9 @@ use sim::Vm;
 
 use crate::action::{ActionError, ErrorKind, GuestReport, GuestRun, GuestState, GuestStatus, Response};
 
+/// How the names of a verified workload's snapshots begin.
+pub(crate) const SNAPSHOT_PREFIX: &str = "cbtsim-guest-";
+
 /// Most ops of one slice.
 pub const SLICE_OPS: u64 = 5_000;
 /// Longest slice.
@@ -216,6 +219,38 @@ impl Guests {
         Ok(g.wait())
     }
 
+    /// Waits for workload `id` to end, reporting its ops to `progress`
+    /// (polled every 100 ms), and returns its report.
+    pub(crate) fn wait_for(&self, id: u64, progress: &dyn Progress) -> Result<GuestReport, ActionError> {
+        let g = self
+            .all
+            .lock()
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| ActionError::new(ErrorKind::NotFound, format!("no guest workload {id}")))?;
+        progress.begin("guest ops", g.run.ops);
+        let mut told = 0;
+        let report = {
+            let mut r = g.report.lock();
+            loop {
+                let ops = g.ops.load(Ordering::Relaxed);
+                progress.advance(ops.saturating_sub(told));
+                told = told.max(ops);
+                if let Some(r) = r.as_ref() {
+                    break r.clone();
+                }
+                g.ended.wait_for(&mut r, Duration::from_millis(100));
+            }
+        };
+        progress.end();
+        // The thread lets go of the VM before this returns (a command of its own process
+        // closes the VM cleanly right after).
+        if let Some(h) = g.thread.lock().take() {
+            let _ = h.join();
+        }
+        Ok(report)
+    }
+
     /// A workload running on `vm`, if any.
     pub(crate) fn running_on(&self, vm: &str) -> Option<u64> {
         self.all
@@ -289,7 +324,7 @@ fn run_slices(g: &Guest, vm: &Vm, token: u64, progress: &dyn Progress) {
             verify: run.verify,
             snapshot_every: run.snapshot_every,
             apply_flush: true,
-            snapshot_prefix: format!("cbtsim-guest-{token:x}-{}-{slice}", g.id),
+            snapshot_prefix: format!("{SNAPSHOT_PREFIX}{token:x}-{}-{slice}", g.id),
             backup_every: None,
         };
         match drive::drive(vm, &plan, &Ops { guest: g, progress }) {

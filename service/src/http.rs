@@ -2,10 +2,11 @@
 //! (user `root`), served over rustls with a self-signed certificate kept in
 //! the datastore (or plain HTTP for tests).
 //!
-//! Only a placeholder page is served at `/` now. The router is the extension
-//! point: [`router`] merges one sub-router per front end (the vSphere SOAP
-//! API at `/sdk` and a live page at `/` come next), each calling
-//! [`Service::execute`] like every other front end.
+//! The router is the extension point: [`router`] merges one sub-router per
+//! front end (the vSphere SOAP API at `/sdk`, which authenticates itself and
+//! so sits outside basic authentication; the live page at `/` and its JSON
+//! API, `crate::web`), each calling [`Service::execute`] like every other
+//! front end.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -14,8 +15,7 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 use base64::Engine as _;
 use hyper_util::rt::TokioIo;
@@ -24,7 +24,6 @@ use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::action::{Request as Action, Response as Answer};
 use crate::exec::Service;
 
 /// The user of basic authentication.
@@ -39,60 +38,22 @@ pub struct WebState {
     pub password: Arc<str>,
     /// The NBD server's address, for the page.
     pub nbd: Option<SocketAddr>,
+    /// The vSphere API at `/sdk`.
+    pub vsphere: Arc<crate::vsphere::Api>,
+    /// The repository of `serve --repo`, which the page lists and backs up into.
+    pub repository: Option<std::path::PathBuf>,
 }
 
-/// The whole router: every front end's routes, behind authentication.
+/// The whole router: every front end's routes, behind authentication,
+/// except the vSphere API at `/sdk`, which authenticates itself (`Login` and
+/// its session cookie, as vSphere clients expect).
 pub fn router(state: WebState) -> Router {
+    let sdk = crate::vsphere::router(state.vsphere.clone());
     Router::new()
-        .merge(placeholder())
+        .merge(crate::web::router())
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)
-}
-
-/// `/`: a placeholder page naming the VMs (rendered from `vm-list`).
-fn placeholder() -> Router<WebState> {
-    Router::new().route("/", get(index))
-}
-
-async fn index(State(s): State<WebState>) -> Response {
-    let service = s.service.clone();
-    let vms = tokio::task::spawn_blocking(move || service.execute(Action::VmList {}, &())).await;
-    let list = match vms {
-        Ok(Ok(Answer::Vms(vms))) => vms
-            .iter()
-            .map(|v| {
-                format!(
-                    "<li>{} ({} disk(s), {} snapshot(s), power {}, CBT {})</li>",
-                    escape(&v.name),
-                    v.disks.len(),
-                    v.snapshots.len(),
-                    if v.powered_on { "on" } else { "off" },
-                    if v.cbt { "on" } else { "off" }
-                )
-            })
-            .collect::<String>(),
-        Ok(Ok(_)) => String::new(),
-        Ok(Err(e)) => format!("<li>error: {}</li>", escape(&e.to_string())),
-        Err(e) => format!("<li>error: {}</li>", escape(&e.to_string())),
-    };
-    let nbd = s
-        .nbd
-        .map(|a| format!("<p>NBD: <code>nbd://{a}/VM/DISK</code> and <code>nbd://{a}/VM/DISK@SNAPSHOT</code></p>"))
-        .unwrap_or_default();
-    Html(format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>cbtsim host</title></head><body>\
-         <h1>cbtsim host</h1><p>Datastore <code>{}</code></p><ul>{list}</ul>{nbd}\
-         <p>The vSphere API (/sdk) and a live page come later.</p></body></html>",
-        escape(&s.service.root().display().to_string())
-    ))
-    .into_response()
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+        .merge(sdk)
 }
 
 /// Compares without an early exit, so timing does not tell how much matched.

@@ -9,8 +9,8 @@
 //!
 //! ```text
 //!  control socket (JSON lines) ──┐
-//!  HTTPS (axum; /sdk, / later) ──┼──▶ Request ──▶ Service::execute ──▶ sim::Host, backup, harness::drive
-//!  CLI (later, via the socket) ──┘                    │
+//!  HTTPS (axum; /sdk, the page /)┼──▶ Request ──▶ Service::execute ──▶ sim::Host, backup, harness::drive, diskmap
+//!  cbtsim, no serve (in-process)─┘                    │
 //!  NBD (exports VM/DISK[@SNAP]) ──▶ sim::Vm read/write/unmap, QueryChangedDiskAreas
 //! ```
 //!
@@ -18,9 +18,19 @@
 //! * [`Service`]: the host, its per-VM lifecycle locks, the liveness of
 //!   snapshots that NBD exports read, and guest workloads on threads.
 //! * [`control`] and [`client`]: the control socket (one request per
-//!   connection, progress events, then the result) and its client.
-//! * [`export`]: the NBD backend over the host ([`HostExports`]).
+//!   connection, progress events, then the result) and its client, which
+//!   every `cbtsim` command on the datastore uses while a serve runs; without
+//!   one, the command runs the same request on a [`Service::local`] of its
+//!   own.
+//! * [`export`]: the NBD backend over the host ([`HostExports`]); with a
+//!   repository, [`point_export`] serves its backup points read-only.
 //! * [`http`]: the HTTPS router (basic authentication, rustls).
+//! * [`vsphere`]: the vSphere API of change tracking at `/sdk` (SOAP,
+//!   its own logins).
+//! * [`map`]: [`Request::Map`], a disk's map per change ID ([`diskmap`]),
+//!   at a snapshot or now (a snapshot taken for the map and removed).
+//! * `web`: the live page at `/` (plain HTML, CSS and JavaScript built in)
+//!   and its JSON endpoints, which send [`Request`]s to [`Service::execute`].
 //! * [`daemon`]: `cbtsim serve`: the lock and status files, starting and
 //!   stopping the front ends in order.
 //!
@@ -50,9 +60,18 @@ mod exec;
 pub mod export;
 mod guest;
 pub mod http;
+pub mod map;
+pub mod point_export;
+mod reader;
+pub mod vsphere;
+mod web;
 
-pub use action::{ActionError, ErrorKind, GuestRun, Request, Response, WriteData};
+pub use action::{
+    ActionError, DiskDetails, ErrorKind, GuestReport, GuestRun, GuestState, GuestStatus, Request, Response,
+    SnapshotEntry, VmDetails, WriteData,
+};
 pub use daemon::{Daemon, ServeConfig, ServeError, ServeStatus};
 pub use exec::{Service, MAX_INLINE_READ};
 pub use export::HostExports;
 pub use guest::{SLICE_OPS, SLICE_TIME};
+pub use map::MapRequest;

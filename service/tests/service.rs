@@ -783,6 +783,8 @@ fn config(ds: &Path) -> ServeConfig {
         nbd: "127.0.0.1:0".parse().unwrap(),
         allow_remote: false,
         password: "secret".into(),
+        repository: None,
+        max_areas: service::vsphere::DEFAULT_MAX_AREAS,
     }
 }
 
@@ -877,4 +879,148 @@ fn https_serves_the_page_with_the_datastores_certificate() {
     let d = Daemon::start(c).unwrap();
     assert_eq!(std::fs::read(&cert_path).unwrap(), cert);
     d.shutdown();
+}
+
+/// A service of one command: VMs open on demand, read-only requests through read-only
+/// views (which let other readers in and keep writers out), and the requests the command
+/// line needs beyond the socket's first set.
+#[test]
+fn a_local_service_reads_through_views_and_answers_the_cli_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let svc = Service::open(dir.path()).unwrap();
+        create(&svc, "a", 4 * MIB);
+        write(&svc, "a", 0, 1, MIB);
+        snapshot(&svc, "a", "s1");
+    }
+    let svc = Service::local(dir.path()).unwrap();
+    let reader = sim::Host::open(dir.path()).unwrap();
+    let view = reader.view("a").unwrap();
+    // Another reader holds the VM: reads still work, writes do not.
+    let Response::VmDetails(d) = svc.execute(Request::VmShow { vm: "a".into() }, &()).unwrap() else {
+        panic!()
+    };
+    assert_eq!((d.disks[0].layers, d.snapshots.len()), (2, 1));
+    assert!(d.disks[0].change_id.is_some());
+    assert_eq!(d.snapshots[0].created_utc.len(), 20);
+    assert!(!d.consolidation_needed);
+    let q = query(&svc, "a", "s1", "*").unwrap();
+    assert_eq!(q, vec![DiskArea { start: 0, length: MIB }]);
+    let e = svc
+        .execute(
+            Request::SnapshotCreate {
+                vm: "a".into(),
+                name: "s2".into(),
+            },
+            &(),
+        )
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InUse);
+    drop(view);
+    // Writes open the VM; a removal answers the snapshots left.
+    snapshot(&svc, "a", "s2");
+    let r = svc
+        .execute(
+            Request::SnapshotRemove {
+                vm: "a".into(),
+                name: "s1".into(),
+            },
+            &(),
+        )
+        .unwrap();
+    assert!(matches!(r, Response::SnapshotRemoved { snapshots, .. } if snapshots == ["s2"]));
+    let r = svc
+        .execute(
+            Request::DiskExtend {
+                vm: "a".into(),
+                disk: 0,
+                size: 8 * MIB,
+            },
+            &(),
+        )
+        .unwrap();
+    assert!(matches!(r, Response::Extended { size, old_size, .. } if (size, old_size) == (8 * MIB, 4 * MIB)));
+    // Disk sizes follow the rule of scenario files.
+    let e = svc
+        .execute(
+            Request::VmCreate {
+                vm: "b".into(),
+                disks: vec![512],
+                granularity: GRAN,
+            },
+            &(),
+        )
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidArgument);
+    assert!(e.message.contains("from 1048576 (1 MiB)"), "{}", e.message);
+    // A guest started detached, waited for; delete refuses a VM a workload drives.
+    let Response::GuestStarted { id, .. } = svc
+        .execute(
+            Request::GuestRun(GuestRun {
+                vm: "a".into(),
+                profile: "os-idle".into(),
+                disk: 0,
+                threads: 1,
+                seed: 1,
+                ops: Some(2000),
+                seconds: None,
+                verify: false,
+                snapshot_every: None,
+                detach: true,
+            }),
+            &(),
+        )
+        .unwrap()
+    else {
+        panic!()
+    };
+    let e = svc.execute(Request::VmDelete { vm: "a".into() }, &());
+    if let Err(e) = e {
+        assert_eq!(e.kind, ErrorKind::InUse, "{e}");
+    } // (or the workload was already over)
+    let Response::Guest(r) = svc.execute(Request::GuestWait { id }, &()).unwrap() else {
+        panic!()
+    };
+    assert_eq!((r.ops, r.state), (2000, service::GuestState::Finished));
+    let e = svc.execute(Request::GuestWait { id: 77 }, &()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    // Backup, restore into a new VM, delete it.
+    let repo = dir.path().join("repo");
+    let Response::Backup(b) = svc
+        .execute(
+            Request::BackupRun {
+                vm: "a".into(),
+                repository: repo.clone(),
+                full: false,
+                no_compress: false,
+            },
+            &(),
+        )
+        .unwrap()
+    else {
+        panic!()
+    };
+    let Response::Restored(r) = svc
+        .execute(
+            Request::RestoreToVm {
+                repository: repo.clone(),
+                point: b.point.clone(),
+                vm: "copy".into(),
+            },
+            &(),
+        )
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!((r.disks, r.capacity), (1, 8 * MIB));
+    let Response::Repaired(f) = svc.execute(Request::BackupRepair { repository: repo }, &()).unwrap() else {
+        panic!()
+    };
+    assert_eq!(f.bad_chunks, 0);
+    let r = svc.execute(Request::VmDelete { vm: "copy".into() }, &()).unwrap();
+    assert!(matches!(r, Response::VmDeleted { vm } if vm == "copy"));
+    assert!(!dir.path().join("copy").exists());
+    let e = svc.execute(Request::VmDelete { vm: "copy".into() }, &()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
 }

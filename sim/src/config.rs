@@ -65,7 +65,9 @@ pub struct SnapshotDiskConfig {
     pub view_top: u64,
 }
 
-pub(crate) const CONFIG_VERSION: u32 = 1;
+/// 2: a delta's grain map (`L<id>.map`) is a flat bitmap with one summary bit
+/// per 4 KiB page (`tracker::AtomicBitmap`); 1 had summary levels.
+pub(crate) const CONFIG_VERSION: u32 = 2;
 
 impl VmConfig {
     pub(crate) fn load(path: &Path) -> Result<Self, SimError> {

@@ -230,6 +230,80 @@ impl Layer {
         Ok(())
     }
 
+    /// Whether a write of `len > 0` bytes at `offset` into this layer (the
+    /// top of its chain) touches only what the layer holds already: its
+    /// extents are mapped and, in a delta, every grain is present. Otherwise
+    /// the write would create a file or fault in fresh pages (of the extent
+    /// and of the grain map): [`prefault`](Self::prefault) does that first,
+    /// outside the I/O gate. Pages written back since the layer last wrote
+    /// them (write-protected again by the kernel) cannot be seen from here.
+    #[inline]
+    pub(crate) fn ready(&self, offset: u64, len: u64, src: Src<'_>) -> bool {
+        let (first, last) = (offset / EXTENT_BYTES, (offset + len - 1) / EXTENT_BYTES);
+        if matches!(src, Src::Bytes(_)) && (first..=last).any(|k| self.extents[k as usize].get().is_none()) {
+            return false;
+        }
+        match &self.grains {
+            None => true,
+            Some(g) => (offset >> g.shift..=(offset + len - 1) >> g.shift)
+                .all(|grain| g.present.test(grain, Ordering::Relaxed)),
+        }
+    }
+
+    /// Prepares a write of `len > 0` bytes at `offset` that is not
+    /// [`ready`](Self::ready), without the I/O gate: creates and maps the
+    /// extents it writes to, and faults in, writable, the pages of the grains
+    /// it will claim (extent data, present and claimed bits). Changes no byte
+    /// that a reader sees; the write itself still takes the gate, and finds
+    /// the pages in memory.
+    pub(crate) fn prefault(&self, offset: u64, len: u64, src: Src<'_>) -> Result<(), SimError> {
+        let (mut pos, end) = (offset, offset + len);
+        while pos < end {
+            let k = (pos / EXTENT_BYTES) as usize;
+            let within = pos % EXTENT_BYTES;
+            let n = (end - pos).min(EXTENT_BYTES - within);
+            let extent = match src {
+                Src::Bytes(_) => Some(self.extent_mut(k)?),
+                Src::Zero => self.extent(k)?,
+            };
+            if let (Some(e), Some(g)) = (extent, &self.grains) {
+                // Whole grains: a partial write copies the rest of the grain in.
+                let gmask = (1u64 << g.shift) - 1;
+                let (lo, hi) = (within & !gmask, ((within + n + gmask) & !gmask).min(EXTENT_BYTES));
+                e.populate(lo, (hi - lo) as usize);
+                for grain in pos >> g.shift..=(pos + n - 1) >> g.shift {
+                    if !g.present.test(grain, Ordering::Relaxed) {
+                        g.present.prefault(grain);
+                        g.claimed.prefault(grain);
+                    }
+                }
+            } else if let Some(e) = extent {
+                e.populate(within, n as usize);
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Faults in, writable, the pages a [`merge_into`](Self::merge_into)
+    /// `parent` will write (for the grains this delta holds now), so that a
+    /// merge inside a stun takes no page fault for them.
+    pub(crate) fn prefault_merge(&self, parent: &Layer) -> Result<(), SimError> {
+        let Some(g) = &self.grains else { return Ok(()) };
+        let gb = 1u64 << g.shift;
+        let mut result = Ok(());
+        g.present.for_each_word(0, |w, mut bits| {
+            while bits != 0 && result.is_ok() {
+                let grain = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                // `Zero`: extents the parent lacks are not created for this
+                // (the merge skips grains of zeros where it has none).
+                result = parent.prefault(grain << g.shift, gb, Src::Zero);
+            }
+        });
+        result
+    }
+
     /// Claims every grain of `[offset, offset+len)` in this delta: a partially
     /// covered one is copied from `below` (read through the chain) and made
     /// present; one the write covers whole stays claimed until the write's
@@ -449,6 +523,42 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn prefault_maps_and_faults_in_without_changing_what_reads_see() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::sync::Arc::new(Layer::open(dir.path(), 0, None).unwrap());
+        base.write_raw(8192, 4, Src::Bytes(&[7, 7, 7, 7])).unwrap();
+        let delta = Layer::open(dir.path(), 1, Some(12)).unwrap();
+        let at = EXTENT_BYTES + 8192;
+        let data = Src::Bytes(&[1]);
+        // A base layer is ready once its extent is mapped.
+        assert!(!base.ready(at, 1, data));
+        base.prefault(at, 1, data).unwrap();
+        assert!(base.ready(at, 1, data));
+        assert!(dir.path().join("L0.0001.ext").exists());
+        // A delta is not ready for a grain it does not hold, prefaulted or not.
+        assert!(!delta.ready(8192, 1, data));
+        delta.prefault(8192, 1, data).unwrap();
+        assert!(!delta.ready(8192, 1, data), "prefault claims nothing");
+        assert_eq!(delta.grain_count(), 0);
+        // Reads through the chain still see the base.
+        let chain = [base.clone(), std::sync::Arc::new(delta)];
+        let mut buf = [0u8; 4];
+        read_chain(&chain, 8192, &mut buf).unwrap();
+        assert_eq!(buf, [7; 4]);
+        // The write itself then copies the grain up and is ready afterwards.
+        chain[1].cow(8192, 1, &chain[..1]).unwrap();
+        chain[1].write_raw(8192, 1, data).unwrap();
+        assert!(chain[1].ready(8192, 1, data));
+        read_chain(&chain, 8192, &mut buf).unwrap();
+        assert_eq!(buf, [1, 7, 7, 7]);
+        // An unmap creates no extent to prefault.
+        let far = 3 * EXTENT_BYTES;
+        assert!(base.ready(far, 4096, Src::Zero));
+        base.prefault(far, 4096, Src::Zero).unwrap();
+        assert!(!dir.path().join("L0.0003.ext").exists());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! offset 0        header page (4 KiB): two header slots of 2 KiB, little-endian, versioned
-//! bitmap[0]       active/frozen marking bitmap, all summary levels
+//! bitmap[0]       active/frozen marking bitmap: flat leaf, then one summary bit per leaf page
 //! bitmap[1]       the other one
 //! epoch map       u32 per block + max-summary levels
 //! ```
@@ -28,7 +28,10 @@ use crate::bitmap::BitmapLayout;
 use crate::epochmap::EpochMapLayout;
 
 pub(crate) const MAGIC: &[u8; 8] = b"CBTSCTK\0";
-pub(crate) const VERSION: u32 = 2;
+/// 3: marking bitmaps are flat with one summary bit per 4 KiB page (2 had
+/// summary levels of one bit per word), and the epoch map's summary fanout is
+/// 16 (2 had 64).
+pub(crate) const VERSION: u32 = 3;
 pub(crate) const HEADER_BYTES: u64 = 4096;
 const SLOT_BYTES: usize = 2048;
 pub(crate) const MAX_PAST_SESSIONS: usize = 32;

@@ -6,12 +6,14 @@
 //! for any earlier `c` of the current tracking session.
 //!
 //! * The write path ([`Tracker::mark`]) is lock-free and allocation-free: one
-//!   atomic bitmap, test-before-set, so re-marking a hot block is one load.
+//!   flat atomic bitmap, test-before-set, so re-marking a hot block is one
+//!   load and a first touch one `fetch_or` (a summary bit per 4 KiB page of
+//!   bitmap, set once per page and epoch, lets draining skip untouched pages).
 //!   Its cost does not depend on how many change IDs are retained.
 //! * Each snapshot closes an epoch ([`Tracker::close_epoch`], O(1), under
 //!   the host's I/O stun). Closed epochs are drained and folded into a
 //!   per-block "epoch last written" map off the I/O path (after Linux
-//!   dm-era); max-summary levels (one entry per 64) make queries cost time
+//!   dm-era); max-summary levels (one entry per 16) make queries cost time
 //!   in proportion to what changed.
 //! * State lives in a memory-mapped sparse file with a versioned header (the
 //!   `-ctk` file), so memory grows with the regions written, not capacity.
@@ -68,7 +70,7 @@ impl MarkDirty for () {
 }
 
 impl MarkDirty for Tracker {
-    #[inline]
+    #[inline(always)]
     fn mark(&self, offset: u64, len: u64) {
         Tracker::mark(self, offset, len);
     }

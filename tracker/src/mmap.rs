@@ -14,6 +14,11 @@ use memmap2::{Mmap, MmapMut, MmapOptions};
 #[derive(Debug)]
 pub(crate) struct Region {
     map: Map,
+    /// The mapping's address and length in 64-bit words, kept beside it so
+    /// that the write path reaches the words without a look at which kind of
+    /// mapping this is.
+    addr: usize,
+    words: usize,
 }
 
 #[derive(Debug)]
@@ -51,7 +56,7 @@ impl Region {
         // process except through this `Region`. All access goes through
         // atomics or `&mut self`, so concurrent modification is not UB.
         let map = unsafe { MmapOptions::new().offset(offset).len(len).map_mut(file)? };
-        Ok(Self { map: Map::Rw(map) })
+        Ok(Self::new(Map::Rw(map)))
     }
 
     /// Maps `len` bytes of `file` at `offset` read-only and private: nothing is ever
@@ -65,22 +70,40 @@ impl Region {
         // `offset + len` bytes long: the shared lock it holds excludes every writer
         // (they take the lock exclusively), so the bytes do not change under it.
         let map = unsafe { MmapOptions::new().offset(offset).len(len).map_copy_read_only(file)? };
-        Ok(Self { map: Map::Ro(map) })
+        Ok(Self::new(Map::Ro(map)))
+    }
+
+    fn new(map: Map) -> Self {
+        let (addr, words) = (map.as_ptr() as usize, map.len() / 8);
+        Self { map, addr, words }
     }
 
     /// The region as 64-bit atomic words.
     #[inline]
     pub(crate) fn words(&self) -> &[AtomicU64] {
-        let bytes = self.map.as_ptr();
-        debug_assert_eq!(bytes as usize % std::mem::align_of::<AtomicU64>(), 0);
-        // SAFETY: the mapping is page-aligned (so aligned for AtomicU64),
-        // valid for `len` bytes for the lifetime of `&self`, and every bit
+        debug_assert_eq!(self.addr % std::mem::align_of::<AtomicU64>(), 0);
+        // SAFETY: `addr` and `words` are those of `self.map`, which lives as
+        // long as `&self`. The mapping is page-aligned (so aligned for
+        // AtomicU64), valid for `8 * words` bytes, and every bit
         // pattern is a valid u64. AtomicU64 has the size and alignment of
         // u64; all mutation of these bytes goes through atomic operations,
         // and a read-only region is only ever loaded from (a tracker opened
         // read-only stores nothing; 64-bit atomic loads of read-only memory
         // are plain loads).
-        unsafe { std::slice::from_raw_parts(bytes.cast::<AtomicU64>(), self.map.len() / 8) }
+        unsafe { std::slice::from_raw_parts(self.addr as *const AtomicU64, self.words) }
+    }
+
+    /// Faults in, writable, the pages holding words `w..w + n` as a store to
+    /// them would, changing nothing (`MADV_POPULATE_WRITE`, Linux 5.14 and
+    /// later). Best effort; nothing for a read-only region.
+    pub(crate) fn populate_words(&self, w: usize, n: usize) {
+        if w + n > self.words {
+            return;
+        }
+        #[cfg(target_os = "linux")]
+        if let Map::Rw(m) = &self.map {
+            let _ = m.advise_range(memmap2::Advice::PopulateWrite, 8 * w, 8 * n);
+        }
     }
 
     /// The region as 32-bit atomic words.

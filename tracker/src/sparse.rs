@@ -1,8 +1,10 @@
 //! A compact set of blocks for a closed epoch that cannot be folded yet.
 //!
-//! Chunks of 4096 bits (512 bytes) are allocated only where blocks were
-//! written, so a frozen epoch costs about one bit per written block when
-//! writes are dense and one chunk per touched 4096-block range when sparse.
+//! Chunks of 4096 bits (512 bytes, and a mask of their non-zero words) are
+//! allocated only where blocks were written, so a frozen epoch costs about one
+//! bit per written block when writes are dense and one chunk per touched
+//! 4096-block range when sparse. Iteration goes from one non-zero word to the
+//! next through the mask, so a sparse chunk costs as little as a dense one.
 
 use std::collections::BTreeMap;
 
@@ -12,7 +14,45 @@ const CHUNK_BITS: u64 = 64 * CHUNK_WORDS as u64;
 /// A sparse bit set over block indices, iterated in order.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SparseBits {
-    chunks: BTreeMap<u64, Box<[u64; CHUNK_WORDS]>>,
+    chunks: BTreeMap<u64, Box<Chunk>>,
+}
+
+/// 4096 bits, and which of their words are non-zero.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Chunk {
+    nonzero: u64,
+    words: [u64; CHUNK_WORDS],
+}
+
+impl Chunk {
+    fn new() -> Box<Self> {
+        Box::new(Self {
+            nonzero: 0,
+            words: [0; CHUNK_WORDS],
+        })
+    }
+
+    fn or_word(&mut self, i: usize, bits: u64) {
+        self.words[i] |= bits;
+        if bits != 0 {
+            self.nonzero |= 1 << i;
+        }
+    }
+
+    /// The first set bit at or after bit `off` of the chunk.
+    fn next_from(&self, off: u64) -> Option<u64> {
+        let wi = (off / 64) as usize;
+        let rest = self.words[wi] >> (off % 64);
+        if rest != 0 {
+            return Some(off + u64::from(rest.trailing_zeros()));
+        }
+        // Non-zero words after `wi` (two shifts: `wi + 1` may be 64).
+        let later = self.nonzero & (u64::MAX << wi << 1);
+        (later != 0).then(|| {
+            let w = later.trailing_zeros() as usize;
+            w as u64 * 64 + u64::from(self.words[w].trailing_zeros())
+        })
+    }
 }
 
 impl SparseBits {
@@ -21,20 +61,18 @@ impl SparseBits {
         if bits == 0 {
             return;
         }
-        let chunk = self
-            .chunks
-            .entry(word / CHUNK_WORDS as u64)
-            .or_insert_with(|| Box::new([0; CHUNK_WORDS]));
-        chunk[(word % CHUNK_WORDS as u64) as usize] |= bits;
+        let chunk = self.chunks.entry(word / CHUNK_WORDS as u64).or_insert_with(Chunk::new);
+        chunk.or_word((word % CHUNK_WORDS as u64) as usize, bits);
     }
 
     /// Calls `f(word, bits)` for every non-zero word, in order.
     pub fn for_each_word(&self, mut f: impl FnMut(u64, u64)) {
-        for (&c, words) in &self.chunks {
-            for (i, &w) in words.iter().enumerate() {
-                if w != 0 {
-                    f(c * CHUNK_WORDS as u64 + i as u64, w);
-                }
+        for (&c, chunk) in &self.chunks {
+            let mut nonzero = chunk.nonzero;
+            while nonzero != 0 {
+                let i = nonzero.trailing_zeros() as usize;
+                nonzero &= nonzero - 1;
+                f(c * CHUNK_WORDS as u64 + i as u64, chunk.words[i]);
             }
         }
     }
@@ -43,7 +81,7 @@ impl SparseBits {
     pub fn len(&self) -> u64 {
         self.chunks
             .values()
-            .flat_map(|c| c.iter())
+            .flat_map(|c| c.words.iter())
             .map(|w| u64::from(w.count_ones()))
             .sum()
     }
@@ -55,7 +93,7 @@ impl SparseBits {
 
     /// Heap bytes held (chunks only).
     pub fn heap_bytes(&self) -> u64 {
-        self.chunks.len() as u64 * (CHUNK_WORDS as u64 * 8 + 32)
+        self.chunks.len() as u64 * (CHUNK_WORDS as u64 * 8 + 8 + 32)
     }
 
     /// Runs of set blocks `(first, len)` starting at or after `from`, in order.
@@ -72,9 +110,9 @@ impl SparseBits {
     /// index and 64 words.
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&(self.chunks.len() as u64).to_le_bytes());
-        for (&c, words) in &self.chunks {
+        for (&c, chunk) in &self.chunks {
             out.extend_from_slice(&c.to_le_bytes());
-            for w in words.iter() {
+            for w in chunk.words.iter() {
                 out.extend_from_slice(&w.to_le_bytes());
             }
         }
@@ -86,11 +124,11 @@ impl SparseBits {
         let mut chunks = BTreeMap::new();
         for _ in 0..n {
             let c = take_u64(input)?;
-            let mut words = Box::new([0u64; CHUNK_WORDS]);
-            for w in words.iter_mut() {
-                *w = take_u64(input)?;
+            let mut chunk = Chunk::new();
+            for i in 0..CHUNK_WORDS {
+                chunk.or_word(i, take_u64(input)?);
             }
-            chunks.insert(c, words);
+            chunks.insert(c, chunk);
         }
         Some(Self { chunks })
     }
@@ -105,8 +143,8 @@ pub(crate) fn take_u64(input: &mut &[u8]) -> Option<u64> {
 /// Iterator over coalesced runs of a [`SparseBits`].
 #[derive(Debug)]
 pub struct SparseRuns<'a> {
-    chunks: std::collections::btree_map::Range<'a, u64, Box<[u64; CHUNK_WORDS]>>,
-    cur: Option<(u64, &'a [u64; CHUNK_WORDS])>,
+    chunks: std::collections::btree_map::Range<'a, u64, Box<Chunk>>,
+    cur: Option<(u64, &'a Chunk)>,
     /// Next block to look at.
     pos: u64,
     /// A run being extended.
@@ -117,22 +155,18 @@ impl SparseRuns<'_> {
     /// The next set block at or after `self.pos`, advancing through chunks.
     fn next_block(&mut self) -> Option<u64> {
         loop {
-            if let Some((c, words)) = self.cur {
+            if let Some((c, chunk)) = self.cur {
                 let base = c * CHUNK_BITS;
-                let end = base + CHUNK_BITS;
-                while self.pos < end {
-                    let off = self.pos - base;
-                    let w = words[(off / 64) as usize] >> (off % 64);
-                    if w != 0 {
-                        self.pos += u64::from(w.trailing_zeros());
+                if self.pos < base + CHUNK_BITS {
+                    if let Some(off) = chunk.next_from(self.pos - base) {
+                        self.pos = base + off;
                         return Some(self.pos);
                     }
-                    self.pos = base + (off / 64 + 1) * 64;
                 }
                 self.cur = None;
             }
-            let (&c, words) = self.chunks.next()?;
-            self.cur = Some((c, words));
+            let (&c, chunk) = self.chunks.next()?;
+            self.cur = Some((c, chunk));
             self.pos = self.pos.max(c * CHUNK_BITS);
         }
     }
@@ -190,6 +224,31 @@ mod tests {
         );
         assert_eq!(s.runs_from(5000).collect::<Vec<_>>(), vec![(1 << 40, 1)]);
         assert_eq!(s.len(), 21);
+    }
+
+    proptest::proptest! {
+        /// Runs from any block, words and length against a `BTreeSet`, for
+        /// blocks clustered in a few chunks (runs across words and chunks).
+        #[test]
+        fn matches_a_set(blocks in proptest::collection::vec(0..3 * CHUNK_BITS, 0..200), from in 0..3 * CHUNK_BITS) {
+            let s = from_blocks(&blocks);
+            let set: std::collections::BTreeSet<u64> = blocks.iter().copied().collect();
+            let mut want = Vec::new();
+            for &b in set.range(from..) {
+                match want.last_mut() {
+                    Some((start, len)) if *start + *len == b => *len += 1,
+                    _ => want.push((b, 1)),
+                }
+            }
+            proptest::prop_assert_eq!(s.runs_from(from).collect::<Vec<_>>(), want);
+            proptest::prop_assert_eq!(s.len(), set.len() as u64);
+            let mut words = Vec::new();
+            s.for_each_word(|w, bits| words.push((w, bits)));
+            proptest::prop_assert!(words.windows(2).all(|p| p[0].0 < p[1].0) && words.iter().all(|&(_, b)| b != 0));
+            let mut buf = Vec::new();
+            s.encode(&mut buf);
+            proptest::prop_assert_eq!(SparseBits::decode(&mut &buf[..]), Some(s));
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use benches::charts;
 use benches::cli::{parse_size, Common};
 use benches::report::{Report, Row};
 use benches::variant::OwnedTracker;
@@ -129,6 +130,36 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    let rows = rep.rows().to_vec();
     rep.finish();
+    if let Some(dir) = o.common.chart_dir()? {
+        // Per granularity: the ctk file (and heap) per TiB written, in MiB.
+        let written: Vec<&Row> = rows
+            .iter()
+            .filter(|(s, _)| s.starts_with("fully written"))
+            .map(|(_, r)| r)
+            .collect();
+        let cats: Vec<String> = written
+            .iter()
+            .filter_map(|r| charts::text(r, "granularity").map(|g| format!("granularity {g}")))
+            .collect();
+        let mib = |key: &str| -> Vec<f64> {
+            written
+                .iter()
+                .map(|r| charts::num(r, key).map_or(f64::NAN, |b| b / MIB as f64))
+                .collect()
+        };
+        charts::bars(
+            &dir.join("memory.svg"),
+            "ctk file per TiB written: the written epoch pinned, and folded",
+            "MiB per TiB written",
+            &cats,
+            &[
+                ("pinned: file".to_owned(), mib("pinned_file_per_tib")),
+                ("pinned: heap".to_owned(), mib("pinned_heap_per_tib")),
+                ("folded: file".to_owned(), mib("folded_file_per_tib")),
+            ],
+        )?;
+    }
     Ok(())
 }

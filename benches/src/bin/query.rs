@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use benches::charts;
 use benches::cli::{parse_size, Common};
 use benches::report::{Report, Row};
 use benches::rng::SplitMix64;
@@ -48,9 +49,12 @@ struct Opts {
     /// Sections to run, comma separated: size, areas, stun.
     #[arg(long, value_delimiter = ',', default_value = "size,areas,stun")]
     sections: Vec<String>,
-    /// The guest writer's pace in the stun section, 4 KiB writes per second.
+    /// The pace of each guest writer in the stun section, 4 KiB writes per second.
     #[arg(long, default_value_t = 20_000)]
     guest_iops: u64,
+    /// Guest writer threads in the stun section.
+    #[arg(long, default_value_t = 2)]
+    writers: usize,
     /// Directory of the stun section's datastore [default: the temp dir: a real
     /// file system, since a snapshot writes its change-tracking header].
     #[arg(long)]
@@ -137,8 +141,10 @@ fn both_paths(
     // Two more epochs release e1 and e2: everything up to e3 folds.
     o.new_epoch()?;
     let e4 = o.new_epoch()?;
+    // The pins are now e3 and e4: every epoch up to e3 is folded, and only
+    // e4 (empty, but every closed epoch after the horizon is kept) is not.
     anyhow::ensure!(
-        t.stats().unfolded_epochs == 0,
+        t.stats().unfolded_epochs == 1,
         "every epoch up to the oldest pin should be folded"
     );
     let folded = time_paging(t, Since::Change(cid), e4, cap, max_areas, n, reps)?;
@@ -180,6 +186,8 @@ fn main() -> anyhow::Result<()> {
     }
     let run = |s: &str| o.sections.iter().any(|x| x == s);
     let mut goals = Vec::new();
+    // Per disk size: the stun times of creates and of removes, for the charts.
+    let mut stun_hists = Vec::new();
     if run("size") {
         rep.section("paging vs disk size (one-block areas spread evenly; vs_64g = time / time at 64G)");
         let mut by_size = Vec::new();
@@ -250,25 +258,45 @@ fn main() -> anyhow::Result<()> {
             let hot = (cap / 2).min(cap - hot_len) / 4096 * 4096;
             // Stun times of snapshot creates and of removes (consolidation), apart.
             let mut by_op = [latency_histogram(), latency_histogram()];
+            // How late a thread that sleeps 1 ms wakes up: the machine's
+            // scheduling delay, which bounds every stun that waits for a thread.
+            let sched = parking_lot::Mutex::new(latency_histogram());
             std::thread::scope(|s| -> anyhow::Result<()> {
-                let writer = s.spawn(|| -> anyhow::Result<()> {
-                    let mut rng = SplitMix64::new(5);
-                    let buf = [0x3cu8; 4096];
-                    let start = Instant::now();
-                    let mut n = 0u64;
-                    // Relaxed: a stop flag; nothing is published through it.
-                    while !stop.load(Ordering::Relaxed) {
-                        vm.write(0, hot + rng.below(hot_len / 4096) * 4096, &buf)?;
-                        n += 1;
-                        // Pace to `guest_iops`: sleep whenever ahead of schedule.
-                        let due = Duration::from_secs_f64(n as f64 / o.guest_iops.max(1) as f64);
-                        if let Some(ahead) = due.checked_sub(start.elapsed()) {
-                            std::thread::sleep(ahead);
-                        }
+                let (stop_probe, sched) = (&stop, &sched);
+                s.spawn(move || {
+                    let mut h = latency_histogram();
+                    // Relaxed: a stop flag.
+                    while !stop_probe.load(Ordering::Relaxed) {
+                        let t0 = Instant::now();
+                        std::thread::sleep(Duration::from_millis(1));
+                        let late = t0.elapsed().saturating_sub(Duration::from_millis(1));
+                        let _ = h.record((late.as_nanos() as u64).max(1));
                     }
-                    writes.store(n, Ordering::Relaxed);
-                    Ok(())
+                    *sched.lock() = h;
                 });
+                let writers: Vec<_> = (0..o.writers.max(1) as u64)
+                    .map(|w| {
+                        let (vm, stop, writes) = (&vm, &stop, &writes);
+                        s.spawn(move || -> anyhow::Result<()> {
+                            let mut rng = SplitMix64::new(5 + w);
+                            let buf = [0x3cu8; 4096];
+                            let start = Instant::now();
+                            let mut n = 0u64;
+                            // Relaxed: a stop flag; nothing is published through it.
+                            while !stop.load(Ordering::Relaxed) {
+                                vm.write(0, hot + rng.below(hot_len / 4096) * 4096, &buf)?;
+                                n += 1;
+                                // Pace to `guest_iops`: sleep whenever ahead of schedule.
+                                let due = Duration::from_secs_f64(n as f64 / o.guest_iops.max(1) as f64);
+                                if let Some(ahead) = due.checked_sub(start.elapsed()) {
+                                    std::thread::sleep(ahead);
+                                }
+                            }
+                            writes.fetch_add(n, Ordering::Relaxed);
+                            Ok(())
+                        })
+                    })
+                    .collect();
                 let mut stuns = |op: usize, f: &dyn Fn() -> Result<(), sim::SimError>| -> anyhow::Result<()> {
                     let before = vm.stun_times_ns().len();
                     f()?;
@@ -297,9 +325,9 @@ fn main() -> anyhow::Result<()> {
                     result = stuns(1, &|| vm.remove_snapshot(&format!("s{}", cycles - 1)));
                 }
                 stop.store(true, Ordering::Relaxed);
-                writer
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("the writer thread panicked"))??;
+                for w in writers {
+                    w.join().map_err(|_| anyhow::anyhow!("a writer thread panicked"))??;
+                }
                 result
             })?;
             let mut all = by_op[0].clone();
@@ -321,11 +349,24 @@ fn main() -> anyhow::Result<()> {
                     goals.push((format!("stun p99 at {}, {op} (us)", human_size(cap)), p99, 1000.0));
                 }
             }
+            let sched = sched.into_inner();
+            rep.push(
+                Row::new()
+                    .text("disk", human_size(cap))
+                    .text("op", "wakeup lateness (1 ms sleep)")
+                    .int("stuns", sched.len())
+                    .num("p50_us", sched.value_at_quantile(0.5) as f64 / 1e3)
+                    .num("p99_us", sched.value_at_quantile(0.99) as f64 / 1e3)
+                    .num("max_us", sched.max() as f64 / 1e3)
+                    .int("guest_writes", writes.load(Ordering::Relaxed)),
+            );
+            stun_hists.push((cap, by_op));
             drop(vm);
             host.close_vm(&format!("stun{i}"));
         }
         rep.note(&format!(
-            "stun: {cycles} create/remove cycles per size, guest {} 4 KiB writes/s into {}, datastore in {}",
+            "stun: {cycles} create/remove cycles per size, {} guest writers of {} 4 KiB writes/s each into {}, datastore in {}",
+            o.writers.max(1),
             o.guest_iops,
             human_size(HOT_WINDOW),
             ds_parent.display()
@@ -356,6 +397,90 @@ fn main() -> anyhow::Result<()> {
                 ),
         );
     }
+    let rows = rep.rows().to_vec();
     rep.finish();
+    if let Some(dir) = o.common.chart_dir()? {
+        let disk_bytes = |r: &Row| parse_size(charts::text(r, "disk")?).ok().map(|b| b as f64);
+        let series = charts::series_of(
+            &rows,
+            "paging vs disk size",
+            |r| Some(format!("{} path", charts::text(r, "path")?)),
+            |r| Some((disk_bytes(r)?, charts::num(r, "us")?)),
+        );
+        charts::lines(
+            &dir.join("query-size.svg"),
+            &format!("QueryChangedDiskAreas of {} one-block areas, paged to the end", o.areas),
+            "disk size",
+            "microseconds",
+            &series,
+            charts::XScale::Log2,
+            &charts::size_label,
+            true,
+        )?;
+        let series = charts::series_of(
+            &rows,
+            "paging vs changed areas",
+            |r| Some(format!("{} path", charts::text(r, "path")?)),
+            |r| Some((charts::num(r, "areas")?, charts::num(r, "us")?)),
+        );
+        charts::lines(
+            &dir.join("query-areas.svg"),
+            &format!(
+                "QueryChangedDiskAreas on a {} disk against changed areas",
+                human_size(o.areas_disk)
+            ),
+            "changed areas",
+            "microseconds",
+            &series,
+            charts::XScale::Log10,
+            &charts::count_label,
+            true,
+        )?;
+        // Stun histograms: the share of stuns per bucket of microseconds
+        // (bucket k holds (4^(k-1), 4^k] us), one bar per disk size.
+        const BUCKETS: usize = 12;
+        let bucket = |ns: u64| -> usize {
+            let us = (ns as f64 / 1e3).max(1.0);
+            ((us.log2() / 2.0).ceil() as usize).min(BUCKETS - 1)
+        };
+        for (op, name) in [(0, "create"), (1, "remove")] {
+            let shares: Vec<(String, Vec<f64>)> = stun_hists
+                .iter()
+                .map(|(cap, h): &(u64, [hdrhistogram::Histogram<u64>; 2])| {
+                    let h = &h[op];
+                    let mut counts = [0u64; BUCKETS];
+                    for v in h.iter_recorded() {
+                        counts[bucket(v.value_iterated_to())] += v.count_at_value();
+                    }
+                    let total = h.len().max(1) as f64;
+                    let shares = counts.iter().map(|&n| 100.0 * n as f64 / total).collect();
+                    (format!("{} disk", human_size(*cap)), shares)
+                })
+                .collect();
+            let used = |k: usize| shares.iter().any(|(_, v)| v[k] > 0.0);
+            let (Some(lo), Some(hi)) = ((0..BUCKETS).find(|&k| used(k)), (0..BUCKETS).rfind(|&k| used(k))) else {
+                continue;
+            };
+            let label = |us: u64| {
+                if us >= 1000 {
+                    format!("{} ms", us / 1000)
+                } else {
+                    format!("{us} us")
+                }
+            };
+            let cats: Vec<String> = (lo..=hi).map(|k| format!("<= {}", label(1u64 << (2 * k)))).collect();
+            let shares: Vec<(String, Vec<f64>)> = shares.into_iter().map(|(n, v)| (n, v[lo..=hi].to_vec())).collect();
+            charts::bars(
+                &dir.join(format!("stun-{name}.svg")),
+                &format!(
+                    "Stun times of snapshot {name}s while a guest writes ({} stuns per size)",
+                    stun_hists.first().map_or(0, |(_, h)| h[op].len())
+                ),
+                "% of stuns",
+                &cats,
+                &shares,
+            )?;
+        }
+    }
     Ok(())
 }

@@ -5,6 +5,7 @@
 
 use std::hint::black_box;
 
+use benches::charts;
 use benches::cli::{parse_size, Common};
 use benches::pool::thread_cpu_time;
 use benches::report::{Report, Row};
@@ -189,6 +190,25 @@ fn main() -> anyhow::Result<()> {
                 .flag("met", c <= 1.05),
         );
     }
+    let rows = rep.rows().to_vec();
     rep.finish();
+    if let Some(dir) = o.common.chart_dir()? {
+        let series = charts::series_of(
+            &rows,
+            "mark only",
+            |_| Some("CPU ns per mark".to_owned()),
+            |r| Some((charts::num(r, "unfolded_epochs")?.max(1.0), charts::num(r, "ns")?)),
+        );
+        charts::lines(
+            &dir.join("retained-mark.svg"),
+            "Mark cost against retained (unfolded) change IDs",
+            "unfolded epochs",
+            "CPU ns per mark",
+            &series,
+            charts::XScale::Log10,
+            &charts::count_label,
+            true,
+        )?;
+    }
     Ok(())
 }

@@ -4,10 +4,13 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
-use backup::{self, BackupOptions, Compression, PointListing, PrunePolicy, Repository};
+use backup::{self, PointListing, PrunePolicy, Repository};
 use clap::{Args, Subcommand, ValueEnum};
+use service::action::{RepairOutcome, RestoreOutcome};
+use service::{Request, Response};
 use workloads::human;
 
+use super::dispatch::{answer, request, Backend};
 use super::progress::Bar;
 use super::Ctx;
 
@@ -125,6 +128,11 @@ fn mb_per_s(bytes: u64, secs: f64) -> f64 {
     bytes as f64 / 1e6 / secs.max(1e-9)
 }
 
+/// `dir` made absolute (the service may run in another directory).
+fn absolute(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(dir).with_context(|| format!("invalid repository path {}", dir.display()))
+}
+
 fn open_repo(dir: &std::path::Path) -> anyhow::Result<Repository> {
     Repository::open(dir).with_context(|| format!("cannot open repository {}", dir.display()))
 }
@@ -133,19 +141,13 @@ fn open_repo(dir: &std::path::Path) -> anyhow::Result<Repository> {
 pub fn run(ctx: &Ctx, cmd: &BackupCmd) -> anyhow::Result<()> {
     match cmd {
         BackupCmd::Run(a) => {
-            let host = ctx.host()?;
-            let repo = Repository::create_or_open(&a.repo)
-                .with_context(|| format!("cannot open repository {}", a.repo.display()))?;
-            let opts = BackupOptions {
+            let req = Request::BackupRun {
+                vm: a.vm.clone(),
+                repository: absolute(&a.repo)?,
                 full: a.full,
-                compression: match a.compression {
-                    CompressionArg::Zstd => Compression::Zstd,
-                    CompressionArg::None => Compression::None,
-                },
-                time: None,
+                no_compress: a.compression == CompressionArg::None,
             };
-            let r = backup::backup_vm(&host, &a.vm, &repo, &opts, &bar())
-                .with_context(|| format!("backup of VM {} failed", a.vm))?;
+            let r = answer!(request(ctx, req, &bar())?, Response::Backup(b) => b);
             if a.json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -183,9 +185,12 @@ pub fn run(ctx: &Ctx, cmd: &BackupCmd) -> anyhow::Result<()> {
         } => {
             let repo = open_repo(dir)?;
             let r = backup::verify(&repo, &bar())?;
-            let fixed = if *repair && !r.ok {
-                let host = ctx.host()?;
-                Some(backup::repair(&repo, &host, &bar())?)
+            let fixed: Option<RepairOutcome> = if *repair && !r.ok {
+                drop(repo);
+                let req = Request::BackupRepair {
+                    repository: absolute(dir)?,
+                };
+                Some(answer!(request(ctx, req, &bar())?, Response::Repaired(f) => f))
             } else {
                 None
             };
@@ -194,7 +199,7 @@ pub fn run(ctx: &Ctx, cmd: &BackupCmd) -> anyhow::Result<()> {
                 struct Out<'a> {
                     #[serde(flatten)]
                     verify: &'a backup::VerifyReport,
-                    repair: Option<&'a backup::RepairReport>,
+                    repair: Option<&'a RepairOutcome>,
                 }
                 let out = Out {
                     verify: &r,
@@ -317,21 +322,27 @@ fn print_list(points: &[PointListing]) {
 
 /// Runs `cbtsim restore ...`.
 pub fn restore(ctx: &Ctx, a: &RestoreArgs) -> anyhow::Result<()> {
-    let repo = open_repo(&a.repo)?;
     let bar = bar();
-    let r = match (&a.to, &a.to_vm, a.disk) {
+    let r: RestoreOutcome = match (&a.to, &a.to_vm, a.disk) {
         (Some(to), None, Some(disk)) => {
+            // Only the repository and a file: no VM of the datastore is involved.
+            let repo = open_repo(&a.repo)?;
             if !a.force && to.symlink_metadata().is_ok() {
                 bail!("{} already exists; pass --force to replace it", to.display());
             }
             backup::restore_to_file(&repo, &a.point, disk, to, a.force, &bar)
                 .with_context(|| format!("restore of point {} disk {disk} to {} failed", a.point, to.display()))?
+                .into()
         }
         (None, Some(vm), None) => {
-            sim::check_name(vm)?;
-            let host = ctx.host()?;
-            backup::restore_to_vm(&repo, &a.point, &host, vm, &bar)
-                .with_context(|| format!("restore of point {} to VM {vm} failed", a.point))?
+            let req = Request::RestoreToVm {
+                repository: absolute(&a.repo)?,
+                point: a.point.clone(),
+                vm: vm.clone(),
+            };
+            // The datastore is created if missing, as `vm create` does.
+            let r = Backend::open_or_create(ctx)?.call(req, &bar)?;
+            answer!(r, Response::Restored(r) => r)
         }
         _ => bail!("give either --disk N --to FILE, or --to-vm NEWVM"),
     };

@@ -14,6 +14,10 @@ pub struct DemoArgs {
     /// Keep the datastore in this directory instead of a temporary one.
     #[arg(long)]
     pub keep: Option<std::path::PathBuf>,
+    /// Show the disk's map after the steps that change it (the default when
+    /// stdout is a terminal and without --json).
+    #[arg(long)]
+    pub map: bool,
 }
 
 /// Runs `cbtsim demo`: its datastore is `--keep DIR` (kept), else a temporary one made in
@@ -38,7 +42,8 @@ pub fn run(ctx: &Ctx, args: &DemoArgs) -> anyhow::Result<()> {
     } else {
         Box::new(stdout.lock())
     };
-    let report = harness::demo::run(&dir, &mut out)?;
+    let maps = args.map || (!args.json && std::io::IsTerminal::is_terminal(&std::io::stdout()));
+    let report = harness::demo::run_with_maps(&dir, &mut out, maps)?;
     drop(out);
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -1,18 +1,17 @@
 //! `cbtsim disk`: guest writes, reads (of the live disk or a snapshot), unmaps and extends.
 
-use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{ensure, Context as _};
-use backup::Progress;
+use anyhow::Context as _;
 use clap::Subcommand;
-use sim::{SimError, Vm};
+use service::{Request, Response, WriteData};
 
+use super::dispatch::{answer, request};
 use super::progress::Bar;
-use super::{bytes_word, disk_arg, exact, existing_vm, print_json, size_arg, vm_view, Ctx};
+use super::{bytes_word, disk_arg, exact, print_json, size_arg, Ctx};
 
-/// Bytes per chunk when writing or reading large ranges.
-const CHUNK: u64 = 4 << 20;
+/// Transfers from this size on draw a progress bar (on a terminal).
+const BAR_FROM: u64 = 256 << 20;
 /// The byte `disk write` writes without `--pattern` or `--from`.
 const DEFAULT_PATTERN: u8 = 0xab;
 
@@ -123,20 +122,6 @@ fn byte_arg(s: &str) -> anyhow::Result<u8> {
     v.map_err(|_| anyhow::anyhow!("invalid --pattern {s:?}: expected a byte, 0-255 or 0x00-0xff"))
 }
 
-/// Checks `disk` exists and `[offset, offset+len)` lies inside `capacity`.
-fn check_range(vm: &Vm, disk: usize, offset: u64, len: u64, capacity: u64) -> anyhow::Result<()> {
-    match offset.checked_add(len) {
-        Some(end) if end <= capacity => Ok(()),
-        _ => Err(SimError::OutOfRange {
-            disk,
-            offset,
-            len,
-            capacity,
-        })
-        .with_context(|| format!("VM {:?}", vm.name())),
-    }
-}
-
 /// DISK, OFFSET and LENGTH.
 fn range_args(disk: &str, offset: &str, length: &str) -> anyhow::Result<(usize, u64, u64)> {
     Ok((
@@ -146,47 +131,20 @@ fn range_args(disk: &str, offset: &str, length: &str) -> anyhow::Result<(usize, 
     ))
 }
 
-/// Runs `f(done, n)` over `len` bytes in pieces of at most [`CHUNK`] (`done` bytes before
-/// the piece, `n` in it), with a progress bar on stderr drawn from 256 MiB when stderr is a
-/// terminal.
-fn in_chunks(len: u64, mut f: impl FnMut(u64, usize) -> anyhow::Result<()>) -> anyhow::Result<()> {
+/// A progress bar with MB/s for a transfer of `len` bytes, drawn from [`BAR_FROM`] when
+/// stderr is a terminal.
+fn transfer_bar(len: u64) -> Bar {
     const TEMPLATE: &str = "{bar:40} {bytes}/{total_bytes} {bytes_per_sec}";
-    let bar = if len < (256 << 20) {
+    if len < BAR_FROM {
         Bar::hidden()
     } else {
         Bar::stderr(TEMPLATE, TEMPLATE)
-    };
-    bar.begin("", Some(len));
-    let mut done = 0;
-    while done < len {
-        let n = CHUNK.min(len - done);
-        f(done, n as usize)?;
-        done += n;
-        bar.advance(n);
     }
-    bar.end();
-    Ok(())
 }
 
-/// Writes `data` at `at` of `f`, leaving a hole where a 4 KiB block of it is all zeros.
-fn write_sparse(f: &std::fs::File, at: u64, data: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    const BLOCK: usize = 4096;
-    let mut i = 0;
-    while i < data.len() {
-        // A run of non-zero blocks, written at once.
-        let start = i;
-        while i < data.len() && data[i..(i + BLOCK).min(data.len())].iter().any(|&b| b != 0) {
-            i = (i + BLOCK).min(data.len());
-        }
-        if i > start {
-            f.write_all_at(&data[start..i], at + start as u64)?;
-        }
-        while i < data.len() && data[i..(i + BLOCK).min(data.len())].iter().all(|&b| b == 0) {
-            i = (i + BLOCK).min(data.len());
-        }
-    }
-    Ok(())
+/// `path` made absolute (the service may run in another directory).
+fn absolute(what: &str, path: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("invalid {what} {}", path.display()))
 }
 
 /// Runs `cbtsim disk ...`.
@@ -203,32 +161,24 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
         } => {
             let (d, off, len) = range_args(disk, offset, length)?;
             let byte = pattern.as_deref().map(byte_arg).transpose()?.unwrap_or(DEFAULT_PATTERN);
-            let mut file = match from {
-                Some(p) => {
-                    // Checked up front: a short file must not leave a partial write.
-                    let f = std::fs::File::open(p).with_context(|| format!("cannot open --from {}", p.display()))?;
-                    let have = f.metadata().with_context(|| format!("--from {}", p.display()))?.len();
-                    ensure!(
-                        have >= len,
-                        "--from {} holds {have} bytes, fewer than LENGTH {len}",
-                        p.display()
-                    );
-                    Some(f)
-                }
-                None => None,
+            let data = match from {
+                Some(p) => WriteData::File {
+                    path: absolute("--from", p)?,
+                    length: len,
+                },
+                None => WriteData::Pattern { byte, length: len },
             };
-            let v = existing_vm(ctx, vm)?;
-            let cap = v.capacity(d)?;
-            check_range(&v, d, off, len, cap)?;
-            ensure!(v.powered_on(), "VM {vm:?} is powered off");
-            let mut buf = vec![byte; CHUNK.min(len) as usize];
-            in_chunks(len, |done, n| {
-                if let (Some(f), Some(p)) = (&mut file, from) {
-                    f.read_exact(&mut buf[..n])
-                        .with_context(|| format!("cannot read --from {}", p.display()))?;
-                }
-                Ok(v.write(d, off + done, &buf[..n])?)
-            })?;
+            let r = request(
+                ctx,
+                Request::DiskWrite {
+                    vm: vm.clone(),
+                    disk: d,
+                    offset: off,
+                    data,
+                },
+                &transfer_bar(len),
+            )?;
+            let io = answer!(r, Response::Written(io) => io);
             if *json {
                 return print_json(&IoOut {
                     vm,
@@ -238,7 +188,7 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
                     length: len,
                     out: None,
                     snapshot: None,
-                    capacity: cap,
+                    capacity: io.capacity,
                 });
             }
             println!("wrote {} at offset {off} of disk {d} of VM {vm}", bytes_word(len));
@@ -253,38 +203,19 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
             json,
         } => {
             let (d, off, len) = range_args(disk, offset, length)?;
-            let v = existing_vm(ctx, vm)?;
-            let cap = match snapshot {
-                Some(s) => v.snapshot_capacity(s, d)?,
-                None => v.capacity(d)?,
-            };
-            check_range(&v, d, off, len, cap)?;
-            let dir = match out.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-                _ => PathBuf::from("."),
-            };
-            let tmp = tempfile::Builder::new()
-                .prefix(".cbtsim-read")
-                .tempfile_in(&dir)
-                .with_context(|| format!("cannot create a file in {}", dir.display()))?;
-            let mut buf = vec![0u8; CHUNK.min(len) as usize];
-            in_chunks(len, |done, n| {
-                match snapshot {
-                    Some(s) => v.read_snapshot(s, d, off + done, &mut buf[..n])?,
-                    None => v.read(d, off + done, &mut buf[..n])?,
-                }
-                write_sparse(tmp.as_file(), done, &buf[..n]).with_context(|| format!("cannot write {}", out.display()))
-            })?;
-            // Holes up to the end: the zeros of the range are never written.
-            tmp.as_file()
-                .set_len(len)
-                .with_context(|| format!("cannot write {}", out.display()))?;
-            tmp.as_file()
-                .sync_all()
-                .with_context(|| format!("cannot write {}", out.display()))?;
-            tmp.persist(out)
-                .map_err(|e| e.error)
-                .with_context(|| format!("cannot write {}", out.display()))?;
+            let r = request(
+                ctx,
+                Request::DiskRead {
+                    vm: vm.clone(),
+                    disk: d,
+                    offset: off,
+                    length: len,
+                    snapshot: snapshot.clone(),
+                    out: Some(absolute("--out", out)?),
+                },
+                &transfer_bar(len),
+            )?;
+            let (io, written) = answer!(r, Response::Read { io, out: Some(o), .. } => (io, o));
             if *json {
                 return print_json(&IoOut {
                     vm,
@@ -292,9 +223,9 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
                     op: "read",
                     offset: off,
                     length: len,
-                    out: Some(out.display().to_string()),
+                    out: Some(written.display().to_string()),
                     snapshot: snapshot.as_deref(),
-                    capacity: cap,
+                    capacity: io.capacity,
                 });
             }
             let at = snapshot
@@ -314,8 +245,17 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
             json,
         } => {
             let (d, off, len) = range_args(disk, offset, length)?;
-            let v = existing_vm(ctx, vm)?;
-            v.unmap(d, off, len)?;
+            let r = request(
+                ctx,
+                Request::DiskUnmap {
+                    vm: vm.clone(),
+                    disk: d,
+                    offset: off,
+                    length: len,
+                },
+                &(),
+            )?;
+            let io = answer!(r, Response::Unmapped(io) => io);
             if *json {
                 return print_json(&IoOut {
                     vm,
@@ -325,7 +265,7 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
                     length: len,
                     out: None,
                     snapshot: None,
-                    capacity: v.capacity(d)?,
+                    capacity: io.capacity,
                 });
             }
             println!("unmapped {} at offset {off} of disk {d} of VM {vm}", bytes_word(len));
@@ -338,16 +278,23 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
         } => {
             let d = disk_arg(disk)?;
             let size = size_arg("NEWSIZE", new_size)?;
-            let v = existing_vm(ctx, vm)?;
-            let old = v.capacity(d)?;
-            v.extend_disk(d, size)?;
+            let r = request(
+                ctx,
+                Request::DiskExtend {
+                    vm: vm.clone(),
+                    disk: d,
+                    size,
+                },
+                &(),
+            )?;
+            let (size, old) = answer!(r, Response::Extended { size, old_size, .. } => (size, old_size));
             if *json {
                 return print_json(&IoOut {
                     vm,
                     disk: d,
                     op: "extend",
                     offset: old,
-                    length: size - old,
+                    length: size.saturating_sub(old),
                     out: None,
                     snapshot: None,
                     capacity: size,
@@ -356,7 +303,8 @@ pub fn run(ctx: &Ctx, cmd: &DiskCmd) -> anyhow::Result<()> {
             println!("disk {d} of VM {vm} is now {}", exact(size));
         }
         DiskCmd::List { vm, json } => {
-            let info = super::inspect::vm_info(&vm_view(ctx, vm)?)?;
+            let r = request(ctx, Request::VmShow { vm: vm.clone() }, &())?;
+            let info = answer!(r, Response::VmDetails(d) => d);
             if *json {
                 return print_json(&info.disks);
             }

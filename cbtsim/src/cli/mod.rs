@@ -1,16 +1,23 @@
 //! Command handlers of the `cbtsim` binary: argument structs, output
 //! formatting, and one library call each. No tracking logic lives here.
 //!
-//! `vm`, `disk`, `snapshot` and `query` drive the host step by step, in the manner of
-//! govc or vim-cmd. Every handler validates all of its input before it changes anything,
-//! so an error leaves the datastore as it was. Sizes and offsets are parsed by the
-//! handlers (with [`workloads::parse_size`], not by clap) so that a malformed one gives
-//! the same one-line error as any other failure.
+//! `vm`, `disk`, `snapshot`, `query`, `guest`, `backup run`, `backup verify --repair` and
+//! `restore --to-vm` drive the host step by step, in the manner of govc or vim-cmd: each
+//! parses its arguments into a `service::Request`, sends it through [`dispatch`] (to the
+//! datastore's `cbtsim serve` when one runs, else to a service of this process) and
+//! renders the `Response`; so the output and exit code are the same either way. The
+//! service validates all of a request before it changes anything, so an error leaves the
+//! datastore as it was. Sizes and offsets are parsed by the handlers (with
+//! [`workloads::parse_size`], not by clap) so that a malformed one gives the same
+//! one-line error as any other failure. Commands on a repository alone (`backup list`,
+//! `verify`, `prune`, `restore --to FILE`, `mount`) open it here: no VM is involved.
 
 pub mod backup;
 pub mod demo;
 pub mod disk;
+pub mod dispatch;
 pub mod inspect;
+pub mod map;
 pub mod mount;
 pub mod progress;
 pub mod query;
@@ -21,10 +28,8 @@ pub mod vm;
 pub mod workload;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use anyhow::{bail, ensure, Context as _};
-use sim::{Host, Vm};
+use anyhow::{bail, ensure};
 use workloads::{format_size, parse_size, SizeStyle};
 
 /// What every command gets from the top-level arguments.
@@ -32,16 +37,6 @@ use workloads::{format_size, parse_size, SizeStyle};
 pub struct Ctx {
     /// `--datastore` / `CBTSIM_DATASTORE`.
     pub datastore: Option<PathBuf>,
-}
-
-impl Ctx {
-    /// Opens the datastore, or says how to name one.
-    pub fn host(&self) -> anyhow::Result<Host> {
-        let Some(dir) = &self.datastore else {
-            bail!("no datastore: pass --datastore DIR or set CBTSIM_DATASTORE");
-        };
-        Host::open(dir).with_context(|| format!("cannot open datastore {}", dir.display()))
-    }
 }
 
 /// Most vCPU or writer threads a command runs (a scenario: per VM, all its disks together).
@@ -82,18 +77,6 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The size rule of `vm create` and scenario files: a whole number of 512-byte sectors
-/// from 1 MiB (what the workload profiles need) to 64 TiB.
-fn check_disk_size(n: u64) -> anyhow::Result<()> {
-    let min = workloads::MIN_DISK_SIZE;
-    let max = tracker::MAX_CAPACITY;
-    ensure!(
-        n >= min && n.is_multiple_of(512) && n <= max,
-        "a disk is a multiple of 512 bytes from {min} (1 MiB) to {max} (64 TiB), found {n}"
-    );
-    Ok(())
-}
-
 /// Parses a size argument, naming it in the error.
 fn size_arg(what: &str, s: &str) -> anyhow::Result<u64> {
     parse_size(s).map_err(|e| anyhow::anyhow!("invalid {what}: {e}"))
@@ -120,22 +103,4 @@ fn scratch_dir(ctx: &Ctx) -> anyhow::Result<Option<PathBuf>> {
         }
         None => Ok(None),
     }
-}
-
-/// Opens the datastore, which must exist (only `vm create` makes one).
-fn existing_host(ctx: &Ctx) -> anyhow::Result<Host> {
-    if let Some(dir) = &ctx.datastore {
-        ensure!(dir.is_dir(), "datastore {} does not exist", dir.display());
-    }
-    ctx.host()
-}
-
-/// Opens VM `name` of the datastore read-only (listings and queries write nothing).
-fn vm_view(ctx: &Ctx, name: &str) -> anyhow::Result<sim::VmView> {
-    Ok(existing_host(ctx)?.view(name)?)
-}
-
-/// Opens VM `name` of the datastore, which must exist.
-fn existing_vm(ctx: &Ctx, name: &str) -> anyhow::Result<Arc<Vm>> {
-    Ok(existing_host(ctx)?.vm(name)?)
 }

@@ -1,10 +1,11 @@
 //! `cbtsim query`: QueryChangedDiskAreas of a snapshot's disk, paged to the disk's end by
 //! the checked pager [`vadp::changed_areas`].
 
-use anyhow::Context as _;
 use clap::Args;
+use service::{Request, Response};
 
-use super::{disk_arg, exact, vm_view, Ctx};
+use super::dispatch::{answer, request};
+use super::{disk_arg, exact, Ctx};
 
 /// `cbtsim query`: QueryChangedDiskAreas, paged through the whole disk.
 #[derive(Debug, Args)]
@@ -39,50 +40,43 @@ struct QueryOut<'a> {
 /// Runs `cbtsim query`.
 pub fn run(ctx: &Ctx, a: &QueryArgs) -> anyhow::Result<()> {
     let d = disk_arg(&a.disk)?;
-    let since = a.since.trim();
-    if since != "*" {
-        since
-            .parse::<tracker::ChangeId>()
-            .with_context(|| format!("invalid --since {since:?}"))?;
-    }
-    // Read-only: a query takes no exclusive lock and writes nothing.
-    let v = vm_view(ctx, &a.vm)?;
-    let cap = v.snapshot_capacity(&a.snapshot, d)?;
-    let granularity = v.granularity(d)?;
-    let change_id = v
-        .snapshots()
-        .into_iter()
-        .find(|s| s.name == a.snapshot)
-        .and_then(|s| s.disks.into_iter().nth(d))
-        .and_then(|sd| sd.change_id);
-    let areas = vadp::changed_areas(&v, &a.vm, &a.snapshot, d, since)
-        .map(|r| r.map(|x| (x.start, x.length)))
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("query of disk {d} of snapshot {} since {since}", a.snapshot))?;
-    let changed_bytes = areas.iter().map(|&(_, l)| l).sum();
+    let r = request(
+        ctx,
+        Request::Query {
+            vm: a.vm.clone(),
+            snapshot: a.snapshot.clone(),
+            disk: d,
+            since: a.since.clone(),
+        },
+        &(),
+    )?;
+    let c = answer!(r, Response::ChangedAreas(c) => c);
+    let areas: Vec<(u64, u64)> = c.areas.iter().map(|x| (x.start, x.length)).collect();
     if a.json {
         let out = QueryOut {
-            disk_size: cap,
-            granularity,
-            since,
-            change_id,
+            disk_size: c.disk_size,
+            granularity: c.granularity,
+            since: &c.since,
+            change_id: c.change_id,
             changed_areas: areas,
-            changed_bytes,
+            changed_bytes: c.changed_bytes,
         };
         println!("{}", serde_json::to_string(&out)?);
     } else {
         println!(
-            "disk {d} of snapshot {} ({}, granularity {}), changed since {since}: {} area(s), {changed_bytes} bytes",
-            a.snapshot,
-            exact(cap),
-            exact(granularity),
-            areas.len()
+            "disk {d} of snapshot {} ({}, granularity {}), changed since {}: {} area(s), {} bytes",
+            c.snapshot,
+            exact(c.disk_size),
+            exact(c.granularity),
+            c.since,
+            areas.len(),
+            c.changed_bytes
         );
         for (s, l) in &areas {
             println!("{s} +{l}");
         }
-        if let Some(c) = change_id {
-            println!("this snapshot's change ID: {c}");
+        if let Some(cid) = c.change_id {
+            println!("this snapshot's change ID: {cid}");
         }
     }
     Ok(())

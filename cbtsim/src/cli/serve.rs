@@ -31,9 +31,18 @@ pub struct ServeArgs {
     /// otherwise from CBTSIM_PASSWORD.
     #[arg(long, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
+    /// Export the points of this backup repository over NBD too, read-only, as
+    /// repo:POINT/DISK (read in place from the chunks, each checked).
+    #[arg(long, value_name = "DIR")]
+    pub repo: Option<PathBuf>,
     /// Print where it listens as one line of JSON.
     #[arg(long)]
     pub json: bool,
+    /// The most changed areas one QueryChangedDiskAreas answer of the
+    /// vSphere API (/sdk) holds; clients page for the rest (ESXi: 2000).
+    #[arg(long, value_name = "N", default_value_t = service::vsphere::DEFAULT_MAX_AREAS as u32,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_areas: u32,
 }
 
 fn password(a: &ServeArgs) -> anyhow::Result<String> {
@@ -63,6 +72,8 @@ pub fn run(ctx: &Ctx, a: &ServeArgs) -> anyhow::Result<()> {
         nbd: a.nbd,
         allow_remote: a.allow_remote,
         password: password(a)?,
+        repository: a.repo.clone(),
+        max_areas: a.max_areas as usize,
     };
     let daemon = Daemon::start(config)?;
     let s = daemon.status().clone();
@@ -83,6 +94,13 @@ pub fn run(ctx: &Ctx, a: &ServeArgs) -> anyhow::Result<()> {
             s.nbd_uri("VM/DISK"),
             s.nbd_uri("VM/DISK@SNAPSHOT")
         );
+        if let Some(r) = &s.repository {
+            println!(
+                "  backups: {} (points of {})",
+                s.nbd_uri("repo:POINT/DISK"),
+                r.display()
+            );
+        }
         println!("  control: {}", s.control.display());
         println!("SIGINT (Ctrl-C) or SIGTERM stops it");
     }

@@ -1,8 +1,10 @@
 //! `cbtsim snapshot`: create (printing each disk's change ID), list, remove, revert.
 
 use clap::Subcommand;
+use service::{Request, Response};
 
-use super::{existing_vm, inspect, print_json, vm_view, Ctx};
+use super::dispatch::{answer, request};
+use super::{inspect, print_json, Ctx};
 
 /// `cbtsim snapshot ...`
 #[derive(Debug, Subcommand)]
@@ -82,22 +84,19 @@ struct Created {
     disks: Vec<CreatedDisk>,
 }
 
-fn done(v: &sim::Vm, snap: &str, what: &'static str) -> anyhow::Result<()> {
-    print_json(&Done {
-        vm: v.name(),
-        snapshot: snap,
-        done: what,
-        snapshots: v.snapshots().into_iter().map(|s| s.name).collect(),
-    })
-}
-
 /// Runs `cbtsim snapshot ...`.
 pub fn run(ctx: &Ctx, cmd: &SnapshotCmd) -> anyhow::Result<()> {
     match cmd {
         SnapshotCmd::Create { vm, snap, json } => {
-            sim::check_name(snap)?;
-            let v = existing_vm(ctx, vm)?;
-            let info = v.create_snapshot(snap)?;
+            let r = request(
+                ctx,
+                Request::SnapshotCreate {
+                    vm: vm.clone(),
+                    name: snap.clone(),
+                },
+                &(),
+            )?;
+            let info = answer!(r, Response::SnapshotCreated(i) => i);
             if *json {
                 let out = Created {
                     snapshot: info.name,
@@ -120,7 +119,8 @@ pub fn run(ctx: &Ctx, cmd: &SnapshotCmd) -> anyhow::Result<()> {
             }
         }
         SnapshotCmd::List { vm, json } => {
-            let snaps = inspect::snapshots(&vm_view(ctx, vm)?);
+            let r = request(ctx, Request::SnapshotList { vm: vm.clone() }, &())?;
+            let snaps = answer!(r, Response::Snapshots { snapshots, .. } => snapshots);
             if *json {
                 print_json(&snaps)?;
             } else if snaps.is_empty() {
@@ -130,8 +130,9 @@ pub fn run(ctx: &Ctx, cmd: &SnapshotCmd) -> anyhow::Result<()> {
             }
         }
         SnapshotCmd::Show { vm, snap, json } => {
-            let v = vm_view(ctx, vm)?;
-            let Some(s) = inspect::snapshots(&v).into_iter().find(|s| s.name == *snap) else {
+            let r = request(ctx, Request::SnapshotList { vm: vm.clone() }, &())?;
+            let snaps = answer!(r, Response::Snapshots { snapshots, .. } => snapshots);
+            let Some(s) = snaps.into_iter().find(|s| s.name == *snap) else {
                 return Err(sim::SimError::NoSuchSnapshot {
                     vm: vm.clone(),
                     name: snap.clone(),
@@ -145,18 +146,42 @@ pub fn run(ctx: &Ctx, cmd: &SnapshotCmd) -> anyhow::Result<()> {
             }
         }
         SnapshotCmd::Remove { vm, snap, json } => {
-            let v = existing_vm(ctx, vm)?;
-            v.remove_snapshot(snap)?;
+            let r = request(
+                ctx,
+                Request::SnapshotRemove {
+                    vm: vm.clone(),
+                    name: snap.clone(),
+                },
+                &(),
+            )?;
+            let snapshots = answer!(r, Response::SnapshotRemoved { snapshots, .. } => snapshots);
             if *json {
-                return done(&v, snap, "removed");
+                return print_json(&Done {
+                    vm,
+                    snapshot: snap,
+                    done: "removed",
+                    snapshots,
+                });
             }
             println!("removed snapshot {snap} of VM {vm}");
         }
         SnapshotCmd::Revert { vm, snap, json } => {
-            let v = existing_vm(ctx, vm)?;
-            v.revert_to_snapshot(snap)?;
+            let r = request(
+                ctx,
+                Request::SnapshotRevert {
+                    vm: vm.clone(),
+                    name: snap.clone(),
+                },
+                &(),
+            )?;
+            let snapshots = answer!(r, Response::Reverted { snapshots, .. } => snapshots);
             if *json {
-                return done(&v, snap, "reverted");
+                return print_json(&Done {
+                    vm,
+                    snapshot: snap,
+                    done: "reverted",
+                    snapshots,
+                });
             }
             println!("reverted VM {vm} to snapshot {snap}");
         }

@@ -1,11 +1,10 @@
 //! `cbtsim vm`: create, list, change tracking on or off, power on or off.
 
-use anyhow::Context as _;
 use clap::{Subcommand, ValueEnum};
-use sim::DiskSpec;
-use tracker::Granularity;
+use service::{Request, Response};
 
-use super::{check_disk_size, exact, existing_host, existing_vm, print_json, size_arg, vm_view, Ctx};
+use super::dispatch::{answer, request, Backend};
+use super::{exact, print_json, size_arg, Ctx};
 
 /// `on` or `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -127,65 +126,67 @@ pub fn run(ctx: &Ctx, cmd: &VmCmd) -> anyhow::Result<()> {
             granularity,
             json,
         } => {
-            sim::check_name(vm)?;
             let g = size_arg("--granularity", granularity)?;
-            let g = Granularity::new(g).with_context(|| format!("invalid --granularity {granularity:?}"))?;
-            let specs = disks
+            let sizes = disks
                 .iter()
-                .map(|d| {
-                    let capacity = size_arg("--disk", d)?;
-                    check_disk_size(capacity).with_context(|| format!("invalid --disk {d:?}"))?;
-                    Ok(DiskSpec {
+                .map(|d| size_arg("--disk", d))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let r = Backend::open_or_create(ctx)?.call(
+                Request::VmCreate {
+                    vm: vm.clone(),
+                    disks: sizes,
+                    granularity: g,
+                },
+                &(),
+            )?;
+            let v = answer!(r, Response::VmCreated(v) => v);
+            if *json {
+                let disks = v
+                    .disks
+                    .iter()
+                    .enumerate()
+                    .map(|(disk, &capacity)| CreatedDisk {
+                        disk,
                         capacity,
                         granularity: g,
                     })
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let host = ctx.host()?;
-            let v = host.create_vm(vm, &specs)?;
-            if *json {
-                let disks = specs
-                    .iter()
-                    .enumerate()
-                    .map(|(disk, s)| CreatedDisk {
-                        disk,
-                        capacity: s.capacity,
-                        granularity: g.bytes(),
-                    })
                     .collect();
                 return print_json(&Created {
-                    vm: v.name(),
+                    vm: &v.name,
                     disks,
-                    cbt: true,
-                    powered_on: true,
+                    cbt: v.cbt,
+                    powered_on: v.powered_on,
                 });
             }
-            let sizes: Vec<String> = specs.iter().map(|s| exact(s.capacity)).collect();
+            let sizes: Vec<String> = v.disks.iter().map(|&c| exact(c)).collect();
             println!(
-                "created VM {} with {} disk(s): {} (granularity {}, CBT on, powered on)",
-                v.name(),
-                specs.len(),
+                "created VM {} with {} disk(s): {} (granularity {}, CBT {}, powered {})",
+                v.name,
+                v.disks.len(),
                 sizes.join(", "),
-                exact(g.bytes())
+                exact(g),
+                on_off(v.cbt),
+                on_off(v.powered_on)
             );
         }
         VmCmd::Delete { vm, json } => {
-            existing_host(ctx)?.delete_vm(vm)?;
+            let r = request(ctx, Request::VmDelete { vm: vm.clone() }, &())?;
+            let vm = answer!(r, Response::VmDeleted { vm } => vm);
             if *json {
                 return print_json(&serde_json::json!({ "vm": vm, "deleted": true }));
             }
             println!("deleted VM {vm}");
         }
         VmCmd::Show { vm, json } => {
-            let info = super::inspect::vm_info(&vm_view(ctx, vm)?)?;
+            let r = request(ctx, Request::VmShow { vm: vm.clone() }, &())?;
+            let info = answer!(r, Response::VmDetails(d) => d);
             if *json {
                 return print_json(&info);
             }
             super::inspect::print_vm(&info);
         }
         VmCmd::List { json } => {
-            let host = existing_host(ctx)?;
-            let vms = host.list()?;
+            let vms = answer!(request(ctx, Request::VmList {}, &())?, Response::Vms(v) => v);
             if *json {
                 println!("{}", serde_json::to_string(&vms)?);
             } else if vms.is_empty() {
@@ -196,8 +197,8 @@ pub fn run(ctx: &Ctx, cmd: &VmCmd) -> anyhow::Result<()> {
                     println!(
                         "{}  power {}  cbt {}  disks [{}]  snapshots [{}]",
                         v.name,
-                        if v.powered_on { "on" } else { "off" },
-                        if v.cbt { "on" } else { "off" },
+                        on_off(v.powered_on),
+                        on_off(v.cbt),
                         disks.join(", "),
                         v.snapshots.join(", ")
                     );
@@ -205,18 +206,24 @@ pub fn run(ctx: &Ctx, cmd: &VmCmd) -> anyhow::Result<()> {
             }
         }
         VmCmd::Cbt { vm, state, json } => {
-            let v = existing_vm(ctx, vm)?;
-            let was = v.cbt();
-            v.set_cbt(state.on())?;
+            let r = request(
+                ctx,
+                Request::VmCbt {
+                    vm: vm.clone(),
+                    on: state.on(),
+                },
+                &(),
+            )?;
+            let (was, on) = answer!(r, Response::Cbt { was, on, .. } => (was, on));
             if *json {
                 return print_json(&CbtOut {
                     vm,
-                    cbt: state.on(),
+                    cbt: on,
                     was,
-                    change_ids_invalidated: was != state.on(),
+                    change_ids_invalidated: was != on,
                 });
             }
-            let msg = match (was, state.on()) {
+            let msg = match (was, on) {
                 (true, true) => "was already on",
                 (false, false) => "was already off",
                 (false, true) => "is on (a new tracking session: earlier change IDs are no longer valid)",
@@ -225,16 +232,28 @@ pub fn run(ctx: &Ctx, cmd: &VmCmd) -> anyhow::Result<()> {
             println!("change tracking of VM {vm} {msg}");
         }
         VmCmd::Power { vm, state, json } => {
-            let v = existing_vm(ctx, vm)?;
-            v.set_power(state.on())?;
+            let r = request(
+                ctx,
+                Request::VmPower {
+                    vm: vm.clone(),
+                    on: state.on(),
+                },
+                &(),
+            )?;
+            let on = answer!(r, Response::Power { on, .. } => on);
             if *json {
-                return print_json(&PowerOut {
-                    vm,
-                    powered_on: state.on(),
-                });
+                return print_json(&PowerOut { vm, powered_on: on });
             }
-            println!("VM {vm} is powered {}", if state.on() { "on" } else { "off" });
+            println!("VM {vm} is powered {}", on_off(on));
         }
     }
     Ok(())
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
 }

@@ -2,19 +2,22 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand};
-use harness::drive::{self, DiskLoad, DrivePlan, DriveReport, Limit, OpCounts};
+use harness::drive::{DriveReport, OpCounts};
 use harness::replay::{self, ReplayOptions, ReplayReport};
 use harness::scenario::{self, Scenario, ScenarioReport};
 use indicatif::{MultiProgress, ProgressDrawTarget};
+use service::{GuestReport, GuestRun, GuestState, Request, Response};
 use tracker::Granularity;
 use workloads::{human, parse_size, TraceFormat};
 
-use super::progress::{catch_interrupts, Bar};
-use super::{check_run_limits, scratch_dir, Ctx};
+use super::dispatch::{answer, request, Backend};
+use super::progress::{catch_interrupts, interrupted, Bar};
+use super::{check_run_limits, print_json, scratch_dir, Ctx};
 
 /// Arguments of `cbtsim replay`.
 #[derive(Debug, Args)]
@@ -60,8 +63,23 @@ pub struct RunArgs {
 /// `cbtsim guest ...`.
 #[derive(Debug, Subcommand)]
 pub enum GuestCmd {
-    /// Run a workload profile on a VM of the datastore.
+    /// Run a workload profile on a VM of the datastore (inside its `cbtsim serve` when one
+    /// runs; Ctrl-C stops the workload and prints its report so far).
     Run(GuestRunArgs),
+    /// The guest workloads of the running `cbtsim serve` (running ones first).
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a guest workload of the running `cbtsim serve` and print its report.
+    Stop {
+        /// The workload's ID, or a VM (its one running workload).
+        target: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Arguments of `cbtsim guest run`.
@@ -72,7 +90,7 @@ pub struct GuestRunArgs {
     /// The workload profile (see `cbtsim workloads list`).
     #[arg(long)]
     pub profile: String,
-    /// Ops to run, all threads together (default 10000).
+    /// Ops to run, all threads together (default 10000; with --detach: until stopped).
     #[arg(long, conflicts_with = "seconds")]
     pub ops: Option<u64>,
     /// Run for this many seconds instead.
@@ -94,6 +112,10 @@ pub struct GuestRunArgs {
     /// With --verify: ops between snapshots.
     #[arg(long, requires = "verify")]
     pub snapshot_every: Option<u64>,
+    /// Start the workload inside the running `cbtsim serve` and return at once, printing
+    /// its ID (`guest list`, `guest stop` manage it).
+    #[arg(long)]
+    pub detach: bool,
     /// Print one JSON document.
     #[arg(long)]
     pub json: bool,
@@ -384,49 +406,185 @@ fn print_vm(v: &DriveReport, each_epoch: bool) {
 
 /// Runs `cbtsim guest ...`.
 pub fn guest(ctx: &Ctx, cmd: &GuestCmd) -> anyhow::Result<()> {
-    let GuestCmd::Run(a) = cmd;
-    let host = ctx.host()?;
-    let vm = host.vm(&a.vm)?;
+    match cmd {
+        GuestCmd::Run(a) => guest_run(ctx, a),
+        GuestCmd::List { json } => {
+            let list = answer!(request(ctx, Request::GuestList {}, &())?, Response::Guests(g) => g);
+            if *json {
+                println!("{}", serde_json::to_string(&list)?);
+            } else if list.is_empty() {
+                println!("no guest workloads");
+            } else {
+                println!(
+                    "{:>4}  {:<16} {:<18} {:>4}  {:<8} {:>12} {:>9}",
+                    "ID", "VM", "PROFILE", "DISK", "STATE", "OPS", "SECONDS"
+                );
+                for g in &list {
+                    println!(
+                        "{:>4}  {:<16} {:<18} {:>4}  {:<8} {:>12} {:>9.1}",
+                        g.id,
+                        g.vm,
+                        g.profile,
+                        g.disk,
+                        state_name(g.state),
+                        g.ops,
+                        g.seconds
+                    );
+                }
+            }
+            Ok(())
+        }
+        GuestCmd::Stop { target, json } => {
+            let backend = Backend::open(ctx)?;
+            let id = match target.trim().parse::<u64>() {
+                Ok(id) => id,
+                Err(_) => running_on(&backend, target)?,
+            };
+            let r = backend.call(Request::GuestStop { id }, &())?;
+            let report = answer!(r, Response::Guest(g) => g);
+            if *json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print_guest(&report);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The one running guest workload of VM `vm`.
+fn running_on(backend: &Backend, vm: &str) -> anyhow::Result<u64> {
+    let list = answer!(backend.call(Request::GuestList {}, &())?, Response::Guests(g) => g);
+    let ids: Vec<u64> = list
+        .iter()
+        .filter(|g| g.vm == vm && g.state == GuestState::Running)
+        .map(|g| g.id)
+        .collect();
+    match ids[..] {
+        [id] => Ok(id),
+        [] => bail!("no guest workload runs on VM {vm:?}"),
+        _ => bail!(
+            "{} guest workloads run on VM {vm:?} (IDs {}): give an ID",
+            ids.len(),
+            ids.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+fn state_name(s: GuestState) -> &'static str {
+    match s {
+        GuestState::Running => "running",
+        GuestState::Finished => "finished",
+        GuestState::Stopped => "stopped",
+        GuestState::Failed => "failed",
+    }
+}
+
+fn print_guest(r: &GuestReport) {
+    println!(
+        "guest workload {} on VM {}: profile {} on disk {}, {} threads, {}, {:.2} s, {:.0} ops/s",
+        r.id,
+        r.vm,
+        r.profile,
+        r.disk,
+        r.threads,
+        state_name(r.state),
+        r.elapsed_s,
+        r.ops_per_s
+    );
+    println!(
+        "  {} ops: {} writes {}, {} reads, {} unmaps, {} flushes",
+        r.ops,
+        r.writes,
+        human(r.bytes_written),
+        r.reads,
+        r.unmaps,
+        r.flushes
+    );
+    let [p50, p99, p999, max] = r.write_latency_us;
+    println!("  write latency p50 {p50:.1} us, p99 {p99:.1} us, p99.9 {p999:.1} us, max {max:.1} us");
+    if r.epochs_checked > 0 {
+        println!(
+            "  verified: {} epochs checked against the shadow model; missed blocks {}",
+            r.epochs_checked, r.missed_blocks
+        );
+    }
+}
+
+/// Runs `cbtsim guest run`: the workload runs inside the service (the datastore's serve,
+/// or one of this process), started detached and then waited for, so that Ctrl-C can stop
+/// it by its ID.
+fn guest_run(ctx: &Ctx, a: &GuestRunArgs) -> anyhow::Result<()> {
     check_run_limits(u64::from(a.threads), a.ops, a.seconds)?;
-    let limit = match (a.ops, a.seconds) {
-        (_, Some(s)) => Limit::Time(Duration::from_secs_f64(s)),
-        (n, None) => Limit::Ops(n.unwrap_or(10_000)),
-    };
     if a.snapshot_every == Some(0) {
         bail!("invalid --snapshot-every 0: give at least 1");
     }
-    let plan = DrivePlan {
-        loads: vec![DiskLoad {
-            disk: a.disk,
-            profile: a.profile.clone(),
-            threads: a.threads,
-        }],
+    let backend = Backend::open(ctx)?;
+    if a.detach && !backend.is_serve() {
+        bail!(
+            "--detach needs a running host: start `cbtsim serve` on this datastore (a detached workload runs inside it)"
+        );
+    }
+    let ops = match (a.ops, a.seconds, a.detach) {
+        (None, None, false) => Some(10_000),
+        (ops, _, _) => ops,
+    };
+    let run = GuestRun {
+        vm: a.vm.clone(),
+        profile: a.profile.clone(),
+        disk: a.disk,
+        threads: a.threads,
         seed: a.seed,
-        limit,
+        ops,
+        seconds: a.seconds,
         verify: a.verify,
         snapshot_every: a.snapshot_every,
-        apply_flush: true,
-        snapshot_prefix: "cbtsim-guest-run".into(),
-        backup_every: None,
+        detach: true,
     };
-    const TEMPLATE: &str = "{elapsed_precise} {bar:30} {pos} ops {per_sec}";
-    let r = drive::drive(&vm, &plan, &Bar::stderr(TEMPLATE, TEMPLATE));
-    let r = r.with_context(|| format!("guest run on VM {:?} failed", a.vm))?;
-    if a.json {
-        println!("{}", serde_json::to_string(&r)?);
-    } else {
-        println!(
-            "VM {}: profile {} on disk {}, {} threads, {:.2} s, {:.0} ops/s",
-            r.vm, a.profile, a.disk, a.threads, r.elapsed_s, r.ops_per_s
-        );
-        println!("  {} ops: {}", r.counts.ops, op_kinds(&r.counts));
-        print_vm(&r, true);
+    if !a.detach {
+        // Caught before the start, so that no Ctrl-C leaves the workload running.
+        catch_interrupts()?;
     }
-    if r.missed_blocks > 0 {
-        bail!(
-            "{} changed blocks were missing from the tracker's answers",
-            r.missed_blocks
-        );
+    let r = backend.call(Request::GuestRun(run), &())?;
+    let (id, vm) = answer!(r, Response::GuestStarted { id, vm } => (id, vm));
+    if a.detach {
+        if a.json {
+            print_json(&serde_json::json!({ "id": id, "vm": vm }))?;
+        } else {
+            println!("guest workload {id} runs on VM {vm} (cbtsim guest stop {id} stops it)");
+        }
+        return Ok(());
+    }
+    const TEMPLATE: &str = "{elapsed_precise} {bar:30} {pos} ops {per_sec}";
+    const SPINNER: &str = "{elapsed_precise} {spinner} {pos} ops {per_sec}";
+    let bar = Bar::stderr(TEMPLATE, SPINNER).ticking(Duration::from_millis(200));
+    let waited = AtomicBool::new(false);
+    let report = std::thread::scope(|s| {
+        // Ctrl-C (or SIGTERM) stops the workload; its report comes back to the wait.
+        s.spawn(|| {
+            while !waited.load(Ordering::Relaxed) {
+                if interrupted() {
+                    let _ = backend.call(Request::GuestStop { id }, &());
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let r = backend.call(Request::GuestWait { id }, &bar);
+        waited.store(true, Ordering::Relaxed);
+        r
+    })?;
+    let report = answer!(report, Response::Guest(g) => g);
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_guest(&report);
+    }
+    if interrupted() {
+        bail!("interrupted: guest workload {id} on VM {vm} was stopped");
+    }
+    if let Some(e) = &report.error {
+        bail!("guest workload {id} on VM {vm} failed: {e}");
     }
     Ok(())
 }

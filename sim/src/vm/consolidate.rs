@@ -132,6 +132,11 @@ impl Vm {
             c.merge_into(&p)?;
             self.save_without(cfg, d, c.id)?;
             let small = h.grain_count() <= SMALL_HELPER_GRAINS;
+            if small {
+                // The merge below runs inside the stun: fault in the pages it
+                // writes first (grains the guest adds meanwhile still fault).
+                h.prefault_merge(&p)?;
+            }
             {
                 let mut stun = self.stun();
                 let chain = &mut stun.guard.disks[d].chain;

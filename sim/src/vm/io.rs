@@ -8,6 +8,8 @@
 //! Either way it takes no lock (the gate's read side is a per-thread shard)
 //! and allocates nothing.
 
+use std::sync::Arc;
+
 use tracker::MarkDirty;
 
 use super::{check_range, Vm};
@@ -44,6 +46,14 @@ impl Vm {
     }
 
     /// The write path: under the gate, check, mark `marker`, copy.
+    ///
+    /// A write that would create an extent file or fault in fresh pages of
+    /// the top layer (its first write to a grain of a new delta) does that
+    /// first without the gate, then takes it again: a stun never waits for a
+    /// writer inside a page fault it could have taken before. Such a write
+    /// holds a reference to the layer while the gate is not held (the only
+    /// case that touches a reference count); the write itself runs only
+    /// under the gate, after it checked everything again.
     #[inline]
     fn guest_io<M: MarkDirty + ?Sized>(
         &self,
@@ -54,27 +64,39 @@ impl Vm {
         src: Src<'_>,
     ) -> Result<(), SimError> {
         fault_point!(crate::fault::Point::BeforeGate { disk, offset, len });
-        let io = self.gate();
-        if !io.powered_on {
-            return Err(SimError::PoweredOff(self.name.clone()));
+        let mut prefaulted = 0;
+        loop {
+            let io = self.gate();
+            if !io.powered_on {
+                return Err(SimError::PoweredOff(self.name.clone()));
+            }
+            let d = self.disk_io(&io, disk)?;
+            check_range(disk, offset, len, d.capacity)?;
+            if len == 0 {
+                return Ok(());
+            }
+            let (top, below) = d.chain.split_last().expect("a chain has a base layer");
+            // At most twice: a layer that keeps changing under a writer
+            // (snapshot after snapshot) cannot make it loop.
+            if prefaulted < 2 && !top.ready(offset, len, src) {
+                let top = Arc::clone(top);
+                drop(io);
+                top.prefault(offset, len, src)?;
+                prefaulted += 1;
+                continue;
+            }
+            // Mark first: a write that fails half-way is over-reported, never lost.
+            marker.mark(offset, len);
+            fault_point!(crate::fault::Point::Marked { disk, offset, len });
+            if below.is_empty() {
+                return top.write_raw(offset, len, src);
+            }
+            // Grains the write covers whole become present only once its data is
+            // in them: killed before, the delta does not hold them (old content).
+            let written = top.cow(offset, len, below).and_then(|()| top.write_raw(offset, len, src));
+            top.publish(offset, len);
+            return written;
         }
-        let d = self.disk_io(&io, disk)?;
-        check_range(disk, offset, len, d.capacity)?;
-        if len == 0 {
-            return Ok(());
-        }
-        // Mark first: a write that fails half-way is over-reported, never lost.
-        marker.mark(offset, len);
-        fault_point!(crate::fault::Point::Marked { disk, offset, len });
-        let (top, below) = d.chain.split_last().expect("a chain has a base layer");
-        if below.is_empty() {
-            return top.write_raw(offset, len, src);
-        }
-        // Grains the write covers whole become present only once its data is
-        // in them: killed before, the delta does not hold them (old content).
-        let written = top.cow(offset, len, below).and_then(|()| top.write_raw(offset, len, src));
-        top.publish(offset, len);
-        written
     }
 
     /// A guest read of the live disk.

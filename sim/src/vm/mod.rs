@@ -147,10 +147,27 @@ fn lock_vm(dir: &Path, name: &str) -> Result<File, SimError> {
         .write(true)
         .open(&path)
         .map_err(io_err(&path))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(SimError::VmInUse(name.to_owned())),
-        Err(std::fs::TryLockError::Error(e)) => Err(io_err(&path)(e)),
+    // Readers (`Host::view`) hold the lock shared for the moment a listing or
+    // a query takes: wait for them a little. A writer holds it exclusively for
+    // as long as it keeps the VM open: give up at once.
+    let deadline = Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(f),
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&path)(e)),
+            Err(std::fs::TryLockError::WouldBlock) => {}
+        }
+        let readers_only = match f.try_lock_shared() {
+            Ok(()) => {
+                let _ = f.unlock();
+                true
+            }
+            Err(_) => false,
+        };
+        if !readers_only || Instant::now() >= deadline {
+            return Err(SimError::VmInUse(name.to_owned()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 

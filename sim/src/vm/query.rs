@@ -57,16 +57,31 @@ impl Vm {
         start_offset: u64,
         change_id: &str,
     ) -> Result<DiskChangeInfo, SimError> {
+        let max = self.max_areas.load(std::sync::atomic::Ordering::Relaxed);
+        self.query_changed_disk_areas_max(snap, disk, start_offset, change_id, max)
+    }
+
+    /// [`query_changed_disk_areas`](Self::query_changed_disk_areas) with at
+    /// most `max_areas` areas in the page (at least 1) instead of the VM's
+    /// own limit: for front ends with a limit of their own.
+    pub fn query_changed_disk_areas_max(
+        &self,
+        snap: &str,
+        disk: usize,
+        start_offset: u64,
+        change_id: &str,
+        max_areas: usize,
+    ) -> Result<DiskChangeInfo, SimError> {
         let since = match change_id.trim() {
             "*" => Since::Allocated,
             s => Since::Change(s.parse()?),
         };
         let cfg = self.meta.lock();
         let sd = self.snap_disk(&cfg, snap, disk)?;
-        let max = self.max_areas.load(std::sync::atomic::Ordering::Relaxed);
-        let page = self.disks[disk]
-            .tracker
-            .changed_areas(since, sd.seq, sd.capacity, start_offset, max)?;
+        let page =
+            self.disks[disk]
+                .tracker
+                .changed_areas(since, sd.seq, sd.capacity, start_offset, max_areas.max(1))?;
         Ok(DiskChangeInfo {
             start_offset: page.start_offset,
             length: page.length,
