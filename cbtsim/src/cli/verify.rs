@@ -113,7 +113,13 @@ pub fn run(ctx: &Ctx, a: &VerifyArgs) -> anyhow::Result<()> {
 }
 
 /// `cbtsim verify --kill`.
-fn run_kill(a: &VerifyArgs, disk_size: u64, granularity: Granularity, seed: u64, dir: Option<PathBuf>) -> anyhow::Result<()> {
+fn run_kill(
+    a: &VerifyArgs,
+    disk_size: u64,
+    granularity: Granularity,
+    seed: u64,
+    dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
     if a.kills == Some(0) {
         bail!("invalid --kills 0: give at least 1");
     }
@@ -179,13 +185,20 @@ fn print_kill(r: &KillReport) {
         "verify --kill: seed {}, {} kills ({} chained: the next worker recovered), {} writer thread(s), {:.1} s",
         r.seed, r.kills, r.chained_kills, r.writers, r.seconds
     );
-    let during: Vec<String> = r.killed_during.iter().map(|(k, v)| format!("{k} {v}")).collect();
-    println!("  killed during: {}", during.join(", "));
-    let ops: Vec<String> = r.ops_started.iter().map(|(k, v)| format!("{k} {v}")).collect();
-    println!("  operations started: {}", ops.join(", "));
+    let list = |m: &std::collections::BTreeMap<String, u64>| {
+        m.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+    };
+    println!("  aimed at: {}", list(&r.aimed_at));
+    println!("  killed during: {}", list(&r.killed_during));
+    println!("  operations started: {}", list(&r.ops_started));
     println!(
         "  {} checks against frozen images: {} missed bytes ({} blocks), {} over-reported bytes",
         r.checks, r.missed_bytes, r.missed_blocks, r.extra_bytes
+    );
+    let t = &r.reopen;
+    println!(
+        "  {} opens after a kill (recovery included): median {:.2} ms, p99 {:.2} ms, max {:.2} ms, mean {:.2} ms",
+        t.count, t.median_ms, t.p99_ms, t.max_ms, t.mean_ms
     );
     println!(
         "  {} acknowledged bytes read back after kills ({} kills with a write in flight): {} lost",
@@ -202,7 +215,11 @@ fn print_kill(r: &KillReport) {
             f.kind,
             f.reason,
             f.bytes_read,
-            if f.restored_identical { "byte-identical" } else { "DIFFERS" }
+            if f.restored_identical {
+                "byte-identical"
+            } else {
+                "DIFFERS"
+            }
         );
     }
     for m in &r.violation_messages {
@@ -212,7 +229,10 @@ fn print_kill(r: &KillReport) {
         println!("  the run's directory is kept: {d}");
     }
     println!("{}", if r.passed { "PASSED" } else { "FAILED" });
-    println!("replay the same rounds: cbtsim verify --kill --seed {} --kills {}", r.seed, r.kills);
+    println!(
+        "replay the same rounds: cbtsim verify --kill --seed {} --kills {}",
+        r.seed, r.kills
+    );
 }
 
 fn print_human(r: &VerifyReport) {

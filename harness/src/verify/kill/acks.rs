@@ -15,8 +15,8 @@
 //! nothing is checked).
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use workloads::fill_pattern;
@@ -293,7 +293,10 @@ mod tests {
         let mut live2 = vec![0u8; 300];
         a.content(&mut live2[100..150]);
         let d = check(&acks, 2, &live2);
-        assert!(d.lost > 0 && d.first_lost.is_some_and(|l| l.0 >= 120 && l.2 == b), "{d:?}");
+        assert!(
+            d.lost > 0 && d.first_lost.is_some_and(|l| l.0 >= 120 && l.2 == b),
+            "{d:?}"
+        );
         // Records of another generation are not checked.
         assert_eq!(check(&acks, 4, &live2).checked, 0);
     }

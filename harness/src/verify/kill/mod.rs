@@ -7,16 +7,21 @@
 //! killed ([`worker`]): writer threads write and unmap, a lifecycle thread creates,
 //! removes (newest: consolidation of the live top behind helper deltas while the writers
 //! write; middle; oldest), reverts, extends, settles, consolidates, toggles CBT (rarely)
-//! and runs backups into the repository. The parent waits a random time drawn from its
-//! seeded generator (from ~0, so that the start and the recovery are killed, to long
-//! enough to be inside a consolidation or a backup; mostly it waits for the worker to
-//! announce an operation and kills shortly after) and sends SIGKILL. The worker prints a
-//! marker line before and after each operation, so each kill is counted by what it
-//! interrupted (`killed_during`).
+//! and runs backups into the repository. Each round aims its kill at one target, in a
+//! shuffled rotation so that every target gets as many rounds ([`TARGETS`]): the start
+//! and recovery (`open`), the writers alone between two operations (`write`), or an
+//! operation (snapshot, remove, backup, revert, extend, cbt), which the worker then
+//! favours. The parent waits for the event (the worker prints a marker line before and
+//! after each operation), then a random time drawn from its seeded generator, and sends
+//! SIGKILL. Each kill is counted by what it interrupted (`killed_during`, read from the
+//! markers), which need not be what it aimed at (`aimed_at`).
 //!
 //! # What is checked after a kill (in this process, model-free)
-//! About two kills in three are checked; after the others the next worker starts at once,
-//! so that recovery itself is killed too. A check opens the VM (recovery runs) and:
+//! About two kills in three are checked at once; after the others the next worker starts
+//! at once, so that recovery itself is killed too (its open is then what the next kill
+//! may interrupt, and a worker that cannot open the VM ends by itself: a violation), and
+//! the check after that kill covers both. A check opens the VM (recovery runs; its time
+//! is `reopen`) and:
 //! * **The VM opens**, has no layer left to consolidate and no orphaned layer file.
 //! * **Acknowledged writes survive**: every byte reads back as the newest write the
 //!   worker's writers were told was done, or as the write in flight (`acks`).
@@ -49,7 +54,10 @@
 //!
 //! # Limitations
 //! One disk. A revert goes only to a snapshot of the current capacity (a revert that
-//! shrinks the disk makes the next backup full, which would hide whether a kill did).
+//! shrinks the disk makes the next backup full, which would hide whether a kill did), so
+//! the disk only grows: extends are small (at most 64 KiB) and stop at twice the
+//! initial size (after some thousands of rounds). The opens timed are the parent's; a
+//! worker's open after a chained kill is not timed.
 //! Power loss (what a kill leaves in the page cache is lost too) is not simulated here.
 
 mod acks;
@@ -58,14 +66,15 @@ mod worker;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backup::{backup_vm, restore_to_file, BackupOptions, PointImage, Progress, Repository};
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -102,6 +111,9 @@ struct Plan {
     max_snapshots: usize,
     /// Whether workers may toggle CBT (not in the rounds before the last backup).
     cbt_toggles: bool,
+    /// The operation the round aims its kill at (a prefix of its name): the
+    /// worker makes it ten times as likely as otherwise.
+    favor: Option<String>,
 }
 
 impl Plan {
@@ -174,6 +186,42 @@ pub struct FinalBackup {
     pub restored_identical: bool,
 }
 
+/// How long the opens after a kill took (the VM's recovery included), in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReopenTimes {
+    /// Opens measured: one per check.
+    pub count: u64,
+    /// The fastest.
+    pub min_ms: f64,
+    /// The median.
+    pub median_ms: f64,
+    /// The 99th percentile (nearest rank).
+    pub p99_ms: f64,
+    /// The slowest.
+    pub max_ms: f64,
+    /// The mean.
+    pub mean_ms: f64,
+}
+
+impl ReopenTimes {
+    fn of(times: &[Duration]) -> Self {
+        if times.is_empty() {
+            return Self::default();
+        }
+        let mut ms: Vec<f64> = times.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        ms.sort_by(f64::total_cmp);
+        let rank = |q: f64| ms[((q * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1];
+        Self {
+            count: ms.len() as u64,
+            min_ms: ms[0],
+            median_ms: rank(0.5),
+            p99_ms: rank(0.99),
+            max_ms: ms[ms.len() - 1],
+            mean_ms: ms.iter().sum::<f64>() / ms.len() as f64,
+        }
+    }
+}
+
 /// The result of a run. It passed when `violations == 0` (which implies no missed or lost byte).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct KillReport {
@@ -185,8 +233,12 @@ pub struct KillReport {
     /// Kills counted by what they interrupted: `open` (start and recovery), an operation,
     /// or `write` (only the writers were at work).
     pub killed_during: BTreeMap<String, u64>,
+    /// The parent's opens of the VM right after a kill (recovery included).
+    pub reopen: ReopenTimes,
     /// Checked kills at which a write was in flight.
     pub kills_mid_write: u64,
+    /// Rounds by what they aimed at (see `killed_during` for what they hit).
+    pub aimed_at: BTreeMap<String, u64>,
     /// Operations the workers started, by kind.
     pub ops_started: BTreeMap<String, u64>,
     /// Query answers compared against frozen images (baselines and `*`).
@@ -240,47 +292,27 @@ pub struct KillReport {
     pub passed: bool,
 }
 
-/// How a round chooses its kill instant.
-#[derive(Debug, Clone, Copy)]
-enum Aim {
-    /// This long after the start (the start and recovery).
-    Startup(Duration),
-    /// This long after an operation whose start marker begins with the prefix.
-    Op(&'static str, Duration),
-    /// This long after an operation ended (the writers alone).
-    Between(Duration),
-}
+/// What a round aims its kill at, with the longest wait in µs: `open`, that long
+/// after the worker started (its start and recovery); `write`, after an operation
+/// ended (the writers alone); else after the worker's marker `start TARGET…`. The
+/// worker favours the target operation, so that it comes soon. The short ones
+/// (extend, cbt: ~0.1 ms) are over soon after their marker reaches the parent.
+const TARGETS: [(&str, u64); 8] = [
+    ("open", 20_000),
+    ("write", 300),
+    ("snapshot", 600),
+    ("remove", 3_000),
+    ("backup", 20_000),
+    ("revert", 600),
+    ("extend", 50),
+    ("cbt", 50),
+];
 
-impl Aim {
-    fn choose(rng: &mut ChaCha8Rng) -> Self {
-        let us = |rng: &mut ChaCha8Rng, max: u64| Duration::from_micros(rng.gen_range(0..=max));
-        match rng.gen_range(0..100) {
-            0..12 => Aim::Startup(us(rng, 20_000)),
-            12..20 => Aim::Between(us(rng, 300)),
-            _ => {
-                const TARGETS: [(&str, u32, u64); 7] = [
-                    ("start snapshot", 3, 600),
-                    ("start remove", 4, 3_000),
-                    ("start backup", 3, 20_000),
-                    ("start revert", 1, 500),
-                    ("start extend", 1, 300),
-                    ("start settle", 1, 300),
-                    ("start consolidate", 1, 2_000),
-                ];
-                let total: u32 = TARGETS.iter().map(|t| t.1).sum();
-                let mut pick = rng.gen_range(0..total);
-                let &(prefix, _, max) = TARGETS
-                    .iter()
-                    .find(|t| {
-                        let hit = pick < t.1;
-                        pick = pick.saturating_sub(t.1);
-                        hit
-                    })
-                    .expect("pick < total");
-                Aim::Op(prefix, us(rng, max))
-            }
-        }
-    }
+/// A round's kill instant: this long after the event `target` names (see [`TARGETS`]).
+#[derive(Debug, Clone, Copy)]
+struct Aim {
+    target: &'static str,
+    wait: Duration,
 }
 
 /// A change ID kept with the image it stands for.
@@ -360,6 +392,7 @@ pub fn run(
         max_capacity: 2 * cfg.disk_size,
         max_snapshots: 4,
         cbt_toggles: true,
+        favor: None,
     };
     plan.save(&dir)?;
     let host = Host::open(&dir.join(DATASTORE))?;
@@ -396,6 +429,8 @@ pub fn run(
         toggles: 0,
         toggles_checked: 0,
         checked: 0,
+        reopens: Vec::new(),
+        aims: Vec::new(),
     };
     let start = Instant::now();
     progress.begin("verify --kill", cfg.kills);
@@ -406,6 +441,7 @@ pub fn run(
         r.finish(spawn)?;
     }
     r.report.seconds = start.elapsed().as_secs_f64();
+    r.report.reopen = ReopenTimes::of(&r.reopens);
     r.report.interrupted = progress.cancelled();
     r.report.passed = r.report.violations == 0;
     if !r.report.passed {
@@ -424,7 +460,6 @@ struct Run<'a> {
     rng: ChaCha8Rng,
     report: KillReport,
     baselines: VecDeque<Baseline>,
-    /// Snapshots seen, with their images.
     /// Snapshots seen, by name and change ID (a backup killed before it committed its
     /// point leaves a snapshot whose name the next backup gives to a new one), with their
     /// images.
@@ -436,6 +471,11 @@ struct Run<'a> {
     toggles_checked: u64,
     /// Checks done.
     checked: u64,
+    /// How long each check's open took.
+    reopens: Vec<Duration>,
+    /// The targets of the next rounds (indices into [`TARGETS`]): each target in
+    /// turn, in a shuffled order, so that every one is aimed at as often.
+    aims: Vec<usize>,
 }
 
 /// What one round saw of its worker.
@@ -493,7 +533,18 @@ impl Run<'_> {
     /// and whether the worker ended by itself (a violation that ends the run).
     fn kill(&mut self, spawn: &dyn Fn(&Path, u64) -> Command) -> Result<(String, bool), HarnessError> {
         let wseed: u64 = self.rng.gen();
-        let aim = Aim::choose(&mut self.rng);
+        if self.aims.is_empty() {
+            self.aims = (0..TARGETS.len()).collect();
+            self.aims.shuffle(&mut self.rng);
+        }
+        let (target, max) = TARGETS[self.aims.pop().expect("refilled")];
+        let aim = Aim {
+            target,
+            wait: Duration::from_micros(self.rng.gen_range(0..=max)),
+        };
+        *self.report.aimed_at.entry(target.to_owned()).or_default() += 1;
+        self.plan.favor = (target != "open" && target != "write").then(|| target.to_owned());
+        self.plan.save(&self.dir)?;
         let r = self.round(spawn(&self.dir, wseed), aim)?;
         self.report.kills += 1;
         *self.report.killed_during.entry(r.phase.clone()).or_default() += 1;
@@ -510,7 +561,6 @@ impl Run<'_> {
 
     /// Starts a worker with `cmd`, kills it at the instant `aim` says, and reads what it printed.
     fn round(&mut self, mut cmd: Command, aim: Aim) -> Result<Round, HarnessError> {
-        let t0 = Instant::now();
         let acks = self.dir.join(ACKS);
         match std::fs::remove_file(&acks) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&acks)(e)),
@@ -537,23 +587,26 @@ impl Run<'_> {
             }
         });
         let mut lines = Vec::new();
+        // A sleep lasts at least ~60 µs more than asked (timer slack): short
+        // waits spin, so that a kill can land inside a 0.1 ms operation.
         let wait = |d: Duration| {
-            if !d.is_zero() {
+            if d >= Duration::from_millis(1) {
                 std::thread::sleep(d);
+            } else {
+                let until = Instant::now() + d;
+                while Instant::now() < until {
+                    std::hint::spin_loop();
+                }
             }
         };
-        match aim {
-            Aim::Startup(d) => wait(d),
-            Aim::Op(prefix, d) => {
-                wait_for(&rx, &mut lines, &mut child, |l| l.starts_with(prefix));
-                wait(d);
-            }
-            Aim::Between(d) => {
-                wait_for(&rx, &mut lines, &mut child, |l| l.starts_with("done "));
-                wait(d);
-            }
+        match aim.target {
+            "open" => {}
+            "write" => wait_for(&rx, &mut lines, &mut child, |l| l.starts_with("done ")),
+            op => wait_for(&rx, &mut lines, &mut child, |l| {
+                l.strip_prefix("start ").is_some_and(|o| o.starts_with(op))
+            }),
         }
-        let t_aim = t0.elapsed();
+        wait(aim.wait);
         let ended = child.try_wait().map_err(io(Path::new("the worker")))?;
         if ended.is_none() {
             // SIGKILL: nothing of the worker runs after this.
@@ -581,12 +634,16 @@ impl Run<'_> {
             }
         }
         let phase = if open_done { current.unwrap_or("write") } else { "open" };
-        if std::env::var_os("KILL_TRACE").is_some() {
-            eprintln!("TRACE aim {aim:?} waited {:?} total {:?} phase {phase} lines {}", t_aim, t0.elapsed(), lines.len());
-        }
         let exited = ended.map(|_| {
             let err = std::fs::read_to_string(&err_path).unwrap_or_default();
-            let tail: String = err.chars().rev().take(600).collect::<Vec<_>>().into_iter().rev().collect();
+            let tail: String = err
+                .chars()
+                .rev()
+                .take(600)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
             format!("{status}: {}", tail.trim())
         });
         Ok(Round {
@@ -598,17 +655,12 @@ impl Run<'_> {
     /// Opens the VM after a kill and checks it (see the module docs). Returns false when
     /// the run cannot go on (the VM does not open).
     fn check(&mut self, ctx: &str) -> Result<bool, HarnessError> {
-        let t0 = Instant::now();
-        let r = self.check_(ctx);
-        if std::env::var_os("KILL_TRACE").is_some() {
-            eprintln!("TRACE check {:?}", t0.elapsed());
-        }
-        r
-    }
-    fn check_(&mut self, ctx: &str) -> Result<bool, HarnessError> {
-        let topen = Instant::now();
-        let vm = match self.host.vm(VM_NAME).inspect(|_| if std::env::var_os("KILL_TRACE").is_some() { eprintln!("TRACE   open {:?}", topen.elapsed()); }) {
-            Ok(vm) => vm,
+        let t = Instant::now();
+        let vm = match self.host.vm(VM_NAME) {
+            Ok(vm) => {
+                self.reopens.push(t.elapsed());
+                vm
+            }
             Err(e) => {
                 self.violation(format!("{ctx}: the VM does not open: {e}"));
                 return Ok(false);
@@ -623,8 +675,6 @@ impl Run<'_> {
     }
 
     fn check_open(&mut self, vm: &Vm, ctx: &str) -> Result<(), HarnessError> {
-        let tt = Instant::now();
-        let tr = |w: &str| if std::env::var_os("KILL_TRACE").is_some() { eprintln!("TRACE   {w} {:?}", tt.elapsed()); };
         let g = vm.granularity(0)?.bytes();
         if vm.needs_consolidation() {
             self.violation(format!("{ctx}: a layer is left to consolidate after the open"));
@@ -638,9 +688,7 @@ impl Run<'_> {
                 vm.set_cbt(true)?;
             }
         }
-        tr("pre-durability");
         self.check_durability(vm, ctx)?;
-        tr("durability");
         // Snapshots: the known ones are unchanged, new ones are recorded.
         let listed = vm.snapshots();
         let key = |s: &sim::SnapshotSummary| (s.name.clone(), s.disks[0].change_id.clone());
@@ -675,9 +723,7 @@ impl Run<'_> {
                 }
             }
         }
-        tr("snapshots");
         self.check_points(ctx)?;
-        tr("points");
         // A new snapshot, checked against every baseline.
         let name = format!("check-{}", self.checked);
         let info = vm.create_snapshot(&name)?;
@@ -694,7 +740,6 @@ impl Run<'_> {
             }
             Err(e) => self.violation(format!("{ctx}: `*` at {name}: {e}")),
         }
-        tr("fresh+star");
         let session = session_of(&cid).to_owned();
         let mut keep = VecDeque::new();
         for b in std::mem::take(&mut self.baselines) {
@@ -730,12 +775,9 @@ impl Run<'_> {
             image: now,
             toggles: self.toggles,
         });
-        tr("baselines");
         vm.remove_snapshot(&name)?;
-        tr("remove");
         if self.checked.is_multiple_of(10) {
             self.verify_repository(ctx)?;
-        tr("verify");
         }
         Ok(())
     }
@@ -776,7 +818,9 @@ impl Run<'_> {
             }
         }
         if !orphans.is_empty() {
-            self.violation(format!("{ctx}: orphaned layer files after the open: {orphans:?} (chain {chain:?})"));
+            self.violation(format!(
+                "{ctx}: orphaned layer files after the open: {orphans:?} (chain {chain:?})"
+            ));
         }
         Ok(())
     }

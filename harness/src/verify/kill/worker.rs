@@ -241,12 +241,14 @@ fn lifecycle(
             Op::RemoveMiddle => (n >= 3) as u32 * 5,
             Op::RemoveOldest => (n >= 2) as u32 * 6 + (n > plan.max_snapshots) as u32 * 100,
             Op::Revert => (!revertible.is_empty()) as u32 * 3,
-            Op::Extend => (cap + CHUNK <= plan.max_capacity) as u32 * 3,
+            Op::Extend => (cap < plan.max_capacity) as u32 * 3,
             Op::Settle => 6,
             Op::Backup => 8,
             Op::Consolidate => 2,
             Op::Cbt => plan.cbt_toggles as u32,
         };
+        let favored = |op: Op| plan.favor.as_deref().is_some_and(|f| op.name().starts_with(f));
+        let weight = |op: Op| weight(op) * if favored(op) { 10 } else { 1 };
         let total: u32 = Op::ALL.iter().map(|&o| weight(o)).sum();
         let mut pick = rng.gen_range(0..total);
         let op = *Op::ALL
@@ -288,7 +290,8 @@ fn lifecycle(
                 sh.acks.set_gen(*gen).map_err(log)?;
             }
             Op::Extend => {
-                let to = (cap + 512 * rng.gen_range(1..=(4 * CHUNK) / 512)).min(plan.max_capacity);
+                // Small steps: the disk only grows (see `kill`'s docs), and there are many.
+                let to = (cap + 512 * rng.gen_range(1..=128)).min(plan.max_capacity);
                 vm.extend_disk(0, to).map_err(|e| fail(&e))?;
             }
             Op::Settle => {
@@ -298,7 +301,11 @@ fn lifecycle(
             }
             Op::Backup => {
                 let opts = BackupOptions {
-                    compression: if rng.gen() { Compression::Zstd } else { Compression::None },
+                    compression: if rng.gen() {
+                        Compression::Zstd
+                    } else {
+                        Compression::None
+                    },
                     ..BackupOptions::default()
                 };
                 backup_vm(vm, VM_NAME, repo, &opts, &()).map_err(|e| fail(&e))?;
