@@ -345,8 +345,8 @@ fn kill_point() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::Cell;
     use proptest::prelude::*;
+    use std::cell::Cell;
     use std::collections::BTreeSet;
 
     fn bitmap(nbits: u64) -> (tempfile::NamedTempFile, AtomicBitmap) {
@@ -581,7 +581,10 @@ mod tests {
                 let b = remap(&f, NBITS);
                 assert!(b.invariant_holds(), "{op:?} killed before store {n}");
                 let found = bits(&b, 0);
-                assert!(found.is_superset(&before) && found.is_subset(&after), "{op:?} killed before store {n}");
+                assert!(
+                    found.is_superset(&before) && found.is_subset(&after),
+                    "{op:?} killed before store {n}"
+                );
                 if done {
                     assert_eq!(found, after, "{op:?}");
                     break;

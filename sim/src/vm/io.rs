@@ -93,7 +93,9 @@ impl Vm {
             }
             // Grains the write covers whole become present only once its data is
             // in them: killed before, the delta does not hold them (old content).
-            let written = top.cow(offset, len, below).and_then(|()| top.write_raw(offset, len, src));
+            let written = top
+                .cow(offset, len, below)
+                .and_then(|()| top.write_raw(offset, len, src));
             top.publish(offset, len);
             return written;
         }
