@@ -22,7 +22,7 @@ use std::path::Path;
 use workloads::fill_pattern;
 
 /// Acknowledged writes kept per writer.
-pub(super) const RING: u64 = 256;
+pub(super) const RING: u64 = 4096;
 /// Bytes per chunk of the disk that one writer owns.
 pub(super) const CHUNK: u64 = 1 << 20;
 const REC: u64 = 64;
@@ -163,86 +163,123 @@ impl Acks {
     }
 }
 
+/// A byte that reads back wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Lost {
+    /// Its offset.
+    pub(super) at: u64,
+    /// What it should hold.
+    pub(super) want: u8,
+    /// The acknowledged write that put that there (`None`: the byte was not
+    /// written since the base image).
+    pub(super) by: Option<Rec>,
+    /// What it holds.
+    pub(super) got: u8,
+    /// The write in flight of the writer that owns it, if any.
+    pub(super) flight: Option<Rec>,
+}
+
 /// What checking a live disk against the log found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Durability {
-    /// Bytes whose content the log determines, compared.
+    /// Bytes whose content the log (and the base image) determines, compared.
     pub(super) checked: u64,
-    /// Of those, bytes that hold neither the acknowledged content nor the write in flight.
+    /// Of those, bytes that hold neither what they should nor the write in flight.
     pub(super) lost: u64,
-    /// The first such byte: its offset, what it should hold (and the write that put it
-    /// there), what it holds, and the write in flight.
-    pub(super) first_lost: Option<(u64, u8, Rec, u8, Option<Rec>)>,
+    /// The first such byte.
+    pub(super) first_lost: Option<Lost>,
     /// A write was in flight at the kill.
     pub(super) in_flight: bool,
 }
 
+impl Acks {
+    /// Whether the log holds every write of its worker (none was pushed out of
+    /// the rings): only then does it say what every byte holds, given the image
+    /// the worker started from.
+    pub(super) fn complete(&self) -> bool {
+        self.writers
+            .iter()
+            .all(|(_, ring)| ring.last().is_none_or(|r| r.seq == ring.len() as u64))
+    }
+}
+
 /// Checks `live` (the disk after the kill) against the log of generation `gen`.
-pub(super) fn check(acks: &Acks, gen: u64, live: &[u8]) -> Durability {
+/// Without `base`, only the bytes the log's acknowledged writes cover are checked:
+/// each must hold the newest such write. With `base` (the image the worker
+/// started from, when the log is [`complete`](Acks::complete) and the worker did
+/// not revert), every byte is: the others must hold the base (zeros past its end:
+/// the disk was extended). A byte the write in flight covers may hold that
+/// write's content instead (it may have landed in part).
+pub(super) fn check(acks: &Acks, gen: u64, live: &[u8], base: Option<&[u8]>) -> Durability {
     let mut d = Durability::default();
-    let (mut want, mut alt) = (Vec::new(), Vec::new());
+    let n = live.len();
+    let inside = |r: &Rec| -> Option<Range<usize>> {
+        let end = r.offset.checked_add(r.len)?;
+        (r.gen == gen && end <= n as u64).then_some(r.offset as usize..end as usize)
+    };
+    // What every byte should hold: the base, then each acknowledged write, oldest
+    // first (a writer's bytes are its own, so writers' order does not matter).
+    let mut expect = vec![0u8; n];
+    let mut known = Vec::new();
+    if let Some(b) = base {
+        let k = b.len().min(n);
+        expect[..k].copy_from_slice(&b[..k]);
+        known.push(0..n);
+    }
+    let mut by: Vec<(Range<usize>, Rec)> = Vec::new();
+    let mut flights: Vec<(Rec, Range<usize>, Vec<u8>)> = Vec::new();
     for (flight, ring) in &acks.writers {
-        let inside = |r: &Rec| -> Option<Range<usize>> {
-            let end = r.offset.checked_add(r.len)?;
-            (r.gen == gen && end <= live.len() as u64).then_some(r.offset as usize..end as usize)
-        };
-        // A write in flight may have landed in part: its bytes may hold either.
         let acked = ring.last().map_or(0, |r| r.seq);
-        let flight = flight.filter(|f| f.seq > acked);
-        d.in_flight |= flight.is_some();
-        let flight = flight.and_then(|f| {
-            let range = inside(&f)?;
-            alt.resize(range.len(), 0);
-            f.content(&mut alt);
-            Some((f, range))
-        });
-        // Newest first: a byte is checked against the newest acknowledged write that covers it.
-        let mut claimed: Vec<Range<usize>> = Vec::new();
-        for r in ring.iter().rev() {
-            let Some(range) = inside(r) else { continue };
-            want.resize(range.len(), 0);
-            r.content(&mut want);
-            for part in uncovered(range.clone(), &claimed) {
-                d.checked += part.len() as u64;
-                let w = &want[part.start - range.start..part.end - range.start];
-                if live[part.clone()] == *w {
-                    continue;
-                }
-                for (i, &b) in part.clone().zip(w) {
-                    let other = flight
-                        .as_ref()
-                        .and_then(|(_, fr)| fr.contains(&i).then(|| alt[i - fr.start]));
-                    if live[i] != b && other != Some(live[i]) {
-                        d.lost += 1;
-                        d.first_lost
-                            .get_or_insert((i as u64, b, *r, live[i], flight.as_ref().map(|f| f.0)));
-                    }
-                }
+        if let Some(f) = flight.filter(|f| f.seq > acked) {
+            d.in_flight = true;
+            if let Some(range) = inside(&f) {
+                let mut content = vec![0u8; range.len()];
+                f.content(&mut content);
+                flights.push((f, range, content));
             }
-            claimed.push(range);
+        }
+        for r in ring {
+            if let Some(range) = inside(r) {
+                r.content(&mut expect[range.clone()]);
+                known.push(range.clone());
+                by.push((range, *r));
+            }
+        }
+    }
+    for k in merged(known) {
+        d.checked += k.len() as u64;
+        if live[k.clone()] == expect[k.clone()] {
+            continue;
+        }
+        for i in k.filter(|&i| live[i] != expect[i]) {
+            let flight = flights.iter().find(|(_, fr, _)| fr.contains(&i));
+            if flight.is_some_and(|(_, fr, c)| c[i - fr.start] == live[i]) {
+                continue;
+            }
+            d.lost += 1;
+            d.first_lost.get_or_insert(Lost {
+                at: i as u64,
+                want: expect[i],
+                by: by.iter().rev().find(|(r, _)| r.contains(&i)).map(|(_, rec)| *rec),
+                got: live[i],
+                flight: flight.map(|f| f.0),
+            });
         }
     }
     d
 }
 
-/// The parts of `range` outside every range of `claimed`.
-fn uncovered(range: Range<usize>, claimed: &[Range<usize>]) -> Vec<Range<usize>> {
-    let mut parts = vec![range];
-    for c in claimed {
-        parts = parts
-            .into_iter()
-            .flat_map(|p| {
-                if c.end <= p.start || p.end <= c.start {
-                    return vec![p];
-                }
-                [p.start..c.start.max(p.start), c.end.min(p.end)..p.end]
-                    .into_iter()
-                    .filter(|q| !q.is_empty())
-                    .collect()
-            })
-            .collect();
+/// `ranges` sorted and merged where they overlap or touch.
+fn merged(mut ranges: Vec<Range<usize>>) -> Vec<Range<usize>> {
+    ranges.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
     }
-    parts
+    out
 }
 
 #[cfg(test)]
@@ -279,7 +316,7 @@ mod tests {
         let mut live = vec![0u8; 300];
         a.content(&mut live[100..150]);
         b.content(&mut live[120..130]);
-        let d = check(&acks, 2, &live);
+        let d = check(&acks, 2, &live, None);
         assert_eq!((d.checked, d.lost, d.in_flight), (50, 0, true));
         // The write in flight landed in part: still fine.
         c.content(&mut live[0..200]);
@@ -288,24 +325,86 @@ mod tests {
             a.content(&mut x);
             x
         });
-        assert_eq!(check(&acks, 2, &live).lost, 0);
+        assert_eq!(check(&acks, 2, &live, None).lost, 0);
         // An acknowledged byte that holds neither is lost; b's bytes are wanted over a's.
         let mut live2 = vec![0u8; 300];
         a.content(&mut live2[100..150]);
-        let d = check(&acks, 2, &live2);
+        let d = check(&acks, 2, &live2, None);
         assert!(
-            d.lost > 0 && d.first_lost.is_some_and(|l| l.0 >= 120 && l.2 == b),
+            d.lost > 0 && d.first_lost.is_some_and(|l| l.at >= 120 && l.by == Some(b)),
             "{d:?}"
         );
         // Records of another generation are not checked.
-        assert_eq!(check(&acks, 4, &live2).checked, 0);
+        assert_eq!(check(&acks, 4, &live2, None).checked, 0);
     }
 
     #[test]
-    fn uncovered_cuts_the_claimed_ranges_out() {
-        assert_eq!(uncovered(10..50, &[]), vec![10..50]);
-        assert_eq!(uncovered(10..50, &[20..30, 0..12, 45..60]), vec![12..20, 30..45]);
-        assert_eq!(uncovered(10..50, &[0..100]), Vec::<Range<usize>>::new());
+    fn with_a_base_image_every_byte_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("acks");
+        let log = AckLog::create(&path).unwrap();
+        log.set_gen(2).unwrap();
+        let (a, c) = (rec(1, 100, 50, 7), rec(2, 400, 100, 9));
+        log.in_flight(0, &a).unwrap();
+        log.acknowledged(0, &a).unwrap();
+        log.in_flight(0, &c).unwrap();
+        let acks = Acks::read(&path, 1).unwrap();
+        assert!(acks.complete());
+        // The worker started from `base` (300 bytes; the disk was extended to 600).
+        let base: Vec<u8> = (0..300).map(|i| i as u8 | 1).collect();
+        let mut live = vec![0u8; 600];
+        live[..300].copy_from_slice(&base);
+        a.content(&mut live[100..150]);
+        let d = check(&acks, 2, &live, Some(&base));
+        assert_eq!((d.checked, d.lost), (600, 0));
+        // The write in flight landed in part.
+        let mut part = vec![0u8; 100];
+        c.content(&mut part);
+        live[400..430].copy_from_slice(&part[..30]);
+        assert_eq!(check(&acks, 2, &live, Some(&base)).lost, 0);
+        // A byte no write touched that changed is lost; so is one past the old end.
+        live[10] ^= 0xff;
+        live[350] = 1;
+        let d = check(&acks, 2, &live, Some(&base));
+        assert_eq!(d.lost, 2);
+        assert_eq!(d.first_lost.map(|l| (l.at, l.by)), Some((10, None)));
+        // Without the base only the acknowledged bytes are checked.
+        assert_eq!(
+            check(&acks, 2, &live, None),
+            Durability {
+                checked: 50,
+                lost: 0,
+                first_lost: None,
+                in_flight: true
+            }
+        );
+    }
+
+    #[test]
+    fn a_log_is_complete_until_its_ring_wraps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("acks");
+        let log = AckLog::create(&path).unwrap();
+        for seq in 1..=RING {
+            log.acknowledged(0, &rec(seq, 0, 1, seq)).unwrap();
+        }
+        assert!(Acks::read(&path, 1).unwrap().complete());
+        log.acknowledged(0, &rec(RING + 1, 0, 1, 0)).unwrap();
+        assert!(!Acks::read(&path, 1).unwrap().complete(), "write 1 was pushed out");
+        // A record that is missing (torn) also makes it incomplete.
+        let log = AckLog::create(&path).unwrap();
+        log.acknowledged(0, &rec(1, 0, 1, 0)).unwrap();
+        log.acknowledged(0, &rec(3, 0, 1, 0)).unwrap();
+        assert!(!Acks::read(&path, 1).unwrap().complete());
+    }
+
+    #[test]
+    fn merged_joins_overlapping_and_touching_ranges() {
+        assert_eq!(merged(vec![]), Vec::<Range<usize>>::new());
+        assert_eq!(
+            merged(vec![20..30, 0..12, 10..15, 30..31, 45..60]),
+            vec![0..15, 20..31, 45..60]
+        );
     }
 
     #[test]

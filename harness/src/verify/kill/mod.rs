@@ -24,7 +24,10 @@
 //! is `reopen`) and:
 //! * **The VM opens**, has no layer left to consolidate and no orphaned layer file.
 //! * **Acknowledged writes survive**: every byte reads back as the newest write the
-//!   worker's writers were told was done, or as the write in flight (`acks`).
+//!   worker's writers were told was done, or as the write in flight (`acks`). Where
+//!   one worker ran since the last check and did not revert, every other byte must
+//!   hold what the last check read (`whole_disk_durability_checks`): a kill inside a
+//!   consolidation, a copy-on-write or a recovery must change no byte.
 //! * **Snapshots stay frozen**: each snapshot the parent has seen is read again and must be
 //!   unchanged. A snapshot is recorded the first time a check sees it.
 //! * **No missed byte**: every change ID the parent has seen (of a snapshot, of a committed
@@ -249,9 +252,13 @@ pub struct KillReport {
     pub missed_blocks: u64,
     /// Reported bytes in blocks where nothing differed (over-reporting, allowed).
     pub extra_bytes: u64,
-    /// Acknowledged bytes read back after kills.
+    /// Bytes read back after kills whose content the checks knew: the bytes of the
+    /// killed worker's acknowledged writes, and in a whole-disk check every byte.
     pub durable_bytes_checked: u64,
-    /// Acknowledged bytes that did not read back (must be 0).
+    /// Checks that knew every byte of the disk: the last check's image and the
+    /// acknowledged writes of the one worker since (see [`Run::check_durability`]).
+    pub whole_disk_durability_checks: u64,
+    /// Bytes that did not read back as written (must be 0).
     pub lost_bytes: u64,
     /// Snapshots read again and found unchanged.
     pub frozen_checks: u64,
@@ -431,6 +438,8 @@ pub fn run(
         checked: 0,
         reopens: Vec::new(),
         aims: Vec::new(),
+        base: Some(Arc::new(vec![0; cfg.disk_size as usize])),
+        workers_since_check: 0,
     };
     let start = Instant::now();
     progress.begin("verify --kill", cfg.kills);
@@ -473,6 +482,10 @@ struct Run<'a> {
     checked: u64,
     /// How long each check's open took.
     reopens: Vec<Duration>,
+    /// The disk's content at the last check (at the start: zeros).
+    base: Option<Arc<Vec<u8>>>,
+    /// Workers started since the last check.
+    workers_since_check: u64,
     /// The targets of the next rounds (indices into [`TARGETS`]): each target in
     /// turn, in a shuffled order, so that every one is aimed at as often.
     aims: Vec<usize>,
@@ -545,6 +558,7 @@ impl Run<'_> {
         *self.report.aimed_at.entry(target.to_owned()).or_default() += 1;
         self.plan.favor = (target != "open" && target != "write").then(|| target.to_owned());
         self.plan.save(&self.dir)?;
+        self.workers_since_check += 1;
         let r = self.round(spawn(&self.dir, wseed), aim)?;
         self.report.kills += 1;
         *self.report.killed_during.entry(r.phase.clone()).or_default() += 1;
@@ -667,6 +681,10 @@ impl Run<'_> {
             }
         };
         let r = self.check_open(&vm, ctx);
+        self.workers_since_check = 0;
+        if r.is_err() {
+            self.base = None;
+        }
         drop(self.host.close_vm(VM_NAME));
         drop(vm);
         self.toggles_checked = self.toggles;
@@ -769,6 +787,7 @@ impl Run<'_> {
             }
         }
         self.baselines = keep;
+        self.base = Some(now.clone());
         self.add_baseline(Baseline {
             what: format!("check snapshot {name}"),
             cid,
@@ -825,27 +844,47 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Every acknowledged write of the killed worker reads back.
+    /// Every acknowledged write of the killed worker reads back; where the check
+    /// knows the image the worker started from, every other byte holds it.
     fn check_durability(&mut self, vm: &Vm, ctx: &str) -> Result<(), HarnessError> {
         let path = self.dir.join(ACKS);
         let acks = match Acks::read(&path, self.plan.writers) {
             Ok(a) => a,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()), // killed before it made one
+            // Killed before it made one (in its open): it wrote nothing.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Acks {
+                gen: Some(0),
+                writers: Vec::new(),
+            },
             Err(e) => return Err(io(&path)(e)),
         };
         let Some(gen) = acks.gen.filter(|g| g % 2 == 0) else {
             return Ok(()); // killed inside a revert: the content changed back
         };
         let live = live_image(vm)?;
-        let d = acks::check(&acks, gen, &live);
+        // The whole disk is known where one worker ran since the last check, did
+        // not revert, and its log holds all its writes.
+        let base = self
+            .base
+            .as_deref()
+            .filter(|_| self.workers_since_check == 1 && gen == 0 && acks.complete());
+        let d = acks::check(&acks, gen, &live, base.map(|b| &b[..]));
         self.report.durable_bytes_checked += d.checked;
+        self.report.whole_disk_durability_checks += u64::from(base.is_some());
         self.report.lost_bytes += d.lost;
         self.report.kills_mid_write += u64::from(d.in_flight);
-        if let Some((at, want, rec, got, flight)) = d.first_lost {
+        if let Some(l) = d.first_lost {
             self.violation(format!(
-                "{ctx}: {} acknowledged bytes were lost; the first at {at} holds {got:#04x}, not {want:#04x} \
-                 (acknowledged write {rec:?}; in flight: {flight:?})",
-                d.lost
+                "{ctx}: {} bytes do not read back as written; the first at {} holds {:#04x}, not {:#04x} \
+                 (written by {}; in flight: {:?})",
+                d.lost,
+                l.at,
+                l.got,
+                l.want,
+                l.by.map_or(
+                    "no write of this worker: the image it started from".to_owned(),
+                    |r| format!("{r:?}")
+                ),
+                l.flight
             ));
         }
         Ok(())

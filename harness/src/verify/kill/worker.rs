@@ -21,10 +21,12 @@ use crate::HarnessError;
 
 /// A worker that was never killed gives up after this long (its parent is gone).
 const LIFETIME: Duration = Duration::from_secs(60);
-/// Largest write or unmap.
-const MAX_IO: u64 = 64 << 10;
+/// Largest write or unmap: a whole chunk (1 MiB, a guest's large I/O). Its copy
+/// takes long enough (~0.1 ms) that kills land inside it, between its mark and
+/// its end, not only between two writes.
+const MAX_IO: u64 = CHUNK;
 /// Longest pause of a writer between two writes, microseconds.
-const PAUSE_US: u64 = 300;
+const PAUSE_US: u64 = 100;
 
 /// A lifecycle operation of the worker; its name is what the markers and the parent's
 /// histogram say.
@@ -171,7 +173,11 @@ fn writer(sh: &Shared<'_>, k: u64, seed: u64) -> Result<(), HarnessError> {
         let span = end - start;
         let (offset, len) = if rng.gen_ratio(7, 8) {
             // Sector-aligned (the disk and its chunks are whole sectors), mostly small.
-            let most = if rng.gen_ratio(1, 8) { MAX_IO } else { MAX_IO / 4 };
+            let most = match rng.gen_range(0..16) {
+                0..=1 => MAX_IO,
+                2..=3 => 64 << 10,
+                _ => 16 << 10,
+            };
             let len = (512 * rng.gen_range(1..=most / 512)).min(span);
             (start + 512 * rng.gen_range(0..=(span - len) / 512), len)
         } else {
