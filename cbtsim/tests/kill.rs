@@ -38,6 +38,10 @@ fn a_hundred_kills_lose_no_mark_and_no_write_and_the_next_backup_is_incremental(
         n("durable_bytes_checked") > 0,
         "acknowledged writes were read back: {r}"
     );
+    assert!(
+        n("whole_disk_durability_checks") > 0,
+        "checks that knew every byte of the disk: {r}"
+    );
     assert!(n("points_checked") > 1, "the workers committed backups: {r}");
     // Kills landed in every phase the issue names. Each is aimed at by about 12 of
     // the 100 rounds; the one hit least often (extend, ~0.1 ms) is hit by about half.

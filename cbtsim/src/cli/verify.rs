@@ -201,8 +201,8 @@ fn print_kill(r: &KillReport) {
         t.count, t.median_ms, t.p99_ms, t.max_ms, t.mean_ms
     );
     println!(
-        "  {} acknowledged bytes read back after kills ({} kills with a write in flight): {} lost",
-        r.durable_bytes_checked, r.kills_mid_write, r.lost_bytes
+        "  {} bytes read back after kills ({} checks of the whole disk; {} kills with a write in flight): {} lost",
+        r.durable_bytes_checked, r.whole_disk_durability_checks, r.kills_mid_write, r.lost_bytes
     );
     println!(
         "  {} snapshots recorded, {} frozen re-reads; {} restore points checked ({} full), {} repository verifications; {} CBT toggles, {} expected TrackingReset",
