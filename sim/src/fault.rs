@@ -9,7 +9,8 @@
 //!
 //! ```text
 //!  guest_io:     BeforeGate ─▶ [gate] mark ─▶ Marked ─▶ ExtentWrite per extent chunk ─▶ [/gate]
-//!  consolidate:  Consolidating { round } right before a layer is merged into its parent
+//!  consolidate:  Consolidating { round } right before a layer is merged into its parent,
+//!                Unlinked { round } once the merged layer left the chain (the stun is over)
 //!  revert:       Reverting after the reverted configuration is saved, before the stun
 //! ```
 
@@ -59,6 +60,16 @@ pub enum Point {
         /// The disk.
         disk: usize,
         /// 0, or 1.. while a helper delta is the live top.
+        round: usize,
+    },
+    /// Snapshot removal merged a layer and unlinked it from the chain; the stun
+    /// is over and the guest writes again, but the layer's files are not deleted
+    /// yet, and a helper delta merged inside the stun is still named by the
+    /// saved configuration.
+    Unlinked {
+        /// The disk.
+        disk: usize,
+        /// As in `Consolidating`.
         round: usize,
     },
     /// A revert saved the reverted configuration (and its journal) and is

@@ -304,8 +304,12 @@ impl Layer {
         result
     }
 
-    /// Makes every grain of `[offset, offset+len)` present in this delta,
-    /// copying partially covered ones from `below` (read through the chain).
+    /// Claims every grain of `[offset, offset+len)` in this delta: a partially
+    /// covered one is copied from `below` (read through the chain) and made
+    /// present; one the write covers whole stays claimed until the write's
+    /// data is in it ([`publish`](Self::publish)), so a process killed in
+    /// between reopens it as absent (the old content), never as a present
+    /// grain that holds neither the old nor the new data.
     pub(crate) fn cow(&self, offset: u64, len: u64, below: &[std::sync::Arc<Layer>]) -> Result<(), SimError> {
         let Some(g) = &self.grains else { return Ok(()) };
         let gb = 1u64 << g.shift;
@@ -328,10 +332,27 @@ impl Layer {
                 let buf = &mut buf[..gb as usize];
                 read_chain(below, gs, buf)?;
                 self.write_raw(gs, gb, Src::Bytes(buf))?;
+                g.present.test_and_set(grain, Ordering::Release);
             }
-            g.present.test_and_set(grain, Ordering::Release);
         }
         Ok(())
+    }
+
+    /// After a write of `[offset, offset+len)` (whose grains [`cow`](Self::cow)
+    /// claimed): makes the grains it covers whole present. Every one is
+    /// present already or claimed by this write (a claim of another writer was
+    /// waited for in `cow`). Called after a failed write too, so that no grain
+    /// stays claimed: what it holds is then unspecified, as for any failed write.
+    #[inline]
+    pub(crate) fn publish(&self, offset: u64, len: u64) {
+        let Some(g) = &self.grains else { return };
+        let first = offset.div_ceil(1 << g.shift);
+        let end = (offset + len) >> g.shift;
+        for grain in first..end {
+            if !g.present.test(grain, Ordering::Relaxed) {
+                g.present.test_and_set(grain, Ordering::Release);
+            }
+        }
     }
 
     /// Copies every grain this delta holds into `parent` (consolidation).
@@ -364,6 +385,17 @@ impl Layer {
             }
         }
         Ok(grains.len() as u64 * gb)
+    }
+
+    /// Empties this delta's grain map (in its mapping, where a killed process
+    /// leaves it): opened again, the layer holds nothing and reads fall through
+    /// to the layers below. For a delta whose grains were all merged into its
+    /// parent inside a stun, before the guest writes into the parent.
+    pub(crate) fn forget_grains(&self) {
+        if let Some(g) = &self.grains {
+            g.present.drain(|_, _| {});
+            g.claimed.drain(|_, _| {});
+        }
     }
 
     /// Grains this delta holds.

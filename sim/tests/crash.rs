@@ -224,3 +224,99 @@ fn recovery_time_after_a_kill_on_1tib_with_10_percent_written() {
         vm.query_changed_disk_areas("s2", 0, 0, &cid).is_ok()
     );
 }
+
+#[test]
+fn a_write_after_the_helper_delta_was_merged_in_the_stun_survives_a_kill() {
+    // The removal of the newest snapshot merges the small helper delta into
+    // the parent inside the stun; from then on the guest writes into the
+    // parent. Killed before the configuration stops naming the helper, the
+    // next open must not let the helper's older copy hide those writes.
+    let (_d, host) = host();
+    let vm = host.create_vm("vm", &[spec(4 * MIB, 64 * KIB)]).unwrap();
+    vm.write(0, 0, &[1; 8192]).unwrap();
+    vm.create_snapshot("s1").unwrap();
+    vm.write(0, MIB, &[2; 8192]).unwrap();
+    {
+        let w = vm.clone();
+        let _h = set_hook(move |p| match p {
+            // The helper is the live top: this lands in it.
+            Point::Consolidating { round: 1, .. } => w.write(0, 0, &[3; 4096]).map_err(std::io::Error::other),
+            // Merged and gone from the chain: this lands in the parent.
+            Point::Unlinked { round: 1, .. } => {
+                w.write(0, 0, &[4; 4096]).map_err(std::io::Error::other)?;
+                Err(injected())
+            }
+            _ => Ok(()),
+        });
+        assert!(vm.remove_snapshot("s1").is_err(), "the injected kill stops the removal");
+    }
+    let mut live = vec![0u8; 4 * MIB as usize];
+    vm.read(0, 0, &mut live).unwrap();
+    assert!(live[..4096] == [4; 4096]);
+    crash(&host, vm);
+
+    let vm = host.vm("vm").unwrap();
+    let mut now = vec![0u8; 4 * MIB as usize];
+    vm.read(0, 0, &mut now).unwrap();
+    assert!(
+        now[..4096] == [4; 4096],
+        "the last write before the kill is lost: read {:?}",
+        &now[..4]
+    );
+    assert!(now == live, "the disk is what it was before the kill");
+    assert!(!vm.needs_consolidation());
+    assert_eq!(vm.chain_len(0).unwrap(), 1, "everything merged into the base");
+}
+
+/// Where the killed child of the next test works.
+const KILL_CHILD_ENV: &str = "SIM_CRASH_KILL_CHILD";
+
+/// The child half of `a_write_killed_before_its_data_landed_leaves_whole_grains_as_they_were`:
+/// the process ends (no destructor runs, as under SIGKILL) when the write's data is
+/// about to land in the live delta.
+#[test]
+#[ignore = "run by the kill test as its child process"]
+fn kill_child_mid_write() {
+    let Ok(dir) = std::env::var(KILL_CHILD_ENV) else {
+        eprintln!("skipped: run only as the kill test's child process");
+        return;
+    };
+    let host = Host::open(std::path::Path::new(&dir)).unwrap();
+    let vm = host.vm("vm").unwrap();
+    let _h = set_hook(|p| {
+        if matches!(p, Point::ExtentWrite { .. }) {
+            std::process::exit(86);
+        }
+        Ok(())
+    });
+    let _ = vm.write(0, 0, &[2; 16384]);
+    unreachable!("the write's data lands in an extent");
+}
+
+#[test]
+fn a_write_killed_before_its_data_landed_leaves_whole_grains_as_they_were() {
+    // A write covering whole grains of the live delta copies nothing into them
+    // first. Killed after claiming them and before its data landed, the next
+    // open must read them as they were, not as present grains of zeros.
+    let (d, host) = host();
+    let vm = host.create_vm("vm", &[spec(4 * MIB, 64 * KIB)]).unwrap();
+    vm.write(0, 0, &[1; 16384]).unwrap();
+    vm.create_snapshot("s1").unwrap();
+    drop(host.close_vm("vm"));
+    drop(vm);
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["kill_child_mid_write", "--exact", "--ignored", "--nocapture"])
+        .env(KILL_CHILD_ENV, d.path())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(86), "the child ended at the write");
+    let vm = host.vm("vm").unwrap();
+    let mut now = vec![0u8; 16384];
+    vm.read(0, 0, &mut now).unwrap();
+    assert!(
+        now.iter().all(|&b| b == 1),
+        "the write never landed: the old content, not {:?}",
+        now.iter().find(|&&b| b != 1)
+    );
+}

@@ -26,7 +26,14 @@
 //! word non-zero, and `drain` clears a page's words *before* its summary bit.
 //! So a process killed at any instruction leaves at worst a summary bit over
 //! an empty page (harmless: the page is read and found empty), never a set
-//! bit that iteration cannot find.
+//! bit that iteration cannot find. Two consequences matter with several
+//! writers: a writer that finds a word non-zero sets no summary bit, and it may
+//! rely on that, because whoever made the word non-zero stored the summary bit
+//! first (that store is `Release`, so neither the compiler nor the CPU moves
+//! the summary store after it; on x86 it is the same instruction as `Relaxed`);
+//! and a drain stopped half way leaves every word it has not cleared reachable
+//! for the next one. The unit tests kill a mark and a drain before each of
+//! their stores, one after the other.
 //!
 //! # Memory ordering
 //! Marking uses `Relaxed` operations. Iteration and clearing are only exact
@@ -152,10 +159,7 @@ impl AtomicBitmap {
         // Relaxed: see the module doc.
         let old = word.load(Ordering::Relaxed);
         if (old >> (bit % 64)) & 1 == 0 {
-            if old == 0 {
-                self.note_page(w);
-            }
-            word.fetch_or(1 << (bit % 64), Ordering::Relaxed);
+            self.or_new(word, w, old, 1 << (bit % 64));
         }
     }
 
@@ -175,11 +179,23 @@ impl AtomicBitmap {
         // Relaxed: see the module doc; ordering comes from the host's I/O gate.
         let old = word.load(Ordering::Relaxed);
         if old & mask != mask {
-            // A word that was non-zero already has its summary bit: whoever
-            // made it non-zero set the bit first.
-            if old == 0 {
-                self.note_page(w);
-            }
+            self.or_new(word, w, old, mask);
+        }
+    }
+
+    /// ORs `mask` into leaf word `w` (`word`), which held `old` when the
+    /// caller loaded it. A word that was non-zero already has its summary
+    /// bit: whoever made it non-zero set the bit first. A word that was zero
+    /// gets it here, before the word becomes non-zero.
+    #[inline(always)]
+    fn or_new(&self, word: &AtomicU64, w: usize, old: u64, mask: u64) {
+        if old == 0 {
+            self.note_page(w);
+            kill_point();
+            // Release: the summary store above is not moved after this one.
+            word.fetch_or(mask, Ordering::Release);
+        } else {
+            kill_point();
             word.fetch_or(mask, Ordering::Relaxed);
         }
     }
@@ -193,6 +209,7 @@ impl AtomicBitmap {
         let bit = 1u64 << (page % 64);
         // Relaxed: summary bits are read only after the gate quiesces writers.
         if s.load(Ordering::Relaxed) & bit == 0 {
+            kill_point();
             s.fetch_or(bit, Ordering::Relaxed);
         }
     }
@@ -203,12 +220,19 @@ impl AtomicBitmap {
         self.leaf()[(bit / 64) as usize].load(order) & (1 << (bit % 64)) != 0
     }
 
-    /// Sets one bit with the given ordering; returns whether it was set before.
+    /// Sets one bit with the given ordering (at least `Release`, so that the
+    /// summary bit is stored first); returns whether it was set before.
     #[inline]
     pub fn test_and_set(&self, bit: u64, order: Ordering) -> bool {
         let w = (bit / 64) as usize;
         let mask = 1u64 << (bit % 64);
         self.note_page(w);
+        let order = match order {
+            Ordering::Relaxed => Ordering::Release,
+            Ordering::Acquire => Ordering::AcqRel,
+            o => o,
+        };
+        kill_point();
         self.leaf()[w].fetch_or(mask, order) & mask != 0
     }
 
@@ -302,10 +326,12 @@ impl AtomicBitmap {
                     // Plain load and store, no read-modify-write: writers are quiescent.
                     let bits = word.load(Ordering::Relaxed);
                     if bits != 0 {
+                        kill_point();
                         word.store(0, Ordering::Relaxed);
                         f(w, bits);
                     }
                 }
+                kill_point();
                 s.fetch_and(!bit, Ordering::Relaxed);
             }
         }
@@ -328,10 +354,20 @@ impl AtomicBitmap {
     }
 }
 
+/// Where a store of the bitmap is about to happen. In unit tests, a test can
+/// make it panic once a number of stores were made, as if the process was
+/// killed there (see the tests); elsewhere it is nothing.
+#[inline(always)]
+fn kill_point() {
+    #[cfg(test)]
+    tests::kill_point();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::cell::Cell;
     use std::collections::BTreeSet;
 
     fn bitmap(nbits: u64) -> (tempfile::NamedTempFile, AtomicBitmap) {
@@ -483,6 +519,177 @@ mod tests {
             Op::OrWord(w, m) => {
                 b.or_leaf_word(w, m);
                 model.extend((0..64).filter(|i| m & (1 << i) != 0).map(|i| w as u64 * 64 + i));
+            }
+        }
+    }
+
+    thread_local! {
+        /// Stores this thread may still make before it is "killed" (`None`: no limit).
+        static STORES_LEFT: Cell<Option<usize>> = const { Cell::new(None) };
+    }
+
+    /// The unwinding payload of a "kill".
+    struct Killed;
+
+    pub(super) fn kill_point() {
+        match STORES_LEFT.get() {
+            None => {}
+            // Unwinds without the panic hook: no message for an expected kill.
+            Some(0) => std::panic::resume_unwind(Box::new(Killed)),
+            Some(n) => STORES_LEFT.set(Some(n - 1)),
+        }
+    }
+
+    /// Runs `f`, killed before its store number `n` (0: before the first).
+    /// Returns whether it completed.
+    fn killed_before_store(n: usize, f: impl FnOnce()) -> bool {
+        STORES_LEFT.set(Some(n));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        STORES_LEFT.set(None);
+        match r {
+            Ok(()) => true,
+            Err(e) if e.is::<Killed>() => false,
+            Err(e) => std::panic::resume_unwind(e),
+        }
+    }
+
+    /// Every shape of a mark: one bit of a fresh word, of a word that has bits,
+    /// a range over two pages, a claim, a word.
+    fn mark_shapes() -> Vec<Op> {
+        vec![
+            Op::Range(70_000, 70_000),
+            Op::Range(5 * 64 + 1, 5 * 64 + 1),
+            Op::Range(32_700, 32_900),
+            Op::TestAndSet(40_000),
+            Op::TestAndSet(5 * 64 + 2),
+            Op::OrWord(1000, 0xff00),
+        ]
+    }
+
+    /// The bits `op` sets.
+    fn op_bits(op: &Op) -> BTreeSet<u64> {
+        match *op {
+            Op::Range(a, z) => (a..=z).collect(),
+            Op::TestAndSet(x) => [x].into(),
+            Op::OrWord(w, m) => {
+                let mut v = Vec::new();
+                push_bits(&mut v, w, m);
+                v.into_iter().collect()
+            }
+        }
+    }
+
+    /// Marks already there before the mark that is killed.
+    fn premarked() -> ((tempfile::NamedTempFile, AtomicBitmap), BTreeSet<u64>) {
+        let (f, b) = bitmap(NBITS);
+        let mut model = BTreeSet::new();
+        for op in [Op::Range(5 * 64, 5 * 64), Op::Range(33_000, 33_100)] {
+            apply(&b, &mut model, &op);
+        }
+        ((f, b), model)
+    }
+
+    #[test]
+    fn a_mark_killed_before_any_of_its_stores_leaves_every_bit_reachable() {
+        for op in mark_shapes() {
+            for n in 0.. {
+                assert!(n < 16, "{op:?} makes at most a few stores");
+                let ((f, b), before) = premarked();
+                let mut after = before.clone();
+                after.extend(op_bits(&op));
+                let done = killed_before_store(n, || apply(&b, &mut before.clone(), &op));
+                drop(b);
+                let b = remap(&f, NBITS);
+                assert!(b.invariant_holds(), "{op:?} killed before store {n}");
+                let found = bits(&b, 0);
+                assert!(
+                    found.is_superset(&before) && found.is_subset(&after),
+                    "{op:?} killed before store {n}"
+                );
+                if done {
+                    assert_eq!(found, after, "{op:?}");
+                    break;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_mark_completed_beside_one_killed_half_way_is_reachable() {
+        // Writer A is killed part way through a mark of word 6 (or of a range
+        // that covers it); writer B, which saw what A stored, marks another bit
+        // of the same word and completes. B's mark must be found after the
+        // kill: if A made the word non-zero before it set the page's summary
+        // bit, B would find the word non-zero, set no summary bit, and its
+        // mark would be unreachable.
+        let a_marks = [
+            Op::Range(6 * 64 + 5, 6 * 64 + 5),
+            Op::Range(6 * 64 + 60, 7 * 64 + 3),
+            Op::TestAndSet(6 * 64 + 5),
+            Op::OrWord(6, 0b1111),
+        ];
+        let b_marks = [
+            Op::Range(6 * 64 + 40, 6 * 64 + 40),
+            Op::TestAndSet(6 * 64 + 41),
+            Op::OrWord(6, 1 << 50),
+        ];
+        for a in &a_marks {
+            for b_op in &b_marks {
+                for n in 0.. {
+                    assert!(n < 16);
+                    let (f, b) = bitmap(NBITS);
+                    let done = killed_before_store(n, || apply(&b, &mut BTreeSet::new(), a));
+                    match *b_op {
+                        Op::TestAndSet(x) => drop(b.test_and_set(x, Ordering::AcqRel)),
+                        _ => apply(&b, &mut BTreeSet::new(), b_op),
+                    }
+                    let mine = op_bits(b_op);
+                    drop(b);
+                    let b = remap(&f, NBITS);
+                    assert!(b.invariant_holds(), "{a:?} killed before store {n}, then {b_op:?}");
+                    assert!(
+                        bits(&b, 0).is_superset(&mine),
+                        "{b_op:?} is lost after {a:?} was killed before store {n}"
+                    );
+                    if done {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_drain_killed_before_any_of_its_stores_leaves_the_rest_reachable() {
+        // Several words in each of three pages.
+        let ops = [
+            Op::Range(3, 3),
+            Op::Range(640, 700),
+            Op::Range(32_000, 33_000),
+            Op::OrWord(1100, 7),
+            Op::Range(NBITS - 1, NBITS - 1),
+        ];
+        let mut model = BTreeSet::new();
+        for n in 0.. {
+            assert!(n < 200);
+            let (f, b) = bitmap(NBITS);
+            model.clear();
+            for op in &ops {
+                apply(&b, &mut model, op);
+            }
+            let mut got = Vec::new();
+            let done = killed_before_store(n, || b.drain(|w, m| push_bits(&mut got, w, m)));
+            drop(b);
+            let b = remap(&f, NBITS);
+            assert!(b.invariant_holds(), "drain killed before store {n}");
+            let first = got.len();
+            b.drain(|w, m| push_bits(&mut got, w, m));
+            let all: BTreeSet<u64> = got.iter().copied().collect();
+            assert_eq!(all.len(), got.len(), "killed before store {n}: no bit drained twice");
+            assert_eq!(all, model, "killed before store {n}: the two drains return every bit");
+            if done {
+                assert_eq!(first, got.len(), "a completed drain leaves nothing");
+                break;
             }
         }
     }

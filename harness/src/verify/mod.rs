@@ -39,14 +39,16 @@
 //! # Limitations
 //! One disk per VM; revert, restart and crash pause the writers (a real host
 //! reverts and restarts a stopped VM); the crash is in-process (the data is
-//! kept, the trackers are not closed), the real kill is tested separately.
+//! kept, the trackers are not closed); real processes killed with SIGKILL are [`kill`].
 //!
 //! # Layout
 //! `model` holds what the run knows the VM's state must be (snapshots, baselines,
 //! tracking sessions) and the counters the threads share, `lifecycle` the writers and the
 //! lifecycle operations, `checks` the comparisons of query answers with frozen images.
+//! [`kill`] is the same invariant checked across real processes killed with SIGKILL.
 
 mod checks;
+pub mod kill;
 mod lifecycle;
 mod model;
 

@@ -117,6 +117,7 @@ impl Vm {
             }
             self.save_without(cfg, d, c.id)?;
             self.stun().guard.disks[d].chain.retain(|l| l.id != c.id);
+            fault_point!(crate::fault::Point::Unlinked { disk: d, round: 0 });
             c.delete_files();
             return Ok(());
         }
@@ -142,9 +143,15 @@ impl Vm {
                 chain.retain(|l| l.id != c.id);
                 if small {
                     h.merge_into(&p)?;
+                    // The guest writes into P once the stun ends, while the saved
+                    // configuration still names H above P until `save_without`
+                    // below: a process killed in between must not reopen H's
+                    // older copies over those writes. Empty H first.
+                    h.forget_grains();
                     chain.retain(|l| l.id != h.id);
                 }
             }
+            fault_point!(crate::fault::Point::Unlinked { disk: d, round });
             c.delete_files();
             if small {
                 self.save_without(cfg, d, h.id)?;

@@ -103,10 +103,16 @@ impl Vm {
             // Mark first: a write that fails half-way is over-reported, never lost.
             marker.mark(offset, len);
             fault_point!(crate::fault::Point::Marked { disk, offset, len });
-            if !below.is_empty() {
-                top.cow(offset, len, below)?;
+            if below.is_empty() {
+                return top.write_raw(offset, len, src);
             }
-            return top.write_raw(offset, len, src);
+            // Grains the write covers whole become present only once its data is
+            // in them: killed before, the delta does not hold them (old content).
+            let written = top
+                .cow(offset, len, below)
+                .and_then(|()| top.write_raw(offset, len, src));
+            top.publish(offset, len);
+            return written;
         }
     }
 
