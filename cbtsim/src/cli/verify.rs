@@ -148,19 +148,24 @@ fn run_kill(
     const UNKNOWN: &str = "{elapsed_precise} {pos} {msg}";
     catch_interrupts()?;
     let report = harness::verify::kill::run(&cfg, &spawn, &Bar::stderr(TEMPLATE, UNKNOWN))?;
+    // A failed run ended at its violation: replay up to it.
+    let mut replay = format!("replay the same rounds: cbtsim verify --kill --seed {}", report.seed);
+    match (cfg.kills, cfg.seconds) {
+        (Some(k), _) if report.passed => replay += &format!(" --kills {k}"),
+        (None, Some(s)) if report.passed => replay += &format!(" --seconds {s}"),
+        _ => replay += &format!(" --kills {}", report.kills),
+    }
+    replay += &format!(" --threads {}", cfg.writers);
+    for (flag, value) in [("--disk-size", &a.disk_size), ("--granularity", &a.granularity)] {
+        if let Some(v) = value {
+            replay += &format!(" {flag} {v}");
+        }
+    }
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        print_kill(&report);
+        print_kill(&report, &replay);
     }
-    let replay = format!(
-        "replay the same rounds: cbtsim verify --kill --seed {} {}",
-        report.seed,
-        match (a.kills, a.seconds) {
-            (_, Some(s)) => format!("--seconds {s}"),
-            _ => format!("--kills {}", report.kills),
-        }
-    );
     if report.interrupted {
         bail!(
             "interrupted after {} kills (seed {}); the temporary directory was removed",
@@ -180,7 +185,7 @@ fn run_kill(
     Ok(())
 }
 
-fn print_kill(r: &KillReport) {
+fn print_kill(r: &KillReport, replay: &str) {
     println!(
         "verify --kill: seed {}, {} kills ({} chained: the next worker recovered), {} writer thread(s), {:.1} s",
         r.seed, r.kills, r.chained_kills, r.writers, r.seconds
@@ -229,10 +234,7 @@ fn print_kill(r: &KillReport) {
         println!("  the run's directory is kept: {d}");
     }
     println!("{}", if r.passed { "PASSED" } else { "FAILED" });
-    println!(
-        "replay the same rounds: cbtsim verify --kill --seed {} --kills {}",
-        r.seed, r.kills
-    );
+    println!("{replay}");
 }
 
 fn print_human(r: &VerifyReport) {
