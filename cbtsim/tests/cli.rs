@@ -3,37 +3,14 @@
 //! exit, the datastore unchanged).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use serde_json::Value;
 
+mod common;
+use common::{json, ok, run_in};
+
 const MIB: u64 = 1 << 20;
-
-fn run_in(ds: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cbtsim"))
-        .env_remove("CBTSIM_DATASTORE")
-        .arg("--datastore")
-        .arg(ds)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-/// Runs a command that must succeed; returns its stdout.
-fn ok(ds: &Path, args: &[&str]) -> String {
-    let out = run_in(ds, args);
-    assert!(
-        out.status.success(),
-        "cbtsim {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn json(ds: &Path, args: &[&str]) -> Value {
-    let s = ok(ds, args);
-    serde_json::from_str(&s).unwrap_or_else(|e| panic!("cbtsim {args:?}: not one JSON document ({e}): {s}"))
-}
 
 /// Everything a failed command could have changed: the VM's configuration
 /// and the names of the datastore's files.

@@ -1,31 +1,13 @@
 //! `cbtsim map` and `cbtsim demo --map`, run as real processes.
 
-use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use serde_json::Value;
 
+mod common;
+use common::{ok, run_in};
+
 const MIB: u64 = 1 << 20;
-
-fn run_in(ds: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cbtsim"))
-        .env_remove("CBTSIM_DATASTORE")
-        .arg("--datastore")
-        .arg(ds)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(ds: &Path, args: &[&str]) -> String {
-    let out = run_in(ds, args);
-    assert!(
-        out.status.success(),
-        "cbtsim {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 #[test]
 fn map_draws_epochs_and_the_answer_in_every_format() {

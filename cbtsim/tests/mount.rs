@@ -4,33 +4,16 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use sim::{DiskSpec, Host};
 use tracker::Granularity;
 use workloads::fill_pattern;
 
+mod common;
+use common::{ok, run_in as cbtsim};
+
 const M: u64 = 1 << 20;
-
-fn cbtsim(ds: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cbtsim"))
-        .env_remove("CBTSIM_DATASTORE")
-        .arg("--datastore")
-        .arg(ds)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(ds: &Path, args: &[&str]) -> String {
-    let out = cbtsim(ds, args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// Why this machine cannot run the test, if it cannot.
 fn missing() -> Option<String> {
