@@ -209,12 +209,7 @@ pub fn run(cfg: &VerifyConfig, progress: &dyn Progress) -> Result<VerifyReport, 
             ),
         });
     }
-    let shm = std::path::Path::new("/dev/shm");
-    let dir = match &cfg.dir {
-        Some(d) => d.clone(),
-        None if shm.is_dir() => shm.to_owned(),
-        None => std::env::temp_dir(),
-    };
+    let dir = scratch_parent(cfg.dir.as_deref());
     let tmp = tempfile::Builder::new()
         .prefix("cbtsim-verify")
         .tempdir_in(&dir)
@@ -285,4 +280,16 @@ pub fn run(cfg: &VerifyConfig, progress: &dyn Progress) -> Result<VerifyReport, 
     let mut report = lc.report(start.elapsed());
     report.interrupted = progress.cancelled();
     Ok(report)
+}
+
+/// Where a run makes its scratch directory: `dir` when given, else `/dev/shm`
+/// where it exists (what is tested is tracking, not `fsync`), else the
+/// system's temporary directory.
+pub(crate) fn scratch_parent(dir: Option<&std::path::Path>) -> std::path::PathBuf {
+    let shm = std::path::Path::new("/dev/shm");
+    match dir {
+        Some(d) => d.to_owned(),
+        None if shm.is_dir() => shm.to_owned(),
+        None => std::env::temp_dir(),
+    }
 }

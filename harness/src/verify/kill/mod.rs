@@ -383,12 +383,7 @@ pub fn run(
         }
         .into());
     }
-    let shm = Path::new("/dev/shm");
-    let parent = match &cfg.dir {
-        Some(d) => d.clone(),
-        None if shm.is_dir() => shm.to_owned(),
-        None => std::env::temp_dir(),
-    };
+    let parent = super::scratch_parent(cfg.dir.as_deref());
     let tmp = tempfile::Builder::new()
         .prefix("cbtsim-kill")
         .tempdir_in(&parent)
